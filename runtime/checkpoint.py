@@ -1,0 +1,150 @@
+"""Finding and describing a diffusers checkpoint folder from its JSON files alone (no torch).
+
+`resolve_checkpoint` turns what a user typed (a folder or a Hub id) into a local diffusers folder;
+`describe_checkpoint` reads its configs into the model facts the runtime needs (they go into the manifest);
+`fingerprint` is the cheap identity of its files that names the artifact cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from .errors import ModelError
+
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SAMPLE_BYTES = 1 << 20  # bytes read at each of 8 places of a large weight file for its fingerprint
+
+
+def resolve_checkpoint(model: str | os.PathLike) -> Path:
+    """A local diffusers folder for `model`: the folder itself, or a Hub id found in the Hugging Face cache."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        check_checkpoint_folder(path)
+        return path
+    if path.exists():
+        raise ModelError(f"{path} is a file; sdrt expects a diffusers folder (model_index.json, unet/, vae/, ...)")
+    text = str(model)
+    if not _HUB_ID.match(text):
+        raise ModelError(f"model {text!r} not found: give a diffusers folder or a Hugging Face Hub id (owner/name)")
+    cached = _hub_cache_snapshot(text)
+    if cached is None:
+        raise ModelError(
+            f"{text!r} is not in the Hugging Face cache and sdrt does not download weights itself: run "
+            f"`huggingface-cli download {text}` (or save the model as a diffusers folder) and try again"
+        )
+    check_checkpoint_folder(cached)
+    return cached
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The newest cached snapshot of a Hub model repository, without touching the network."""
+    root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    repo = root.expanduser() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if (snapshot / "model_index.json").is_file():
+            return snapshot
+    snapshots = sorted((repo / "snapshots").glob("*/model_index.json"), key=lambda p: p.stat().st_mtime)
+    return snapshots[-1].parent if snapshots else None
+
+
+def check_checkpoint_folder(folder: Path) -> None:
+    """Raise ModelError naming the first missing part of a diffusers Stable Diffusion folder."""
+    if not (folder / "model_index.json").is_file():
+        raise ModelError(f"{folder} is not a diffusers checkpoint: model_index.json is missing")
+    for part in REQUIRED_PARTS:
+        if not (folder / part).is_dir():
+            raise ModelError(f"{folder} has no {part}/ folder: the checkpoint is incomplete")
+    for part in ("unet", "vae", "text_encoder"):
+        if not (folder / part / "config.json").is_file():
+            raise ModelError(f"{folder / part} has no config.json: the checkpoint is incomplete")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in (folder / part).iterdir()):
+            raise ModelError(f"{folder / part} holds no weights (.safetensors or .bin)")
+    if not _scheduler_config_path(folder).is_file():
+        raise ModelError(f"{folder / 'scheduler'} has no scheduler_config.json")
+
+
+def _scheduler_config_path(folder: Path) -> Path:
+    return folder / "scheduler" / "scheduler_config.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+
+
+def describe_checkpoint(folder: Path) -> dict:
+    """The model facts of a diffusers SD folder, from its JSON configs (this is the manifest's `model` block)."""
+    index = _read_json(folder / "model_index.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    vae = _read_json(folder / "vae" / "config.json")
+    text = _read_json(folder / "text_encoder" / "config.json")
+    scheduler = _read_json(_scheduler_config_path(folder))
+    vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [128, 256, 512, 512])) - 1)
+    unet_downsamples = sum(1 for kind in unet.get("down_block_types", ())[:-1])  # the last block keeps its size
+    return {
+        "pipeline_class": index.get("_class_name", "StableDiffusionPipeline"),
+        "variant": _variant(index, unet, scheduler),
+        "prediction_type": scheduler.get("prediction_type", "epsilon"),
+        "scheduler_config": {k: v for k, v in scheduler.items() if not k.startswith("_")},
+        "unet_in_channels": unet.get("in_channels", 4),
+        "latent_channels": unet.get("out_channels", 4),
+        "unet_sample_size": unet.get("sample_size", 64),
+        "latent_size_multiple": 2**unet_downsamples,
+        "cross_attention_dim": unet.get("cross_attention_dim", 768),
+        "vae_scale_factor": vae_scale_factor,
+        "vae_scaling_factor": vae.get("scaling_factor", 0.18215),
+        "vae_force_upcast": bool(vae.get("force_upcast", True)),
+        "text_hidden_size": text.get("hidden_size", 768),
+        "text_num_layers": text.get("num_hidden_layers", 12),
+        "text_max_length": text.get("max_position_embeddings", 77),
+    }
+
+
+def _variant(index: dict, unet: dict, scheduler: dict) -> str:
+    channels = unet.get("in_channels", 4)
+    if channels == 9:
+        return "inpaint"
+    if channels == 5:
+        return "depth"
+    if channels == 7:
+        return "upscale-x4"
+    return "sd-v" if scheduler.get("prediction_type") == "v_prediction" else "sd"
+
+
+def fingerprint(folder: Path) -> str:
+    """A sha256 hex digest naming the folder's contents: small files whole, large ones by size and 8 samples."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _ignored(p, folder)):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with path.open("rb") as f:
+            if size <= 8 * _SAMPLE_BYTES:
+                digest.update(f.read())
+                continue
+            for k in range(8):
+                f.seek((size - _SAMPLE_BYTES) * k // 7)
+                digest.update(f.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
+def _ignored(path: Path, folder: Path) -> bool:
+    parts = path.relative_to(folder).parts
+    return any(part.startswith(".") for part in parts) or parts[0] in ("safety_checker", "feature_extractor")
+
+
+def model_key(folder: Path, digest: str) -> str:
+    """The artifact cache entry name: the folder's name plus a short hash of its contents."""
+    folder = folder.resolve()
+    name = folder.parent.parent.name.removeprefix("models--") if folder.parent.name == "snapshots" else folder.name
+    name = re.sub(r"[^\w.-]+", "_", name) or "model"
+    return f"{name}-{digest[:10]}"

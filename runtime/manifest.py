@@ -1,0 +1,130 @@
+"""The artifact manifest: everything the runtime knows about an exported model, written once by export/.
+
+Layout of an artifact folder (`engines/<model-key>/`):
+    manifest.json    this file's data
+    tokenizer/       the checkpoint's tokenizer files, copied
+    onnx/<component>.onnx   one model per component (fp32 for the CPU execution provider)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ModelError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # numpy dtype name, e.g. "float32", "int32"
+    shape: list  # ints for fixed axes, strings for dynamic ones ("batch", "height", ...)
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    file: str  # path relative to the artifact folder
+    inputs: dict[str, TensorInfo]
+    outputs: dict[str, TensorInfo]
+    precision: str = "fp32"
+    sha256: str = ""  # of the file (followed by its external data file, if any), as written
+    size: int = 0  # bytes of the file plus its external data file, as written
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_key: str
+    source: dict  # {"path": str, "fingerprint": str}
+    model: dict  # runtime.checkpoint.describe_checkpoint(...)
+    components: dict[str, ComponentInfo]
+    tools: dict = field(default_factory=dict)  # versions of torch, diffusers, onnx, opset ...
+    format: int = MANIFEST_FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        components = {
+            name: ComponentInfo(
+                file=c["file"],
+                inputs={k: TensorInfo(**v) for k, v in c["inputs"].items()},
+                outputs={k: TensorInfo(**v) for k, v in c["outputs"].items()},
+                precision=c.get("precision", "fp32"),
+                sha256=c.get("sha256", ""),
+                size=c.get("size", 0),
+            )
+            for name, c in data["components"].items()
+        }
+        return cls(
+            model_key=data["model_key"],
+            source=data["source"],
+            model=data["model"],
+            components=components,
+            tools=data.get("tools", {}),
+            format=data["format"],
+        )
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Load `folder/manifest.json`; a missing, unreadable or older-format manifest raises ModelError."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"{folder} has no {MANIFEST_NAME}: export the model first (python cli.py export)") from exc
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is unreadable ({exc}); re-export with --force") from exc
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ModelError(f"{path} has an unknown format; re-export with --force")
+    try:
+        return Manifest.from_dict(data)
+    except (KeyError, TypeError) as exc:
+        raise ModelError(f"{path} is incomplete ({exc}); re-export with --force") from exc
+
+
+def component_files(folder: Path, info: ComponentInfo) -> list[Path]:
+    """The files of one component: the ONNX model and, for models over 2 GiB, its external data file."""
+    path = Path(folder) / info.file
+    data = path.with_name(path.name + ".data")
+    return [path, data] if data.is_file() else [path]
+
+
+def files_intact(folder: Path, manifest: Manifest) -> bool:
+    """Whether every component file exists with the size the manifest recorded (cheap; no re-hashing)."""
+    for info in manifest.components.values():
+        files = component_files(folder, info)
+        if not files[0].is_file() or sum(p.stat().st_size for p in files) != info.size:
+            return False
+    return True
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    atomic_write_bytes(Path(folder) / MANIFEST_NAME, manifest.to_json().encode("utf-8"))
