@@ -1,0 +1,31 @@
+"""Session fixtures: tiny random checkpoints built once per test session (diffusers loads them too)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("diffusers") is not None
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch/diffusers not installed (export extras)")
+
+
+def _tiny(tmp_path_factory: pytest.TempPathFactory, variant: str) -> Path:
+    if not HAS_TORCH:
+        pytest.skip("building a tiny checkpoint needs torch and diffusers (export extras)")
+    from export.tiny import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp(variant) / f"tiny-{variant}", TinyConfig(variant=variant))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD1-style epsilon checkpoint (PNDM scheduler config as SD 1.5 publishes it)."""
+    return _tiny(tmp_path_factory, "sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD2-style v-prediction checkpoint (DDIM scheduler config, pad token "!")."""
+    return _tiny(tmp_path_factory, "sd2-v")
