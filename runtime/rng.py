@@ -1,0 +1,125 @@
+"""torch's CPU normal generator in numpy: the same noise as `torch.randn(shape, generator=g)` without torch.
+
+A torch CPU generator is an mt19937 engine seeded with the low 32 bits of the seed, plus one cached normal
+sample. `torch.randn` on float32 takes one of two paths (aten/src/ATen/native/cpu/DistributionTemplates.h):
+
+* n >= 16 (`normal_fill`): n float uniforms, each `(r & 0xFFFFFF) * 2**-24` from one 32-bit draw, turned
+  into normals by Box-Muller over blocks of 16 (u[j] gives the radius, u[j + 8] the angle). When n is not
+  a multiple of 16, 16 fresh uniforms then recompute the last 16 outputs. The cache is not touched.
+* n < 16 (`normal_distribution<double>`): per element, the cached normal if there is one; otherwise two
+  53-bit double uniforms (each from two 32-bit draws), u1 gives the angle, u2 the radius
+  (`sqrt(-2 log1p(-u2))`), the cosine is returned and the sine cached for the next element.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+
+from runtime.errors import InvalidRequestError
+
+SEED_MIN = -(2**63)  # torch.manual_seed accepts [-2**63, 2**64); negatives wrap as two's complement
+SEED_MAX = 2**64 - 1
+_BLOCK = 16  # Box-Muller block of torch's vectorised path
+_FLOAT_BITS = 24  # float32 mantissa digits
+_DOUBLE_BITS = 53  # float64 mantissa digits
+
+
+def _engine_seed(seed: int) -> int:
+    """The 32-bit mt19937 seed torch derives from `seed`; rejects what torch.manual_seed rejects."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidRequestError(f"seed must be an integer, got {seed!r}")
+    seed = int(seed)
+    if not SEED_MIN <= seed <= SEED_MAX:
+        raise InvalidRequestError(f"seed {seed} is out of range [-2**63, 2**64)")
+    return (seed % 2**64) & 0xFFFFFFFF
+
+
+def _numel(shape: int | Sequence[int]) -> int:
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if any(int(d) < 0 for d in dims):
+        raise InvalidRequestError(f"noise shape {dims} has a negative dimension")
+    return math.prod(int(d) for d in dims)
+
+
+class TorchGenerator:
+    """A numpy stream equal to `torch.Generator("cpu").manual_seed(seed)` for float32 `randn`."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+        self._engine = np.random.MT19937()
+        self._engine._legacy_seeding(_engine_seed(seed))  # init_genrand: the std::mt19937 seeding torch uses
+        self._cached_normal: float | None = None  # torch's next_double_normal_sample
+
+    def _draw32(self, n: int) -> np.ndarray:
+        """`n` raw 32-bit mt19937 outputs as uint64."""
+        return self._engine.random_raw(n)
+
+    def randn(self, shape: int | Sequence[int]) -> np.ndarray:
+        """Standard normal float32 noise of `shape`, advancing the stream exactly as torch.randn does."""
+        n = _numel(shape)
+        flat = self._fill_blocks(n) if n >= _BLOCK else self._fill_scalar(n)
+        return flat.reshape(shape)
+
+    def _fill_blocks(self, n: int) -> np.ndarray:
+        """torch's `normal_fill` for n >= 16: vectorised Box-Muller over blocks of 16 uniforms."""
+        uniforms = self._float_uniforms(n)  # [n] float64, exact float32 values
+        out = np.empty(n, dtype=np.float64)
+        full = n - n % _BLOCK
+        out[:full] = _box_muller_16(uniforms[:full])
+        if full != n:  # recompute the last 16 values from 16 fresh uniforms
+            out[n - _BLOCK :] = _box_muller_16(self._float_uniforms(_BLOCK))
+        return out.astype(np.float32)
+
+    def _float_uniforms(self, n: int) -> np.ndarray:
+        """`uniform_real_distribution<float>(0, 1)`: the low 24 bits of one 32-bit draw times 2**-24."""
+        return (self._draw32(n) & ((1 << _FLOAT_BITS) - 1)).astype(np.float64) * 2.0**-_FLOAT_BITS
+
+    def _fill_scalar(self, n: int) -> np.ndarray:
+        """torch's serial `normal_distribution<double>` for n < 16, with the cached second sample."""
+        out = np.empty(n, dtype=np.float64)
+        for i in range(n):
+            if self._cached_normal is not None:
+                out[i], self._cached_normal = self._cached_normal, None
+                continue
+            u1, u2 = self._double_uniforms()
+            radius = math.sqrt(-2.0 * math.log1p(-u2))
+            theta = 2.0 * math.pi * u1
+            self._cached_normal = radius * math.sin(theta)
+            out[i] = radius * math.cos(theta)
+        return out.astype(np.float32)
+
+    def _double_uniforms(self) -> tuple[float, float]:
+        """Two `uniform_real_distribution<double>(0, 1)`: low 53 bits of (hi << 32 | lo) times 2**-53."""
+        hi1, lo1, hi2, lo2 = (int(r) for r in self._draw32(4))
+        mask = (1 << _DOUBLE_BITS) - 1
+        return ((hi1 << 32 | lo1) & mask) * 2.0**-_DOUBLE_BITS, ((hi2 << 32 | lo2) & mask) * 2.0**-_DOUBLE_BITS
+
+
+def _box_muller_16(uniforms: np.ndarray) -> np.ndarray:
+    """torch's `normal_fill_16` on consecutive blocks of 16 uniforms, in float64."""
+    blocks = uniforms.reshape(-1, 2, _BLOCK // 2)  # [blocks, (radius, angle), 8]
+    radius = np.sqrt(-2.0 * np.log(1.0 - blocks[:, 0]))
+    theta = (2.0 * np.pi) * blocks[:, 1]
+    out = np.empty_like(blocks)
+    out[:, 0] = radius * np.cos(theta)
+    out[:, 1] = radius * np.sin(theta)
+    return out.reshape(-1)
+
+
+def batch_randn(generators: Sequence[TorchGenerator], shape_per_image: int | Sequence[int]) -> np.ndarray:
+    """One draw of `shape_per_image` from each stream, stacked: [B, *shape_per_image] float32.
+
+    Equals diffusers' `randn_tensor((B, *shape), generator=[g0, g1, ...])` on CPU.
+    """
+    if not generators:
+        raise InvalidRequestError("batch_randn needs at least one generator")
+    return np.stack([g.randn(shape_per_image) for g in generators])
+
+
+def random_seed() -> int:
+    """A fresh seed for `--seed -1`: 32 random bits, which already covers every distinct torch CPU stream."""
+    return secrets.randbelow(2**32)
