@@ -1,0 +1,309 @@
+"""Export driver: a diffusers Stable Diffusion folder -> `engines/<model-key>/` (ONNX models, tokenizer, manifest).
+
+Each component is traced with the TorchScript exporter (fp32, opset 17) into a private work folder inside the
+artifact folder, cleaned there (onnx_clean), then renamed into `onnx/`. The manifest is written last and removed
+before a rebuild starts, so an interrupted export never looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import importlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
+from runtime.errors import BackendUnavailableError, ModelError
+from runtime.manifest import (
+    COMPONENTS,
+    MANIFEST_NAME,
+    ComponentInfo,
+    Manifest,
+    TensorInfo,
+    atomic_write_bytes,
+    component_files,
+    files_intact,
+    read_manifest,
+    write_manifest,
+)
+
+from .specs import ComponentSpec, component_specs
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+ONNX_DIR = "onnx"
+FINAL_NORM_FILE = f"{ONNX_DIR}/text_encoder_final_norm.npz"  # CLIP's final LayerNorm, for clip skip on the host
+TOKENIZER_DIR = "tokenizer"
+EXPORT_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "polygraphy", "onnx_graphsurgeon")
+SUPPORTED_VARIANTS = ("sd", "sd-v", "inpaint")  # depth2img needs a depth estimator, the x4 upscaler class_labels
+TORCH_PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+
+def export_model(
+    model: str | os.PathLike,
+    engines_dir: Path = Path("engines"),
+    force: bool = False,
+    progress: bool = True,
+    allow_pickle: bool = False,
+) -> Path:
+    """Export `model` (a diffusers folder or a cached Hub id) to ONNX; return its artifact folder.
+
+    An existing export of the same source files is reused unless `force`; a changed source gets a new folder.
+    `allow_pickle` permits loading `.bin` (pickle) weights, which can run code: only for trusted checkpoints.
+    """
+    source = resolve_checkpoint(model).resolve()
+    digest = fingerprint(source)
+    folder = Path(engines_dir) / model_key(source, digest)
+    if not force and is_reusable(folder, digest):
+        logger.info("reusing %s (its source is unchanged)", folder)
+        return folder
+    require_export_extras()
+    safetensors = weight_formats(source, allow_pickle)
+    description = describe_checkpoint(source)
+    if description["variant"] not in SUPPORTED_VARIANTS:
+        raise ModelError(f"exporting a {description['variant']!r} checkpoint is not supported yet ({source})")
+    specs = component_specs(description)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the folder is unfinished
+    started = time.perf_counter()
+    components = _export_components(specs, source, folder, safetensors, progress)
+    copy_tokenizer(source / TOKENIZER_DIR, folder / TOKENIZER_DIR)
+    manifest = Manifest(
+        model_key=folder.name,
+        source={"path": str(source), "fingerprint": digest},
+        model=description,
+        components=components,
+        tools=tool_versions(),
+    )
+    write_manifest(folder, manifest)
+    logger.info("exported %s in %.1f s", folder, time.perf_counter() - started)
+    return folder
+
+
+def _export_components(
+    specs: dict[str, ComponentSpec], source: Path, folder: Path, safetensors: dict[str, bool], progress: bool
+) -> dict[str, ComponentInfo]:
+    from tqdm import tqdm
+
+    components = {}
+    with _work_dir(folder) as work, tqdm(COMPONENTS, desc="export", unit="model", disable=not progress) as bar:
+        for name in bar:
+            bar.set_postfix_str(name)
+            started = time.perf_counter()
+            load = _loader(name, source, safetensors[TORCH_PARTS[name]], folder)
+            components[name] = export_component(specs[name], load, folder, work)
+            logger.info("exported %s in %.1f s", name, time.perf_counter() - started)
+    return components
+
+
+def _loader(name: str, source: Path, use_safetensors: bool, folder: Path) -> Callable[[], Any]:
+    """A function loading the component's module (the text encoder's also saves its final norm beside it)."""
+
+    def load():
+        module = load_module(name, source, use_safetensors)
+        if name == "text_encoder":
+            write_final_norm(module.text_encoder, folder / FINAL_NORM_FILE)
+        return module
+
+    return load
+
+
+@contextlib.contextmanager
+def _work_dir(folder: Path) -> Iterator[Path]:
+    """A private scratch folder inside `folder` (same file system, so results can be renamed), always removed."""
+    work = Path(tempfile.mkdtemp(dir=folder, prefix=".export-"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def require_export_extras() -> None:
+    for name in EXPORT_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"exporting needs the export extras ({name} is not installed): pip install -e .[export]"
+            ) from exc
+
+
+def is_reusable(folder: Path, digest: str) -> bool:
+    """Whether `folder` holds a finished export of the source with fingerprint `digest` (files not re-hashed)."""
+    try:
+        manifest = read_manifest(folder)
+    except ModelError:
+        return False
+    if manifest.source.get("fingerprint") != digest or set(manifest.components) != set(COMPONENTS):
+        return False
+    if not files_intact(folder, manifest) or not (folder / FINAL_NORM_FILE).is_file():
+        return False
+    return (folder / TOKENIZER_DIR).is_dir()
+
+
+def weight_formats(source: Path, allow_pickle: bool) -> dict[str, bool]:
+    """For each torch part, whether to load .safetensors (True) or .bin pickles (False, only if allowed)."""
+    formats = {}
+    for part in sorted(set(TORCH_PARTS.values())):
+        has_safetensors = any((source / part).glob("*.safetensors"))
+        if not has_safetensors and not allow_pickle:
+            raise ModelError(
+                f"{source / part} has only .bin (pickle) weights: convert them to .safetensors, "
+                "or pass allow_pickle=True if you trust this checkpoint"
+            )
+        formats[part] = has_safetensors
+    return formats
+
+
+def load_module(component: str, source: Path, use_safetensors: bool):
+    """The component's torch module from the diffusers folder, fp32, eval mode, in its tracing wrapper."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from . import modules
+
+    loaders = {
+        "text_encoder": (CLIPTextModel, modules.TextEncoder),
+        "unet": (UNet2DConditionModel, modules.UNet),
+        "vae_decoder": (AutoencoderKL, modules.VaeDecoder),
+        "vae_encoder": (AutoencoderKL, modules.VaeEncoder),
+    }
+    model_class, wrapper = loaders[component]
+    part = TORCH_PARTS[component]
+    try:
+        model = model_class.from_pretrained(
+            source, subfolder=part, use_safetensors=use_safetensors, torch_dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load {source / part}: {reason}") from exc
+    return wrapper(model).eval()
+
+
+def export_component(spec: ComponentSpec, load: Callable[[], Any], folder: Path, work: Path) -> ComponentInfo:
+    """Trace `load()` to `folder/onnx/<name>.onnx` (cleaned, shape-inferred) and describe it for the manifest.
+
+    The torch module is freed before cleaning, which holds several copies of the ONNX weights at its peak.
+    """
+    from .onnx_clean import clean_onnx, io_signature
+
+    raw = work / spec.name / "traced.onnx"
+    raw.parent.mkdir()
+    module = load()
+    trace_to_onnx(spec, module, raw)
+    del module
+    gc.collect()
+    cleaned = work / f"{spec.name}.onnx"
+    external = clean_onnx(raw, cleaned, {t.name: t.shape for t in spec.inputs + spec.outputs})
+    shutil.rmtree(raw.parent)
+    names = io_signature(cleaned)
+    if names != (spec.input_names, spec.output_names):
+        raise RuntimeError(f"exported {spec.name} has inputs/outputs {names}, not the spec's names")
+    target = folder / ONNX_DIR / f"{spec.name}.onnx"
+    digest = install(cleaned, target, external)
+    info = ComponentInfo(
+        file=target.relative_to(folder).as_posix(),
+        inputs={t.name: TensorInfo(t.dtype, list(t.shape)) for t in spec.inputs},
+        outputs={t.name: TensorInfo(t.dtype, list(t.shape)) for t in spec.outputs},
+        precision="fp32",
+        sha256=digest,
+    )
+    return replace(info, size=sum(p.stat().st_size for p in component_files(folder, info)))
+
+
+def trace_to_onnx(spec: ComponentSpec, module, path: Path) -> None:
+    """torch.onnx.export with the TorchScript exporter (dynamo=False), dynamic axes from the spec."""
+    import torch
+
+    args = tuple(torch.from_numpy(array) for array in spec.sample_inputs().values())
+    with torch.no_grad(), quiet_tracing():
+        torch.onnx.export(
+            module,
+            args,
+            str(path),  # a str, not a Path: the exporter writes >2 GiB weights beside it only then
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(),
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+@contextlib.contextmanager
+def quiet_tracing() -> Iterator[None]:
+    """Silence TracerWarnings and the legacy-exporter notice for the block; the warning filters are restored."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+        yield
+
+
+def install(cleaned: Path, target: Path, external: bool) -> str:
+    """Rename a cleaned model (and its external data) over `target`; return the sha256 of its bytes.
+
+    The digest covers the .onnx file followed by its .onnx.data file when it has one.
+    """
+    from .onnx_clean import external_data_name
+
+    data, target_data = cleaned.with_name(external_data_name(cleaned)), target.with_name(external_data_name(target))
+    digest = sha256_files([cleaned, data] if external else [cleaned])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        os.replace(data, target_data)
+    else:
+        target_data.unlink(missing_ok=True)  # from an earlier export of a larger model under this name
+    os.replace(cleaned, target)
+    return digest
+
+
+def sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_final_norm(text_encoder, path: Path) -> None:
+    """Save CLIP's final LayerNorm (weight, bias, eps) so the runtime can apply it to hidden_states[-k]."""
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 nests text_model
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        weight=norm.weight.detach().float().numpy(),
+        bias=norm.bias.detach().float().numpy(),
+        eps=np.float64(norm.eps),
+    )
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """Copy the tokenizer folder file by file, each write atomic."""
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        atomic_write_bytes(target / path.relative_to(source), path.read_bytes())
+
+
+def tool_versions() -> dict:
+    versions = {name: importlib.import_module(name).__version__ for name in EXPORT_PACKAGES[:5]}
+    return dict(versions, opset=OPSET, exporter="torchscript")

@@ -1,0 +1,133 @@
+"""One spec per exported component: tensor names, dtypes, dynamic axes and shapes (numpy only, no torch).
+
+Export traces with `spec.sample_inputs()`, writes `spec.dynamic_axes()` into the ONNX model and the spec's
+tensors into the manifest; engine builds and runtime buffers take their shapes from `spec.shapes(...)`.
+Axis names: "height"/"width" are latent sizes, "image_height"/"image_width" pixel sizes, "sequence" the
+token count (77 per chunk of a long prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TOKENS_PER_CHUNK = 77  # CLIP context: BOS + 75 tokens + EOS
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]  # ints are fixed, strings name a dynamic axis
+
+    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """This tensor's concrete shape, dynamic axes looked up in `dims`."""
+        return tuple(dims[axis] if isinstance(axis, str) else axis for axis in self.shape)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str  # "unet", ...; also the ONNX file's stem
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    vae_scale_factor: int  # pixels per latent pixel
+    trace_batch: int = 2  # shapes the tracer sees; every named axis stays dynamic
+    trace_latent_size: int = 64
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's dynamic_axes: {tensor: {axis index: axis name}}."""
+        tensors = self.inputs + self.outputs
+        return {t.name: {i: a for i, a in enumerate(t.shape) if isinstance(a, str)} for t in tensors}
+
+    def dims(self, batch: int, height: int, width: int, chunks: int = 1) -> dict[str, int]:
+        """Dynamic axis sizes for images of height x width pixels and prompts of `chunks` token chunks."""
+        f = self.vae_scale_factor
+        if height % f or width % f:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the VAE scale factor {f}")
+        return {
+            "batch": batch,
+            "image_height": height,
+            "image_width": width,
+            "height": height // f,
+            "width": width // f,
+            "sequence": TOKENS_PER_CHUNK * chunks,
+        }
+
+    def shapes(self, batch: int, height: int, width: int, chunks: int = 1) -> dict[str, tuple[int, ...]]:
+        """Every input and output shape of this component, by tensor name (height, width in pixels).
+
+        `batch` is this component's own batch: for the UNet with classifier-free guidance that is 2x images.
+        """
+        dims = self.dims(batch, height, width, chunks)
+        return {t.name: t.resolve(dims) for t in self.inputs + self.outputs}
+
+    def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Inputs to trace the torch module with, in input order."""
+        size = self.trace_latent_size * self.vae_scale_factor
+        shapes = self.shapes(self.trace_batch, size, size)
+        rng = np.random.default_rng(seed)
+        feeds = {}
+        for t in self.inputs:
+            shape = shapes[t.name]
+            if t.name == "input_ids":
+                feeds[t.name] = rng.integers(0, 256, size=shape).astype(t.dtype)
+            elif t.name == "timestep":
+                feeds[t.name] = np.full(shape, 981.0, dtype=t.dtype)
+            else:
+                feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+        return feeds
+
+
+def component_specs(model: dict) -> dict[str, ComponentSpec]:
+    """The specs of the four Stable Diffusion components, from a manifest `model` block (describe_checkpoint)."""
+    hidden = model["text_hidden_size"]
+    tokens = model["text_max_length"]
+    context = model["cross_attention_dim"]
+    latent = model["latent_channels"]
+    common = {
+        "vae_scale_factor": model["vae_scale_factor"],
+        "trace_latent_size": model["unet_sample_size"],
+    }
+    f32 = "float32"
+    return {
+        "text_encoder": ComponentSpec(
+            name="text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", ("batch", tokens)),),
+            outputs=(
+                TensorSpec("last_hidden_state", f32, ("batch", tokens, hidden)),
+                TensorSpec("hidden_states", f32, (model["text_num_layers"] + 1, "batch", tokens, hidden)),
+            ),
+            **common,
+        ),
+        "unet": ComponentSpec(
+            name="unet",
+            inputs=(
+                TensorSpec("sample", f32, ("batch", model["unet_in_channels"], "height", "width")),
+                TensorSpec("timestep", f32, ("batch",)),
+                TensorSpec("encoder_hidden_states", f32, ("batch", "sequence", context)),
+            ),
+            outputs=(TensorSpec("noise_pred", f32, ("batch", latent, "height", "width")),),
+            **common,
+        ),
+        "vae_decoder": ComponentSpec(
+            name="vae_decoder",
+            inputs=(TensorSpec("latent", f32, ("batch", latent, "height", "width")),),
+            outputs=(TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
+            **common,
+        ),
+        "vae_encoder": ComponentSpec(
+            name="vae_encoder",
+            inputs=(TensorSpec("image", f32, ("batch", 3, "image_height", "image_width")),),
+            outputs=(TensorSpec("latent_parameters", f32, ("batch", 2 * latent, "height", "width")),),
+            **common,
+        ),
+    }
