@@ -1,0 +1,42 @@
+"""Numpy samplers named like the A1111 web UI, each reproducing a diffusers scheduler in k-diffusion (VE) form.
+
+spec, schedule_type = resolve_sampler("DPM++ 2M Karras")
+schedule = make_schedule(spec, schedule_type, scheduler_config, steps)
+x = unit_noise * schedule.init_noise_sigma
+x = sample(spec, model, x, schedule, noise)          # model(x, sigma, t) -> denoised
+latents = schedule.latents(x)                         # x / sqrt(1 + sigmas[-1]^2), see Schedule.latents
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.samplers.ode import Model, Noise
+from runtime.samplers.registry import SAMPLER_NAMES, SCHEDULE_TYPES, SPECS, SamplerSpec, resolve_sampler
+from runtime.samplers.schedule import Schedule
+from runtime.samplers.schedules import build_schedule
+
+__all__ = [
+    "SAMPLER_NAMES",
+    "SCHEDULE_TYPES",
+    "SPECS",
+    "SamplerSpec",
+    "Schedule",
+    "make_schedule",
+    "resolve_sampler",
+    "sample",
+]
+
+
+def make_schedule(spec: SamplerSpec, schedule_type: str, scheduler_config: dict, steps: int) -> Schedule:
+    """The step tables of `spec` for `steps` steps, mirroring diffusers' set_timesteps of spec.diffusers_class built
+    with from_config(scheduler_config, **spec.diffusers_kwargs(schedule_type)). Bad steps -> InvalidRequestError."""
+    overrides = spec.diffusers_kwargs(schedule_type)
+    return build_schedule(spec.diffusers_class, scheduler_config, overrides, steps, spec.schedule_variant)
+
+
+def sample(spec: SamplerSpec, model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+    """Run `spec`'s sampler from x (VE, at schedule.sigmas[0]) through every step; returns float32 x at sigmas[-1].
+    x is cast to float32 first (e.g. `init + noise * schedule.sigmas[0]` is float64 by numpy's promotion)."""
+    x = np.asarray(x, dtype=np.float32)
+    return spec.sample_fn(model, x, schedule, noise, **dict(spec.options))

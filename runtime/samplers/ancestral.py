@@ -1,0 +1,103 @@
+"""Ancestral and SDE samplers: each step lands below the target level, then adds fresh noise back up to it.
+
+`noise()` is called exactly where the matching diffusers scheduler draws `randn_tensor` (also where the draw is
+multiplied by 0, e.g. the last step of Euler a), so seeded runs consume the generator stream identically. DPM++ 2S a
+(k-diffusion only) and DPM++ SDE (a torchsde Brownian tree in diffusers) document their own draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from runtime.samplers.ode import Model, Noise
+from runtime.samplers.schedule import Schedule
+
+
+def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) with sigma_down^2 + sigma_up^2 = sigma_to^2 (k-diffusion's get_ancestral_step)."""
+    if not eta or sigma_to == 0:
+        return sigma_to, 0.0
+    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
+    return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
+
+
+def sample_euler_ancestral(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+    """Euler ancestral (k-diffusion's sample_euler_ancestral, eta 1): Euler to sigma_down, noise of sigma_up."""
+    sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
+    steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    for i, (sigma_down, sigma_up) in enumerate(steps):
+        denoised = model(x, sigmas[i], timesteps[i])
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigma_down - sigmas[i])
+        x = x + noise() * sigma_up
+    return x
+
+
+def sample_dpm_2_ancestral(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+    """DPM-Solver-2 to sigma_down plus noise of sigma_up (k-diffusion's sample_dpm_2_ancestral, eta 1)."""
+    sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
+    sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
+    steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    for i, (sigma_down, sigma_up) in enumerate(steps):
+        denoised = model(x, sigmas[i], timesteps[i])
+        d = (x - denoised) / sigmas[i]
+        if sigma_down == 0:  # last step: Euler into sigma 0, no noise drawn
+            x = x + d * (sigma_down - sigmas[i])
+            continue
+        x_2 = x + d * (sigmas_mid[i] - sigmas[i])
+        denoised_2 = model(x_2, sigmas_mid[i], timesteps_mid[i])
+        d_2 = (x_2 - denoised_2) / sigmas_mid[i]
+        x = x + d_2 * (sigma_down - sigmas[i])
+        x = x + noise() * sigma_up
+    return x
+
+
+def sample_dpmpp_2s_ancestral(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+    """DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral (eta 1, r = 1/2): a two-stage
+    exponential-integrator step to sigma_down (midpoint sqrt(sigma * sigma_down)), then noise of sigma_up."""
+    sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
+    sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
+    steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    for i, (sigma_down, sigma_up) in enumerate(steps):
+        denoised = model(x, sigmas[i], timesteps[i])
+        if sigma_down == 0:
+            x = denoised + (x - denoised) * (sigma_down / sigmas[i])  # Euler into sigma 0
+        else:
+            # with t = -log(sigma), h = t_next - t: x_2 = (sigma_mid / sigma) x - expm1(-h / 2) denoised
+            x_2 = (sigmas_mid[i] / sigmas[i]) * x + (1 - sigmas_mid[i] / sigmas[i]) * denoised
+            denoised_2 = model(x_2, sigmas_mid[i], timesteps_mid[i])
+            x = (sigma_down / sigmas[i]) * x + (1 - sigma_down / sigmas[i]) * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise() * sigma_up
+    return x
+
+
+def sample_dpmpp_sde(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+    """DPM-Solver++ SDE, k-diffusion's sample_dpmpp_sde (eta 1, r = 1/2), as diffusers' DPMSolverSDEScheduler.
+
+    Brownian noise without a Brownian tree: per step two draws z1, z2 (noise() twice); the normalised increment
+    over [sigma_mid, sigma] is z1, the one over [sigma_next, sigma] is (sqrt(sigma - sigma_mid) z1 +
+    sqrt(sigma_mid - sigma_next) z2) / sqrt(sigma - sigma_next): exactly a Brownian motion's joint law, fully
+    determined by the seeded noise stream (so deterministic per seed, also per image with per-image generators).
+    The last step (to sigma 0) is Euler and draws nothing."""
+    sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
+    sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
+    for i in range(len(timesteps)):
+        sigma, sigma_mid, sigma_next = sigmas[i], sigmas_mid[i], sigmas[i + 1]
+        denoised = model(x, sigma, timesteps[i])
+        if sigma_next == 0:
+            x = denoised + (x - denoised) * (sigma_next / sigma)
+            continue
+        down_1, up_1 = ancestral_step(sigma, sigma_mid)
+        z1 = noise()
+        x_2 = (down_1 / sigma) * x + (1 - down_1 / sigma) * denoised + z1 * up_1
+        denoised_2 = model(x_2, sigma_mid, timesteps_mid[i])
+        down_2, up_2 = ancestral_step(sigma, sigma_next)
+        z2 = noise()
+        w = (math.sqrt(sigma - sigma_mid) * z1 + math.sqrt(sigma_mid - sigma_next) * z2) / math.sqrt(
+            sigma - sigma_next
+        )
+        x = (down_2 / sigma) * x + (1 - down_2 / sigma) * denoised_2 + w * up_2
+    return x

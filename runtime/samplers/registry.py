@@ -1,0 +1,213 @@
+"""The sampler table: A1111 labels, their diffusers counterparts, and label parsing ("DPM++ 2M Karras")."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from runtime.errors import InvalidRequestError
+from runtime.samplers import ancestral, discrete, multistep, ode
+
+SCHEDULE_TYPES: tuple[str, ...] = ("default", "Karras", "Exponential", "SGM Uniform", "Beta")
+
+# Schedule type -> diffusers config override (REFERENCE.md section 1).
+_SCHEDULE_OVERRIDES: dict[str, dict] = {
+    "default": {},
+    "Karras": {"use_karras_sigmas": True},
+    "Exponential": {"use_exponential_sigmas": True},
+    "SGM Uniform": {"timestep_spacing": "trailing"},
+    "Beta": {"use_beta_sigmas": True},
+}
+_SPACING_ONLY = ("default", "SGM Uniform")
+_ALL = SCHEDULE_TYPES
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    name: str  # A1111 label
+    description: str  # one line, names the algorithm / paper
+    diffusers_class: str  # the diffusers scheduler it reproduces (or is closest to)
+    sample_fn: Callable  # sample_x(model, x, schedule, noise, **options) -> x
+    config_overrides: tuple[tuple[str, object], ...] = ()  # always passed to from_config (e.g. algorithm_type)
+    schedule_types: tuple[str, ...] = _ALL  # schedule types this sampler accepts
+    options: tuple[tuple[str, object], ...] = ()  # keyword options of sample_fn (DDIM eta)
+    stochastic: bool = False  # calls noise() (ancestral / SDE)
+    matches_diffusers: bool = True  # False: no exact diffusers counterpart (see description)
+    schedule_variant: str | None = None  # sdrt's own schedule builder on top of diffusers_class's config
+
+    def with_options(self, **options: object) -> SamplerSpec:
+        """A copy with sample_fn keyword options changed, e.g. SPECS["DDIM"].with_options(eta=0.5) (then stochastic:
+        DDIM draws noise() at every step, as diffusers' DDIMScheduler.step(eta=...) does)."""
+        unknown = set(options) - {k for k, _ in self.options}
+        if unknown:
+            raise InvalidRequestError(f"{self.name} has no option {sorted(unknown)[0]!r}")
+        merged = {**dict(self.options), **options}
+        stochastic = self.stochastic or bool(merged.get("eta"))
+        return dataclasses.replace(self, options=tuple(merged.items()), stochastic=stochastic)
+
+    def diffusers_kwargs(self, schedule_type: str) -> dict:
+        """Overrides for `DiffusersClass.from_config(cfg, **kwargs)` giving this sampler's reference scheduler."""
+        if schedule_type not in self.schedule_types:
+            raise InvalidRequestError(
+                f"schedule type {schedule_type!r} is not available for {self.name}; "
+                f"choose one of: {', '.join(self.schedule_types)}"
+            )
+        return {**dict(self.config_overrides), **_SCHEDULE_OVERRIDES[schedule_type]}
+
+
+_DPMPP = (("algorithm_type", "dpmsolver++"), ("solver_order", 2))
+_SPECS: tuple[SamplerSpec, ...] = (
+    SamplerSpec(
+        "DDIM",
+        "DDIM, denoising diffusion implicit models (Song et al. 2020); eta 0 deterministic, eta > 0 adds noise",
+        "DDIMScheduler",
+        discrete.sample_ddim,
+        schedule_types=_SPACING_ONLY,
+        options=(("eta", 0.0),),
+    ),
+    SamplerSpec(
+        "PLMS",
+        "PLMS, pseudo linear multistep (Liu et al. 2022, PNDM without the Runge-Kutta warm-up)",
+        "PNDMScheduler",
+        discrete.sample_plms,
+        config_overrides=(("skip_prk_steps", True),),
+        schedule_types=_SPACING_ONLY,
+    ),
+    SamplerSpec(
+        "Euler",
+        "Euler method on the probability-flow ODE (Karras et al. 2022, 'Elucidating the design space')",
+        "EulerDiscreteScheduler",
+        ode.sample_euler,
+    ),
+    SamplerSpec(
+        "Euler a",
+        "Euler ancestral: Euler step to sigma_down plus fresh noise up to the next level (k-diffusion)",
+        "EulerAncestralDiscreteScheduler",
+        ancestral.sample_euler_ancestral,
+        schedule_types=_SPACING_ONLY,
+        stochastic=True,
+    ),
+    SamplerSpec(
+        "Heun",
+        "Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)",
+        "HeunDiscreteScheduler",
+        ode.sample_heun,
+    ),
+    SamplerSpec(
+        "LMS",
+        "Linear multistep, order 4, in sigma (k-diffusion's sample_lms)",
+        "LMSDiscreteScheduler",
+        ode.sample_lms,
+    ),
+    SamplerSpec(
+        "DPM2",
+        "DPM-Solver-2, midpoint in log sigma (Lu et al. 2022; k-diffusion's sample_dpm_2)",
+        "KDPM2DiscreteScheduler",
+        ode.sample_dpm_2,
+    ),
+    SamplerSpec(
+        "DPM2 a",
+        "DPM-Solver-2 ancestral: DPM-Solver-2 to sigma_down plus fresh noise (k-diffusion's sample_dpm_2_ancestral)",
+        "KDPM2AncestralDiscreteScheduler",
+        ancestral.sample_dpm_2_ancestral,
+        stochastic=True,
+    ),
+    SamplerSpec(
+        "DPM++ 2M",
+        "DPM-Solver++(2M), second-order multistep data-prediction solver (Lu et al. 2022)",
+        "DPMSolverMultistepScheduler",
+        multistep.sample_dpmpp_2m,
+        config_overrides=_DPMPP,
+    ),
+    SamplerSpec(
+        "DPM++ 2M SDE",
+        "DPM-Solver++(2M) SDE, second-order multistep stochastic solver (Lu et al. 2022), noise every step",
+        "DPMSolverMultistepScheduler",
+        multistep.sample_dpmpp_2m_sde,
+        config_overrides=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
+        stochastic=True,
+    ),
+    SamplerSpec(
+        "DPM++ 2S a",
+        "DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral on EulerDiscreteScheduler's sigmas "
+        "(no exact diffusers counterpart; DPMSolverSinglestepScheduler is closest)",
+        "EulerDiscreteScheduler",
+        ancestral.sample_dpmpp_2s_ancestral,
+        stochastic=True,
+        matches_diffusers=False,
+        schedule_variant="dpmpp_2s",
+    ),
+    SamplerSpec(
+        "DPM++ SDE",
+        "DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde) on DPMSolverSDEScheduler's schedule; Brownian noise "
+        "from two seeded draws per step instead of a torchsde Brownian tree",
+        "DPMSolverSDEScheduler",
+        ancestral.sample_dpmpp_sde,
+        stochastic=True,
+        matches_diffusers=False,
+    ),
+    SamplerSpec(
+        "UniPC",
+        "UniPC, unified predictor-corrector, order 2, B(h) = e^h - 1 (Zhao et al. 2023)",
+        "UniPCMultistepScheduler",
+        multistep.sample_unipc,
+    ),
+    SamplerSpec(
+        "LCM",
+        "Latent consistency model multistep sampling (Luo et al. 2023); needs an LCM-distilled UNet or LoRA",
+        "LCMScheduler",
+        discrete.sample_lcm,
+        schedule_types=("default",),
+        stochastic=True,
+    ),
+    SamplerSpec(
+        "DDPM",
+        "DDPM ancestral sampling over strided timesteps (Ho et al. 2020), fixed_small variance",
+        "DDPMScheduler",
+        discrete.sample_ddpm,
+        schedule_types=_SPACING_ONLY,
+        stochastic=True,
+    ),
+)
+
+SPECS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}
+SAMPLER_NAMES: tuple[str, ...] = tuple(SPECS)
+
+
+def _names_line() -> str:
+    return ", ".join(SAMPLER_NAMES)
+
+
+def resolve_sampler(name: str, schedule_type: str | None = None) -> tuple[SamplerSpec, str]:
+    """'DPM++ 2M Karras' -> (spec, 'Karras'); case-insensitive. An unknown name, a schedule type the sampler
+    lacks, or a label suffix that conflicts with `schedule_type` raises InvalidRequestError."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidRequestError(f"sampler name must be a non-empty string; valid names: {_names_line()}")
+    label = " ".join(name.split()).lower()
+    types = {t.lower(): t for t in SCHEDULE_TYPES}
+    spec, suffix = None, None
+    for candidate in sorted(SPECS.values(), key=lambda s: -len(s.name)):  # "DPM++ 2M SDE" before "DPM++ 2M"
+        base = candidate.name.lower()
+        if label == base:
+            spec = candidate
+            break
+        if label.startswith(base + " ") and label[len(base) + 1 :] in types:
+            spec, suffix = candidate, types[label[len(base) + 1 :]]
+            break
+    if spec is None:
+        raise InvalidRequestError(f"unknown sampler {name!r}; valid names: {_names_line()}")
+    if schedule_type is not None:
+        requested = types.get(" ".join(str(schedule_type).split()).lower())
+        if requested is None:
+            raise InvalidRequestError(
+                f"unknown schedule type {schedule_type!r}; valid types: {', '.join(SCHEDULE_TYPES)}"
+            )
+        if suffix is not None and requested != suffix:
+            raise InvalidRequestError(
+                f"sampler label {name!r} names schedule type {suffix!r} but schedule type {requested!r} was given"
+            )
+        suffix = suffix or requested
+    schedule = suffix or "default"
+    spec.diffusers_kwargs(schedule)  # raises for a type the sampler lacks
+    return spec, schedule
