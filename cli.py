@@ -1,0 +1,148 @@
+"""sdrt command line: one function per subcommand, no logic of its own.
+
+    python cli.py tiny-model models/tiny
+    python cli.py export --model models/tiny
+    python cli.py txt2img --model models/tiny --prompt "a photo of a cat" --seed 42 --output cat.png
+    python cli.py samplers
+
+User mistakes print one line `error: ...` to stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from runtime.errors import InvalidRequestError, SdrtError
+
+EXIT_USAGE = 2
+
+
+def cmd_tiny_model(args: argparse.Namespace) -> int:
+    from export.tiny import TinyConfig, make_tiny_checkpoint
+
+    folder = Path(args.path)
+    if folder.exists() and any(folder.iterdir()):
+        raise InvalidRequestError(f"{folder} exists and is not empty; choose a new folder")
+    make_tiny_checkpoint(folder, TinyConfig(variant=args.variant, seed=args.seed))
+    print(f"wrote a tiny random {args.variant} checkpoint to {folder}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export import export_model
+
+    start = time.perf_counter()
+    folder = export_model(args.model, Path(args.engines), force=args.force, progress=not args.quiet)
+    print(f"artifacts in {folder} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def cmd_txt2img(args: argparse.Namespace) -> int:
+    import runtime
+    from runtime.output import check_output_path, save_images
+
+    output = Path(args.output)
+    check_output_path(output)  # fail before any work on a bad output path
+    start = time.perf_counter()
+    sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, progress=not args.quiet)
+    result = sd.txt2img(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        width=args.width,
+        height=args.height,
+        sampler=args.sampler,
+        schedule=args.schedule,
+    )
+    paths = save_images(result.images, output, result.infotexts)
+    elapsed = time.perf_counter() - start
+    seeds = ", ".join(str(s) for s in result.seeds)
+    print(f"wrote {', '.join(str(p) for p in paths)} (seed {seeds}; {elapsed:.1f} s)")
+    return 0
+
+
+def cmd_samplers(args: argparse.Namespace) -> int:
+    from runtime.samplers import SAMPLER_NAMES, SCHEDULE_TYPES, resolve_sampler
+
+    specs = [resolve_sampler(name)[0] for name in SAMPLER_NAMES]
+    if args.json:
+        rows = [{"name": s.name, "description": s.description, "diffusers": s.diffusers_class} for s in specs]
+        print(json.dumps({"samplers": rows, "schedule_types": list(SCHEDULE_TYPES)}, indent=2))
+        return 0
+    width = max(len(s.name) for s in specs)
+    for spec in specs:
+        print(f"{spec.name:<{width}}  {spec.description}")
+    print(f"\nschedule types: {', '.join(SCHEDULE_TYPES)} (as --schedule or a label suffix, e.g. 'DPM++ 2M Karras')")
+    return 0
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    from runtime.backends import BACKENDS
+    from runtime.request import DEFAULT_SAMPLER
+
+    p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance; <= 1 skips the uncond pass")
+    p.add_argument("--seed", type=int, default=-1, help="-1 (default): random; image i of a batch uses seed + i")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help="A1111 name, e.g. 'Euler a', 'DPM++ 2M Karras'")
+    p.add_argument("--schedule", default=None, help="default, Karras, ... (overrides nothing a label suffix sets)")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
+    p.add_argument("--output", default="sdrt-output.png", help=".png (default), .jpg, .webp or .npy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cli.py", description="sdrt: Stable Diffusion inference engine")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tiny-model", help="create a tiny random diffusers checkpoint (demos, tests)")
+    p.add_argument("path")
+    p.add_argument("--variant", default="sd1", choices=("sd1", "sd2-v"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_tiny_model)
+
+    p = sub.add_parser("export", help="export a diffusers checkpoint to ONNX (+ manifest)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--engines", default="engines")
+    p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("txt2img", help="generate images from text")
+    _add_generation_options(p)
+    p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("samplers", help="list the samplers and schedule types")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_samplers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except SdrtError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The Python API: load a model once, generate many times.
+
+import runtime
+sd = runtime.load("path/to/diffusers-folder")          # exports ONNX on first use
+result = sd.txt2img("a photo of a cat", seed=42, steps=20)
+result.images  # float32 [B, H, W, 3] in [0, 1]; result.infotexts: A1111 "parameters" per image
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backends import Backend, check_backend, open_backend
+from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
+from .errors import ModelError
+from .manifest import MANIFEST_NAME, files_intact, read_manifest
+from .output import format_parameters
+from .pipelines.txt2img import txt2img
+from .request import Txt2ImgRequest, validate_txt2img
+from .tokenizer import ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENGINES_DIR = Path("engines")
+PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: np.ndarray  # float32 [B, H, W, 3] in [0, 1]
+    seeds: list[int]  # the seed of each image (seed + i)
+    infotexts: list[str]  # A1111 "parameters" text of each image
+    request: Txt2ImgRequest  # the validated request, defaults filled in
+    parameters: dict = field(default_factory=dict)
+
+
+class StableDiffusion:
+    """A loaded model: tokenizer, model facts and one backend session per component."""
+
+    def __init__(self, name: str, key: str, info: dict, tokenizer: ClipTokenizer, backend: Backend, progress: bool):
+        self.name = name
+        self.key = key  # "<folder>-<short hash>", also the Model hash of the infotext
+        self.info = info  # runtime.checkpoint.describe_checkpoint(...)
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.show_progress = progress
+
+    @contextlib.contextmanager
+    def progress(self, total: int, label: str) -> Iterator[Callable[[], None]]:
+        if not self.show_progress:
+            yield lambda: None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=label, unit="step", leave=False) as bar:
+            yield bar.update
+
+    def txt2img(self, prompt: str, **options) -> GenerationResult:
+        """Generate images from text; options are the fields of runtime.request.Txt2ImgRequest."""
+        request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
+        images = txt2img(self, request)
+        seeds = [request.seed + i for i in range(request.batch_size)]
+        params = self._parameters(request)
+        infotexts = [format_parameters(request.prompt, request.negative_prompt, dict(params, Seed=s)) for s in seeds]
+        return GenerationResult(images, seeds, infotexts, request, params)
+
+    def _parameters(self, request: Txt2ImgRequest) -> dict:
+        return {
+            "Steps": request.steps,
+            "Sampler": request.sampler,
+            "Schedule type": None if request.schedule == "default" else request.schedule,
+            "CFG scale": request.cfg_scale,
+            "Seed": request.seed,
+            "Size": f"{request.width}x{request.height}",
+            "Model hash": self.key.rsplit("-", 1)[-1],
+            "Model": self.name,
+            "Backend": self.backend.name,
+            "Version": f"sdrt {__version__}",
+        }
+
+
+def load(
+    model: str | Path,
+    backend: str = "onnxruntime",
+    engines_dir: str | Path = DEFAULT_ENGINES_DIR,
+    progress: bool = False,
+) -> StableDiffusion:
+    """Load `model` (a diffusers folder, a Hub id in the local cache, or an exported artifact folder)."""
+    check_backend(backend)
+    path = Path(model).expanduser()
+    if (path / MANIFEST_NAME).is_file():
+        manifest = read_manifest(path)
+        source = Path(manifest.source.get("path", ""))
+        return _open(manifest.model_key, manifest.model, path, source if source.is_dir() else None, backend, progress)
+    checkpoint = resolve_checkpoint(model)
+    info = describe_checkpoint(checkpoint)
+    key = model_key(checkpoint, fingerprint(checkpoint))
+    if backend == "torch":
+        return _open(key, info, checkpoint / "tokenizer", checkpoint, backend, progress, tokenizer_only=True)
+    artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress)
+    try:
+        return _open(key, info, artifacts, checkpoint, backend, progress)
+    except ModelError as exc:
+        logger.warning("%s; exporting %s again", exc, checkpoint)
+        artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, force=True)
+        return _open(key, info, artifacts, checkpoint, backend, progress)
+
+
+def ensure_exported(checkpoint: Path, engines_dir: Path, key: str, progress: bool, force: bool = False) -> Path:
+    """The artifact folder of `checkpoint`, exporting it first when it is missing, stale or `force`."""
+    folder = engines_dir / key
+    if not force and _artifacts_complete(folder):
+        return folder
+    try:
+        from export import export_model
+    except ImportError as exc:
+        raise ModelError(
+            f"{checkpoint} has not been exported yet and exporting needs the export extras "
+            f"(pip install -e .[export]): {exc}"
+        ) from exc
+    return export_model(checkpoint, engines_dir, force=force, progress=progress)
+
+
+def _artifacts_complete(folder: Path) -> bool:
+    try:
+        return files_intact(folder, read_manifest(folder))
+    except ModelError:
+        return False
+
+
+def _open(
+    key: str,
+    info: dict,
+    folder: Path,
+    checkpoint: Path | None,
+    backend_name: str,
+    progress: bool,
+    tokenizer_only: bool = False,
+) -> StableDiffusion:
+    tokenizer = ClipTokenizer.from_folder(folder if tokenizer_only else folder / "tokenizer")
+    backend = open_backend(backend_name, artifacts=None if tokenizer_only else folder, checkpoint=checkpoint)
+    for component in PIPELINE_COMPONENTS:  # load now, so a broken model fails here and not mid-request
+        backend.session(component)
+    name = key.rsplit("-", 1)[0]
+    return StableDiffusion(name, key, info, tokenizer, backend, progress)

@@ -1,0 +1,35 @@
+"""txt2img: noise -> sampler -> VAE decoder, as diffusers' StableDiffusionPipeline does it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..denoiser import Denoiser
+from ..rng import batch_randn
+from ..samplers import make_schedule, resolve_sampler
+from .common import decode_latents, image_generators, run_sampler, text_conditioning
+
+if TYPE_CHECKING:
+    from ..api import StableDiffusion
+    from ..request import Txt2ImgRequest
+
+
+def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
+    """Images float32 [B, H, W, 3] in [0, 1] for a validated request."""
+    info = model.info
+    spec, schedule_type = resolve_sampler(request.sampler, request.schedule)
+    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
+    guided = request.cfg_scale > 1.0
+    batch = request.batch_size
+    embeddings = text_conditioning(model, request.prompt, request.negative_prompt, batch, guided)
+    scale = info["vae_scale_factor"]
+    shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
+    generators = image_generators(request.seed, batch)
+    x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
+    denoiser = Denoiser(model.backend.session("unet"), embeddings, request.cfg_scale, info["prediction_type"])
+    with model.progress(len(schedule.timesteps), "sampling") as tick:
+        denoiser.on_call = tick
+        latents = run_sampler(spec, denoiser, x, schedule, generators)
+    return decode_latents(model, latents)

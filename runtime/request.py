@@ -1,0 +1,69 @@
+"""Generation requests: frozen dataclasses, validated once at the boundary (API, CLI, later HTTP)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from .errors import InvalidRequestError
+from .rng import random_seed
+from .samplers import resolve_sampler
+
+DEFAULT_SAMPLER = "DPM++ 2M Karras"
+MAX_BATCH_SIZE = 64
+MAX_SIDE = 4096
+MAX_STEPS = 1000
+
+
+@dataclass(frozen=True)
+class Txt2ImgRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int | None = None  # None or -1: a random seed, recorded in the result
+    batch_size: int = 1  # image i uses seed + i
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    sampler: str = DEFAULT_SAMPLER  # A1111 label; a schedule suffix ("DPM++ 2M Karras") is accepted
+    schedule: str | None = None  # "default" (the checkpoint's), "Karras", ...; None: the label's suffix or default
+
+
+def _check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{name} must be an integer, not {value!r}")
+    if not low <= value <= high:
+        raise InvalidRequestError(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def check_size(width: int, height: int, model: dict) -> None:
+    """Sizes must be multiples of 8 and divide evenly through the VAE and the UNet's downsampling."""
+    multiple = max(8, model["vae_scale_factor"] * model["latent_size_multiple"])
+    for name, value in (("width", width), ("height", height)):
+        _check_int(name, value, 8, MAX_SIDE)
+        if value % 8:
+            raise InvalidRequestError(f"{name} must be a multiple of 8, not {value}")
+        if value % multiple:
+            raise InvalidRequestError(f"{name} must be a multiple of {multiple} for this model, not {value}")
+
+
+def validate_txt2img(request: Txt2ImgRequest, model: dict) -> Txt2ImgRequest:
+    """Check every field against the model's facts and fill in the defaults; return the concrete request."""
+    if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
+        raise InvalidRequestError("prompt and negative prompt must be text")
+    _check_int("steps", request.steps, 1, MAX_STEPS)
+    _check_int("batch size", request.batch_size, 1, MAX_BATCH_SIZE)
+    cfg = request.cfg_scale
+    if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= 100:
+        raise InvalidRequestError(f"cfg scale must be a number between 0 and 100, not {cfg!r}")
+    native = model["unet_sample_size"] * model["vae_scale_factor"]
+    width = native if request.width is None else request.width
+    height = native if request.height is None else request.height
+    check_size(width, height, model)
+    seed = request.seed
+    if seed is None or seed == -1:
+        seed = random_seed()
+    _check_int("seed", seed, 0, 2**64 - 1 - request.batch_size)
+    spec, schedule = resolve_sampler(request.sampler, request.schedule)
+    return replace(request, width=width, height=height, seed=seed, sampler=spec.name, schedule=schedule)
