@@ -2,21 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 
 class TextEncoder(nn.Module):
-    """CLIP text model -> (last_hidden_state, every encoder hidden state stacked before the final layer norm)."""
+    """CLIP text model on token embeddings -> (last_hidden_state, all hidden states stacked, before the final norm).
+
+    `inputs_embeds` [B, 77, D] is the token-embedding lookup, done by the caller (textual-inversion vectors replace
+    rows of it); CLIP adds the position embeddings and runs its causal transformer exactly as for input ids.
+    """
 
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text_encoder.get_input_embeddings()
+
+    def forward(self, inputs_embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # CLIPTextModel takes only ids: give it zeros and put the caller's embeddings where their lookup would be.
+        # The ids then feed only the pooled output, which is dropped, so the exported graph keeps neither.
+        placeholder_ids = torch.zeros_like(inputs_embeds[..., 0], dtype=torch.long)  # [B, 77]
+        with replaced_output(self.token_embedding, inputs_embeds):
+            output = self.text_encoder(placeholder_ids, output_hidden_states=True, return_dict=True)
         hidden_states = torch.stack(output.hidden_states)  # [num_layers + 1, B, 77, D]
         return output.last_hidden_state, hidden_states  # pooled output dropped
+
+
+@contextlib.contextmanager
+def replaced_output(module: nn.Module, value: torch.Tensor) -> Iterator[None]:
+    """Within the block, `module` returns `value` (a forward hook, removed on exit)."""
+    handle = module.register_forward_hook(lambda _module, _args, _output: value)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class UNet(nn.Module):

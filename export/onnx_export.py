@@ -29,7 +29,9 @@ from runtime.checkpoint import describe_checkpoint, fingerprint, model_key, reso
 from runtime.errors import BackendUnavailableError, ModelError
 from runtime.manifest import (
     COMPONENTS,
+    FINAL_NORM_FILE,
     MANIFEST_NAME,
+    TOKEN_EMBEDDING_FILE,
     ComponentInfo,
     Manifest,
     TensorInfo,
@@ -46,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 OPSET = 17
 ONNX_DIR = "onnx"
-FINAL_NORM_FILE = f"{ONNX_DIR}/text_encoder_final_norm.npz"  # CLIP's final LayerNorm, for clip skip on the host
 TOKENIZER_DIR = "tokenizer"
 EXPORT_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "polygraphy", "onnx_graphsurgeon")
 SUPPORTED_VARIANTS = ("sd", "sd-v", "inpaint")  # depth2img needs a depth estimator, the x4 upscaler class_labels
@@ -111,11 +112,12 @@ def _export_components(
 
 
 def _loader(name: str, source: Path, use_safetensors: bool, folder: Path) -> Callable[[], Any]:
-    """A function loading the component's module (the text encoder's also saves its final norm beside it)."""
+    """A function loading the component's module (the text encoder's also saves its host-side tables beside it)."""
 
     def load():
         module = load_module(name, source, use_safetensors)
         if name == "text_encoder":
+            write_token_embedding(module, folder / TOKEN_EMBEDDING_FILE)
             write_final_norm(module.text_encoder, folder / FINAL_NORM_FILE)
         return module
 
@@ -143,16 +145,17 @@ def require_export_extras() -> None:
 
 
 def is_reusable(folder: Path, digest: str) -> bool:
-    """Whether `folder` holds a finished export of the source with fingerprint `digest` (files not re-hashed)."""
+    """Whether `folder` holds a finished export of the source with fingerprint `digest` (files not re-hashed).
+
+    Finished means: every component file, both text tables (files_intact checks them) and the tokenizer.
+    """
     try:
         manifest = read_manifest(folder)
     except ModelError:
         return False
     if manifest.source.get("fingerprint") != digest or set(manifest.components) != set(COMPONENTS):
         return False
-    if not files_intact(folder, manifest) or not (folder / FINAL_NORM_FILE).is_file():
-        return False
-    return (folder / TOKENIZER_DIR).is_dir()
+    return files_intact(folder, manifest) and (folder / TOKENIZER_DIR).is_dir()
 
 
 def weight_formats(source: Path, allow_pickle: bool) -> dict[str, bool]:
@@ -283,6 +286,14 @@ def sha256_files(paths: list[Path]) -> str:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_token_embedding(text_encoder, path: Path) -> None:
+    """Save CLIP's token embedding table, float32 [vocab, D] (.npy), for the token lookup on the host."""
+    table = text_encoder.token_embedding.weight.detach().float().numpy()  # [V, D]
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(table), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getbuffer())
 
 
 def write_final_norm(text_encoder, path: Path) -> None:

@@ -78,9 +78,7 @@ class ComponentSpec:
         feeds = {}
         for t in self.inputs:
             shape = shapes[t.name]
-            if t.name == "input_ids":
-                feeds[t.name] = rng.integers(0, 256, size=shape).astype(t.dtype)
-            elif t.name == "timestep":
+            if t.name == "timestep":
                 feeds[t.name] = np.full(shape, 981.0, dtype=t.dtype)
             else:
                 feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
@@ -101,7 +99,7 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
     return {
         "text_encoder": ComponentSpec(
             name="text_encoder",
-            inputs=(TensorSpec("input_ids", "int32", ("batch", tokens)),),
+            inputs=(TensorSpec("inputs_embeds", f32, ("batch", tokens, hidden)),),  # token embeddings (host lookup)
             outputs=(
                 TensorSpec("last_hidden_state", f32, ("batch", tokens, hidden)),
                 TensorSpec("hidden_states", f32, (model["text_num_layers"] + 1, "batch", tokens, hidden)),

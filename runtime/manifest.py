@@ -4,6 +4,8 @@ Layout of an artifact folder (`engines/<model-key>/`):
     manifest.json    this file's data
     tokenizer/       the checkpoint's tokenizer files, copied
     onnx/<component>.onnx   one model per component (fp32 for the CPU execution provider)
+    onnx/text_encoder_token_embedding.npy   CLIP's token embedding table, float32 [vocab, D]
+    onnx/text_encoder_final_norm.npz        CLIP's final LayerNorm: weight [D], bias [D], eps
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from .errors import ModelError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# The text encoder's host-side tables: the token lookup (the ONNX text encoder takes token embeddings, so
+# textual-inversion vectors can replace rows) and the final norm (clip skip takes an earlier hidden state).
+TOKEN_EMBEDDING_FILE = "onnx/text_encoder_token_embedding.npy"
+FINAL_NORM_FILE = "onnx/text_encoder_final_norm.npz"
+TEXT_TABLE_FILES = (TOKEN_EMBEDDING_FILE, FINAL_NORM_FILE)
 
 
 @dataclass(frozen=True)
@@ -97,15 +104,18 @@ def component_files(folder: Path, info: ComponentInfo) -> list[Path]:
 
 
 def files_intact(folder: Path, manifest: Manifest) -> bool:
-    """Whether every component file exists with the size the manifest recorded (cheap; no re-hashing)."""
+    """Whether every component file exists with the size the manifest recorded, and the text tables exist.
+
+    Cheap: nothing is re-hashed. An export older than the text tables is not intact, so it is exported again.
+    """
     for info in manifest.components.values():
         files = component_files(folder, info)
         if not files[0].is_file() or sum(p.stat().st_size for p in files) != info.size:
             return False
-    return True
+    return all((Path(folder) / name).is_file() for name in TEXT_TABLE_FILES)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
     """Write `data` to `path` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

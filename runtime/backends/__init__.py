@@ -6,6 +6,7 @@ The backend is chosen once, at load; the pipeline above never asks which one it 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -22,10 +23,30 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
 
 
+@dataclass(frozen=True, eq=False)
+class TextTables:
+    """The text encoder's parts that run on the host: the token lookup before it, the final LayerNorm after it."""
+
+    token_embedding: np.ndarray  # float32 [vocab, D]; read-only (memory-mapped from the artifact for onnxruntime)
+    final_norm_weight: np.ndarray  # float32 [D]
+    final_norm_bias: np.ndarray  # float32 [D]
+    final_norm_eps: float
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """The token embeddings of `input_ids` (int [..., 77]) -> float32 [..., 77, D], the text encoder's input."""
+        ids = np.asarray(input_ids)
+        vocab = self.token_embedding.shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}), got {ids.min()}..{ids.max()}")
+        return np.asarray(self.token_embedding[ids], dtype=np.float32)
+
+
 class Backend(Protocol):
     name: str
 
     def session(self, component: str) -> Session: ...
+
+    def text_tables(self) -> TextTables: ...
 
 
 def check_backend(name: str) -> str:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import ModelError
-from ..manifest import read_manifest
+from ..manifest import FINAL_NORM_FILE, TOKEN_EMBEDDING_FILE, read_manifest
+from . import TextTables
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,46 @@ class OnnxRuntimeSession:
         return dict(zip(names, values))
 
 
+class OnnxRuntimeTextEncoder(OnnxRuntimeSession):
+    """The text encoder: takes `inputs_embeds` [B, 77, D]; `input_ids` [B, 77] are still accepted, looked up here."""
+
+    def __init__(self, path: Path, providers: list[str], tables: TextTables):
+        super().__init__(path, "text_encoder", providers)
+        if self.input_names != ["inputs_embeds"]:
+            raise ModelError(
+                f"{path} takes {self.input_names}, not inputs_embeds (an old export); re-export with --force"
+            )
+        self.tables = tables
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if "input_ids" in feeds:
+            feeds = {"inputs_embeds": self.tables.embed(feeds["input_ids"])}  # [B, 77, D]
+        return super().run(feeds, outputs)
+
+
+def read_text_tables(folder: Path, hidden_size: int) -> TextTables:
+    """The text tables of an artifact folder; the token embedding table is memory-mapped, not read."""
+    try:
+        token_embedding = np.load(folder / TOKEN_EMBEDDING_FILE, mmap_mode="r", allow_pickle=False)  # [V, D]
+        with np.load(folder / FINAL_NORM_FILE, allow_pickle=False) as norm:
+            weight, bias, eps = norm["weight"], norm["bias"], float(norm["eps"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot read the text tables of {folder} ({reason}); re-export with --force") from exc
+    if (
+        token_embedding.dtype != np.float32
+        or token_embedding.ndim != 2
+        or token_embedding.shape[1] != hidden_size
+        or weight.shape != (hidden_size,)
+        or bias.shape != (hidden_size,)
+    ):
+        raise ModelError(
+            f"the text tables of {folder} do not fit the text encoder's width {hidden_size} "
+            f"(token embedding {token_embedding.dtype} {token_embedding.shape}); re-export with --force"
+        )
+    return TextTables(token_embedding, weight.astype(np.float32), bias.astype(np.float32), eps)
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -45,6 +87,7 @@ class OnnxRuntimeBackend:
         self.manifest = read_manifest(self.folder)
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, OnnxRuntimeSession] = {}
+        self._text_tables: TextTables | None = None
 
     def session(self, component: str) -> OnnxRuntimeSession:
         if component not in self._sessions:
@@ -55,5 +98,15 @@ class OnnxRuntimeBackend:
             if not path.is_file():
                 raise ModelError(f"{path} is missing; re-export with --force")
             logger.debug("loading %s from %s", component, path)
-            self._sessions[component] = OnnxRuntimeSession(path, component, self.providers)
+            if component == "text_encoder":
+                session = OnnxRuntimeTextEncoder(path, self.providers, self.text_tables())
+            else:
+                session = OnnxRuntimeSession(path, component, self.providers)
+            self._sessions[component] = session
         return self._sessions[component]
+
+    def text_tables(self) -> TextTables:
+        """The token embedding table (memory-mapped) and final norm saved beside the ONNX text encoder."""
+        if self._text_tables is None:
+            self._text_tables = read_text_tables(self.folder, self.manifest.model["text_hidden_size"])
+        return self._text_tables

@@ -1,6 +1,7 @@
 """torch backend: the checkpoint's own diffusers/transformers modules, fp32 on the CPU (the reference path).
 
-Each session speaks the same names as the exported ONNX models, so the pipeline cannot tell them apart.
+Each session speaks the same names as the exported ONNX models, so the pipeline cannot tell them apart; the text
+encoder runs in export/modules.py's wrapper, the very module the ONNX text encoder was traced from.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.modules import TextEncoder
+
 from ..errors import ModelError
+from . import TextTables
 
 
 def _load(checkpoint: Path, component: str) -> torch.nn.Module:
@@ -25,17 +29,40 @@ def _load(checkpoint: Path, component: str) -> torch.nn.Module:
     return module.eval().requires_grad_(False)
 
 
+def _numpy_view(tensor: torch.Tensor) -> np.ndarray:
+    """A read-only float32 numpy view of a parameter (shares its memory)."""
+    array = tensor.detach().float().numpy()
+    array.flags.writeable = False
+    return array
+
+
+def text_tables_of(text_encoder: torch.nn.Module) -> TextTables:
+    """The token embedding table and final LayerNorm of a transformers CLIPTextModel, as numpy views."""
+    norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 nests text_model
+    return TextTables(
+        token_embedding=_numpy_view(text_encoder.get_input_embeddings().weight),  # [V, D]
+        final_norm_weight=_numpy_view(norm.weight),
+        final_norm_bias=_numpy_view(norm.bias),
+        final_norm_eps=float(norm.eps),
+    )
+
+
 class TorchSession:
     def __init__(self, component: str, module: torch.nn.Module):
         self.component = component
         self.module = module
+        if component == "text_encoder":
+            self.text_encoder = TextEncoder(module)
+            self.tables = text_tables_of(module)
 
     @torch.inference_mode()
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        if self.component == "text_encoder" and "input_ids" in feeds:
+            feeds = {"inputs_embeds": self.tables.embed(feeds["input_ids"])}  # [B, 77, D]
         t = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
         if self.component == "text_encoder":
-            out = self.module(t["input_ids"].long(), output_hidden_states=True)
-            result = {"last_hidden_state": out.last_hidden_state, "hidden_states": torch.stack(out.hidden_states)}
+            last_hidden_state, hidden_states = self.text_encoder(t["inputs_embeds"])
+            result = {"last_hidden_state": last_hidden_state, "hidden_states": hidden_states}
         elif self.component == "unet":
             sample = self.module(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"])
             result = {"noise_pred": sample.sample}
@@ -57,8 +84,15 @@ class TorchBackend:
         self.checkpoint = Path(checkpoint)
         self._modules: dict[str, torch.nn.Module] = {}
 
-    def session(self, component: str) -> TorchSession:
+    def _module(self, component: str) -> torch.nn.Module:
         module_name = "vae" if component.startswith("vae") else component
         if module_name not in self._modules:
             self._modules[module_name] = _load(self.checkpoint, module_name)
-        return TorchSession(component, self._modules[module_name])
+        return self._modules[module_name]
+
+    def session(self, component: str) -> TorchSession:
+        return TorchSession(component, self._module(component))
+
+    def text_tables(self) -> TextTables:
+        """The text encoder's token embedding table and final norm, read from the loaded module (no copies)."""
+        return text_tables_of(self._module("text_encoder"))

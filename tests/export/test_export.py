@@ -51,14 +51,27 @@ def run_onnx(case, component: str, **feeds) -> list[np.ndarray]:
     return session(case.artifact / "onnx" / f"{component}.onnx").run(None, feeds)
 
 
-def test_text_encoder_matches_transformers(export_case):
+def token_embedding(case) -> np.ndarray:
+    return np.load(case.artifact / "onnx" / "text_encoder_token_embedding.npy")
+
+
+def test_token_embedding_file_is_the_clip_table(export_case):
+    model = reference(export_case.source, "text_encoder")
+    table = token_embedding(export_case)
+    assert table.dtype == np.float32
+    assert np.array_equal(table, model.get_input_embeddings().weight.detach().numpy())
+
+
+def test_text_encoder_on_looked_up_embeddings_matches_transformers_on_ids(export_case):
+    """ONNX text encoder fed table[ids] == CLIPTextModel(input_ids): position embeddings, causal mask and all."""
     import torch
 
     model = reference(export_case.source, "text_encoder")
+    table = token_embedding(export_case)
     rng = np.random.default_rng(0)
     for batch in BATCHES:
-        ids = rng.integers(0, model.config.vocab_size, size=(batch, 77)).astype(np.int32)
-        last_hidden_state, hidden_states = run_onnx(export_case, "text_encoder", input_ids=ids)
+        ids = rng.integers(0, model.config.vocab_size, size=(batch, 77))
+        last_hidden_state, hidden_states = run_onnx(export_case, "text_encoder", inputs_embeds=table[ids])
         with torch.no_grad():
             expected = model(torch.from_numpy(ids).long(), output_hidden_states=True)
         assert hidden_states.shape == (model.config.num_hidden_layers + 1, batch, 77, model.config.hidden_size)
@@ -69,8 +82,9 @@ def test_text_encoder_matches_transformers(export_case):
 
 def test_final_norm_file_turns_the_last_hidden_state_into_the_output(export_case):
     """The host-side clip-skip path: LayerNorm(hidden_states[-1]) with the saved parameters == last_hidden_state."""
-    ids = np.random.default_rng(1).integers(0, 300, size=(2, 77)).astype(np.int32)
-    last_hidden_state, hidden_states = run_onnx(export_case, "text_encoder", input_ids=ids)
+    ids = np.random.default_rng(1).integers(0, 300, size=(2, 77))
+    embeds = token_embedding(export_case)[ids]  # [2, 77, D]
+    last_hidden_state, hidden_states = run_onnx(export_case, "text_encoder", inputs_embeds=embeds)
     norm = np.load(export_case.artifact / "onnx" / "text_encoder_final_norm.npz")
     assert set(norm.files) == {"weight", "bias", "eps"}
     x = hidden_states[-1].astype(np.float64)
@@ -188,4 +202,10 @@ def test_onnx_graphs_carry_the_manifest_names_and_axes(export_case):
         assert all(t.data_type != onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     unet = manifest.components["unet"]
     assert unet.inputs["encoder_hidden_states"].shape == ["batch", "sequence", 32]
-    assert manifest.components["text_encoder"].inputs["input_ids"].dtype == "int32"
+    text_encoder = manifest.components["text_encoder"]
+    assert {k: (v.dtype, v.shape) for k, v in text_encoder.inputs.items()} == {
+        "inputs_embeds": ("float32", ["batch", 77, 32])
+    }
+    graph = onnx.load(str(export_case.artifact / text_encoder.file)).graph
+    table_shape = token_embedding(export_case).shape
+    assert all(tuple(t.dims) != table_shape for t in graph.initializer)  # the token lookup stays on the host

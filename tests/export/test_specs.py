@@ -30,7 +30,7 @@ def test_shapes_for_a_512_by_768_request_with_two_token_chunks():
         "noise_pred": (2, 4, 64, 96),
     }
     assert specs["text_encoder"].shapes(1, 512, 512) == {
-        "input_ids": (1, 77),
+        "inputs_embeds": (1, 77, 768),
         "last_hidden_state": (1, 77, 768),
         "hidden_states": (13, 1, 77, 768),
     }
