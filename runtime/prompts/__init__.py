@@ -15,6 +15,7 @@ from runtime.prompts.chunks import (
     tokenize_prompt,
 )
 from runtime.prompts.describe import describe_prompt
+from runtime.prompts.embeddings import EmbeddingDatabase, TextualInversion, apply_fixes, load_embeddings
 from runtime.prompts.emphasis import EMPHASIS_MODES, apply_emphasis, check_emphasis_mode
 from runtime.prompts.schedule import get_schedule, schedule_index, split_and
 
@@ -26,14 +27,18 @@ __all__ = [
     "EMBEDDING_PLACEHOLDER_ID",
     "EMPHASIS_MODES",
     "Embedding",
+    "EmbeddingDatabase",
     "EmbeddingLookup",
     "PromptChunks",
     "PromptTokenizer",
+    "TextualInversion",
+    "apply_fixes",
     "apply_emphasis",
     "check_emphasis_mode",
     "describe_prompt",
     "empty_chunk",
     "get_schedule",
+    "load_embeddings",
     "pad_to_chunks",
     "parse_attention",
     "schedule_index",

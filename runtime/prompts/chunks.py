@@ -36,7 +36,7 @@ class PromptTokenizer(Protocol):
 
 
 class Embedding(Protocol):
-    """A textual-inversion embedding as chunking sees it (loading is not implemented yet)."""
+    """A textual-inversion embedding as chunking sees it (runtime/prompts/embeddings.py loads them)."""
 
     name: str
     vectors: int  # how many token slots it occupies
@@ -96,9 +96,9 @@ def tokenize_prompt(
     """Chunks of one prompt text (one scheduled text, after AND splitting), as A1111's tokenize_line.
 
     `emphasis="None"` reads the text literally (no brackets, escapes or BREAK); every other mode parses attention.
-    `embedding_at` is the future textual-inversion hook: given a fragment's ids and a position it returns the
-    embedding starting there and how many ids its name spans; the embedding then takes `vectors` slots
-    holding EMBEDDING_PLACEHOLDER_ID, recorded in `fixes`.
+    `embedding_at` is the textual-inversion hook (EmbeddingDatabase.lookup): given a fragment's ids and a position
+    it returns the embedding starting there and how many ids its name spans; the embedding then takes `vectors`
+    slots holding EMBEDDING_PLACEHOLDER_ID, recorded in `fixes`.
     """
     if check_emphasis_mode(emphasis) == "None":
         fragments = [(text, 1.0)]
