@@ -141,7 +141,7 @@ def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -
     (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     write_tiny_tokenizer(folder / "tokenizer", pad_token=pad_token)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(sd2), indent=2))
-    logger.info("wrote a random %s checkpoint to %s", config.variant, folder)
+    logger.debug("wrote a random %s checkpoint to %s", config.variant, folder)
     return folder
 
 
@@ -187,7 +187,22 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
         norm_num_groups=32,
         sample_size=config.sample_size * 2 ** (len(config.vae_channels) - 1),
     )
-    return CLIPTextModel(text_config), unet, vae
+    modules = CLIPTextModel(text_config), unet, vae
+    for module in modules:
+        _randomise_norms(module)
+    return modules
+
+
+def _randomise_norms(module) -> None:
+    """Give norm layers random scales and shifts (fresh ones are 1 and 0): trained models have them, and a
+    CLIP output whose final norm has no shift averages to ~0, which makes A1111's emphasis rescale degenerate."""
+    import torch
+
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and layer.weight is not None:
+                layer.weight.normal_(1.0, 0.1)
+                layer.bias.normal_(0.0, 0.3)
 
 
 def _sd15_shaped_modules(config: TinyConfig, vocab: dict):
