@@ -50,6 +50,8 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     check_output_path(output)  # fail before any work on a bad output path
     start = time.perf_counter()
     sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, progress=not args.quiet)
+    if args.embeddings:
+        sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     result = sd.txt2img(
         args.prompt,
         negative_prompt=args.negative_prompt,
@@ -61,6 +63,9 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
         height=args.height,
         sampler=args.sampler,
         schedule=args.schedule,
+        eta=args.eta,
+        emphasis=args.emphasis,
+        clip_skip=args.clip_skip,
     )
     paths = save_images(result.images, output, result.infotexts)
     elapsed = time.perf_counter() - start
@@ -84,6 +89,21 @@ def cmd_samplers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_parse_prompt(args: argparse.Namespace) -> int:
+    from runtime.prompts import describe_prompt
+
+    tokenizer = None
+    if args.model:
+        from runtime.api import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+    if args.steps < 1:
+        raise InvalidRequestError(f"steps must be at least 1, not {args.steps}")
+    report = describe_prompt(args.prompt, args.steps, tokenizer, emphasis=args.emphasis)
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     from runtime.backends import BACKENDS
     from runtime.request import DEFAULT_SAMPLER
@@ -99,6 +119,11 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, help="A1111 name, e.g. 'Euler a', 'DPM++ 2M Karras'")
     p.add_argument("--schedule", default=None, help="default, Karras, ... (overrides nothing a label suffix sets)")
+    p.add_argument("--emphasis", default="Original", help="Original (default), 'No norm', Ignore or None")
+    p.add_argument("--clip-skip", type=int, default=1, help="1: last text-encoder layer (default); 2: the one before")
+    p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
+    p.add_argument("--allow-pickle", action="store_true", help="also read .pt/.bin embeddings (tensors only)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise multiplier in [0, 1] (default 0)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
     p.add_argument("--output", default="sdrt-output.png", help=".png (default), .jpg, .webp or .npy")
@@ -124,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("txt2img", help="generate images from text")
     _add_generation_options(p)
     p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("parse-prompt", help="show how a prompt is read: attention, schedule, chunks, tokens")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", default=None, help="a model whose tokenizer counts tokens and chunks")
+    p.add_argument("--emphasis", default="Original")
+    p.set_defaults(func=cmd_parse_prompt)
 
     p = sub.add_parser("samplers", help="list the samplers and schedule types")
     p.add_argument("--json", action="store_true")

@@ -23,6 +23,7 @@ from .errors import ModelError
 from .manifest import MANIFEST_NAME, files_intact, read_manifest
 from .output import format_parameters
 from .pipelines.txt2img import txt2img
+from .prompts import EmbeddingDatabase, load_embeddings
 from .request import Txt2ImgRequest, validate_txt2img
 from .tokenizer import ClipTokenizer
 
@@ -51,6 +52,14 @@ class StableDiffusion:
         self.tokenizer = tokenizer
         self.backend = backend
         self.show_progress = progress
+        self.embeddings = EmbeddingDatabase()  # textual inversion, by name (load_embeddings)
+        self.embedding_lookup = self.embeddings.lookup(tokenizer)
+
+    def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
+        """Load the textual-inversion embeddings of `folder` (usable by name in prompts); return their names."""
+        self.embeddings = load_embeddings(Path(folder), self.info["text_hidden_size"], allow_pickle=allow_pickle)
+        self.embedding_lookup = self.embeddings.lookup(self.tokenizer)
+        return sorted(self.embeddings.embeddings)
 
     @contextlib.contextmanager
     def progress(self, total: int, label: str) -> Iterator[Callable[[], None]]:
@@ -77,6 +86,7 @@ class StableDiffusion:
             "Sampler": request.sampler,
             "Schedule type": None if request.schedule == "default" else request.schedule,
             "CFG scale": request.cfg_scale,
+            "Eta": request.eta,
             "Seed": request.seed,
             "Size": f"{request.width}x{request.height}",
             "Model hash": self.key.rsplit("-", 1)[-1],
@@ -111,6 +121,14 @@ def load(
         logger.warning("%s; exporting %s again", exc, checkpoint)
         artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, force=True)
         return _open(key, info, artifacts, checkpoint, backend, progress)
+
+
+def load_tokenizer(model: str | Path) -> ClipTokenizer:
+    """Just the tokenizer of a model (diffusers folder, cached Hub id or artifact folder); no sessions."""
+    path = Path(model).expanduser()
+    if (path / MANIFEST_NAME).is_file():
+        return ClipTokenizer.from_folder(path / "tokenizer")
+    return ClipTokenizer.from_folder(resolve_checkpoint(model) / "tokenizer")
 
 
 def ensure_exported(checkpoint: Path, engines_dir: Path, key: str, progress: bool, force: bool = False) -> Path:

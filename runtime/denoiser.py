@@ -13,6 +13,7 @@ import numpy as np
 
 from .backends import Session
 from .errors import ModelError
+from .pipelines.conditioning import Conditioning
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -25,7 +26,7 @@ class Denoiser:
     def __init__(
         self,
         unet: Session,
-        text_embeddings: np.ndarray,  # [2B, 77k, D] (uncond first) with guidance, else [B, 77k, D]
+        conditioning: Conditioning,
         cfg_scale: float,
         prediction_type: str,
         extra_channels: np.ndarray | None = None,  # [N, c, h, w] concatenated after the latents (inpaint, depth ...)
@@ -33,29 +34,34 @@ class Denoiser:
         if prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"unsupported prediction type {prediction_type!r}; sdrt knows {PREDICTION_TYPES}")
         self.unet = unet
-        self.text_embeddings = np.ascontiguousarray(text_embeddings, dtype=np.float32)
-        self.cfg_scale = float(cfg_scale)
-        self.guided = cfg_scale > 1.0  # then text_embeddings holds uncond and cond halves
+        self.batches = conditioning.batches  # text batches; the c-th call uses batches[call_batch[c]]
+        self.call_batch = conditioning.call_batch
+        self.guided = conditioning.guided  # batches hold [uncond, cond_1 .. cond_m], B rows each
+        self.copies = len(conditioning.cond_weights) + int(self.guided)  # latent copies per UNet call
+        self.scales = [np.float32(cfg_scale * w) for w in conditioning.cond_weights]  # guidance per sub-prompt
         self.v_prediction = prediction_type == "v_prediction"
         self.extra_channels = extra_channels
-        self.calls = 0  # UNet evaluations so far (the benchmark reads it)
+        self.calls = 0  # UNet evaluations so far: indexes call_batch
         self.on_call: Callable[[], None] = _nothing  # progress hook, called after each UNet evaluation
 
     def __call__(self, x: np.ndarray, sigma: float, t: float) -> np.ndarray:
         c_in = 1.0 / np.sqrt(sigma * sigma + 1.0)
         x_in = (x * np.float32(c_in)).astype(np.float32, copy=False)  # [B, 4, h, w]
-        if self.guided:
-            x_in = np.concatenate([x_in, x_in])  # [2B, 4, h, w]
+        if self.copies > 1:
+            x_in = np.concatenate([x_in] * self.copies)  # [(1 + m) B, 4, h, w]
         if self.extra_channels is not None:
             x_in = np.concatenate([x_in, self.extra_channels], axis=1)  # [N, 4 + c, h, w]
         timestep = np.full((len(x_in),), t, dtype=np.float32)
-        feeds = {"sample": x_in, "timestep": timestep, "encoder_hidden_states": self.text_embeddings}
+        text = self.batches[self.call_batch[min(self.calls, len(self.call_batch) - 1)]]  # [N, 77k, D]
+        feeds = {"sample": x_in, "timestep": timestep, "encoder_hidden_states": text}
         model_output = self.unet.run(feeds, ["noise_pred"])["noise_pred"]  # [N, 4, h, w]
         self.calls += 1
         self.on_call()
         if self.guided:
-            uncond, cond = np.split(model_output, 2)
-            model_output = uncond + np.float32(self.cfg_scale) * (cond - uncond)  # [B, 4, h, w]
+            uncond, *conds = np.split(model_output, self.copies)  # each [B, 4, h, w]
+            model_output = uncond + self.scales[0] * (conds[0] - uncond)
+            for scale, cond in zip(self.scales[1:], conds[1:]):  # AND: uncond + sum_i w_i cfg (cond_i - uncond)
+                model_output += scale * (cond - uncond)
         if self.v_prediction:
             c_skip = 1.0 / (sigma * sigma + 1.0)
             c_out = -sigma * c_in

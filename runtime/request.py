@@ -6,8 +6,9 @@ import math
 from dataclasses import dataclass, replace
 
 from .errors import InvalidRequestError
+from .prompts import check_emphasis_mode
 from .rng import random_seed
-from .samplers import resolve_sampler
+from .samplers import SamplerSpec, resolve_sampler
 
 DEFAULT_SAMPLER = "DPM++ 2M Karras"
 MAX_BATCH_SIZE = 64
@@ -27,6 +28,9 @@ class Txt2ImgRequest:
     height: int | None = None
     sampler: str = DEFAULT_SAMPLER  # A1111 label; a schedule suffix ("DPM++ 2M Karras") is accepted
     schedule: str | None = None  # "default" (the checkpoint's), "Karras", ...; None: the label's suffix or default
+    eta: float | None = None  # DDIM's noise multiplier (0: deterministic); None: the sampler's default
+    emphasis: str = "Original"  # A1111 emphasis mode: "Original", "No norm", "Ignore", "None"
+    clip_skip: int = 1  # 1: the text encoder's last layer; n: its n-th layer from the end
 
 
 def _check_int(name: str, value, low: int, high: int) -> int:
@@ -54,6 +58,8 @@ def validate_txt2img(request: Txt2ImgRequest, model: dict) -> Txt2ImgRequest:
         raise InvalidRequestError("prompt and negative prompt must be text")
     _check_int("steps", request.steps, 1, MAX_STEPS)
     _check_int("batch size", request.batch_size, 1, MAX_BATCH_SIZE)
+    _check_int("clip skip", request.clip_skip, 1, model["text_num_layers"])
+    check_emphasis_mode(request.emphasis)
     cfg = request.cfg_scale
     if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg) or not 0 <= cfg <= 100:
         raise InvalidRequestError(f"cfg scale must be a number between 0 and 100, not {cfg!r}")
@@ -65,5 +71,18 @@ def validate_txt2img(request: Txt2ImgRequest, model: dict) -> Txt2ImgRequest:
     if seed is None or seed == -1:
         seed = random_seed()
     _check_int("seed", seed, 0, 2**64 - 1 - request.batch_size)
-    spec, schedule = resolve_sampler(request.sampler, request.schedule)
+    spec, schedule = sampler_of(request)
     return replace(request, width=width, height=height, seed=seed, sampler=spec.name, schedule=schedule)
+
+
+def sampler_of(request: Txt2ImgRequest) -> tuple[SamplerSpec, str]:
+    """The sampler spec (with the request's options) and schedule type a request names."""
+    spec, schedule = resolve_sampler(request.sampler, request.schedule)
+    eta = request.eta
+    if eta is not None:
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
+            raise InvalidRequestError(f"eta must be a number between 0 and 1, not {eta!r}")
+        if "eta" not in dict(spec.options):
+            raise InvalidRequestError(f"eta applies to DDIM only, not to {spec.name}")
+        spec = spec.with_options(eta=float(eta))
+    return spec, schedule

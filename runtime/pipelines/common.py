@@ -15,26 +15,6 @@ if TYPE_CHECKING:
     from ..api import StableDiffusion
 
 
-def encode_texts(model: StableDiffusion, texts: list[str]) -> np.ndarray:
-    """CLIP embeddings of each text, [n, 77, D]."""
-    input_ids = model.tokenizer(texts)  # int32 [n, 77]
-    session = model.backend.session("text_encoder")
-    return session.run({"input_ids": input_ids}, ["last_hidden_state"])["last_hidden_state"]
-
-
-def text_conditioning(
-    model: StableDiffusion, prompt: str, negative_prompt: str, batch: int, guided: bool
-) -> np.ndarray:
-    """Embeddings for the UNet batch: [2B, 77, D] uncond first when guided, else [B, 77, D]."""
-    texts = [prompt, negative_prompt] if guided else [prompt]
-    embeddings = encode_texts(model, texts)  # [1 or 2, 77, D]
-    cond = np.repeat(embeddings[:1], batch, axis=0)  # [B, 77, D]
-    if not guided:
-        return cond
-    uncond = np.repeat(embeddings[1:], batch, axis=0)  # [B, 77, D]
-    return np.concatenate([uncond, cond])  # [2B, 77, D]
-
-
 def image_generators(seed: int, batch: int) -> list[TorchGenerator]:
     """One seeded stream per image: image i uses seed + i."""
     return [TorchGenerator(seed + i) for i in range(batch)]

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..denoiser import Denoiser
+from ..request import sampler_of
 from ..rng import batch_randn
-from ..samplers import make_schedule, resolve_sampler
-from .common import decode_latents, image_generators, run_sampler, text_conditioning
+from ..samplers import make_schedule
+from .common import decode_latents, image_generators, run_sampler
+from .conditioning import build_conditioning, schedule_steps
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -19,16 +21,24 @@ if TYPE_CHECKING:
 def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
     """Images float32 [B, H, W, 3] in [0, 1] for a validated request."""
     info = model.info
-    spec, schedule_type = resolve_sampler(request.sampler, request.schedule)
+    spec, schedule_type = sampler_of(request)
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
-    guided = request.cfg_scale > 1.0
     batch = request.batch_size
-    embeddings = text_conditioning(model, request.prompt, request.negative_prompt, batch, guided)
+    conditioning = build_conditioning(
+        model,
+        request.prompt,
+        request.negative_prompt,
+        batch,
+        request.cfg_scale,
+        schedule_steps(spec.name, request.steps),
+        request.emphasis,
+        request.clip_skip,
+    )
     scale = info["vae_scale_factor"]
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
     generators = image_generators(request.seed, batch)
     x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
-    denoiser = Denoiser(model.backend.session("unet"), embeddings, request.cfg_scale, info["prediction_type"])
+    denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
     with model.progress(len(schedule.timesteps), "sampling") as tick:
         denoiser.on_call = tick
         latents = run_sampler(spec, denoiser, x, schedule, generators)

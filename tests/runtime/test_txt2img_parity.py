@@ -31,7 +31,7 @@ WIDTH, HEIGHT = 48, 32  # non-square
 STEPS, CFG = 10, 6.0
 
 
-def reference_images(folder, sampler, schedule, *, batch=2, cfg=CFG, steps=STEPS, seed=SEED) -> np.ndarray:
+def reference_images(folder, sampler, schedule, *, batch=2, cfg=CFG, steps=STEPS, seed=SEED, eta=0.0) -> np.ndarray:
     """diffusers' own pipeline on the same folder: float images [B, H, W, 3] in [0, 1]."""
     import diffusers
     import torch
@@ -53,6 +53,7 @@ def reference_images(folder, sampler, schedule, *, batch=2, cfg=CFG, steps=STEPS
         generator=generators,
         height=HEIGHT,
         width=WIDTH,
+        eta=eta,
         output_type="np",
     )
     return out.images
