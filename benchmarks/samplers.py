@@ -15,20 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from export.configs import SD15_SCHEDULER
 from runtime.errors import InvalidRequestError
 from runtime.samplers import SAMPLER_NAMES, SPECS, make_schedule, sample
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+SD15 = SD15_SCHEDULER
 SHAPE = (1, 4, 64, 64)  # [B, C, h, w] latents of a 512x512 image
 STEPS = (20, 50, 150)
 

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+# Stable Diffusion 1.5's scheduler/scheduler_config.json as published (keys as it has them).
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
 # Stable Diffusion 1.5 (unet/, vae/, text_encoder/ config.json as published), keys as diffusers reads them.
 SD15_UNET = {
     "sample_size": 64,

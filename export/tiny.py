@@ -219,19 +219,9 @@ def _sd15_shaped_modules(config: TinyConfig, vocab: dict):
 
 def _scheduler_config(sd2: bool) -> dict:
     """The scheduler configs SD 1.5 and SD 2.1 (768, v-prediction) publish, keys as they have them."""
-    config = {
-        "_class_name": "DDIMScheduler" if sd2 else "PNDMScheduler",
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "beta_start": 0.00085,
-        "clip_sample": False,
-        "num_train_timesteps": 1000,
-        "set_alpha_to_one": False,
-        "steps_offset": 1,
-        "trained_betas": None,
-    }
-    if sd2:
-        config.update(prediction_type="v_prediction")
-    else:
-        config.update(skip_prk_steps=True)
-    return config
+    from .configs import SD15_SCHEDULER
+
+    if not sd2:
+        return dict(SD15_SCHEDULER)
+    config = {k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"}
+    return dict(config, _class_name="DDIMScheduler", prediction_type="v_prediction")

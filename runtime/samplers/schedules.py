@@ -72,7 +72,12 @@ def _kdpm2(cfg: dict, steps: int) -> Schedule:
         log_next = np.log(sigmas32[1:])
     with np.errstate(invalid="ignore"):
         mid = np.exp(log_s - (log_s - log_next) * np.float32(0.5)).astype(np.float64)  # torch's lerp at weight 0.5
-    mid[-1] = 0.0  # unused: the last step is Euler into sigma 0
+    return _with_midpoints(cfg, sigmas32, timesteps, init, mid)
+
+
+def _with_midpoints(cfg: dict, sigmas32: np.ndarray, timesteps: np.ndarray, init: float, mid: np.ndarray) -> Schedule:
+    """A KDPM2 schedule with its midpoint sigmas and their timesteps (the last midpoint is unused: Euler into 0)."""
+    mid[-1] = 0.0
     mid_t = _mid_timesteps(cfg, mid)
     mid_t[-1] = 0.0
     if timesteps.dtype == np.float32:
@@ -92,12 +97,7 @@ def _kdpm2_ancestral(cfg: dict, steps: int) -> Schedule:
         log_s, log_down = np.log(s), np.log(sigma_down)
     with np.errstate(invalid="ignore"):
         mid = np.exp(log_down - (log_down - log_s) * np.float32(0.5)).astype(np.float64)  # torch's lerp at 0.5
-    mid[-1] = 0.0  # unused: the last step is Euler into sigma 0
-    mid_t = _mid_timesteps(cfg, mid)
-    mid_t[-1] = 0.0
-    if timesteps.dtype == np.float32:
-        mid_t = f32(mid_t)
-    return Schedule(f32(sigmas32), timesteps.astype(np.float64), init, sigmas_mid=mid, timesteps_mid=mid_t)
+    return _with_midpoints(cfg, sigmas32, timesteps, init, mid)
 
 
 def _lms(cfg: dict, steps: int) -> Schedule:

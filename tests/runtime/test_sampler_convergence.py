@@ -15,21 +15,13 @@ import math
 import numpy as np
 import pytest
 
+from export.configs import SD15_SCHEDULER
 from runtime.samplers import SPECS, make_schedule, sample
 from runtime.samplers.ode import lms_coefficients
 from runtime.samplers.schedule import Schedule
 from runtime.samplers.sigmas import karras_sigmas
 
-SD15 = {  # SD 1.5's scheduler_config.json
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
+SD15 = SD15_SCHEDULER
 MU, S = 0.3, 0.5
 SIGMA_MAX, SIGMA_END = 14.6, 0.05
 

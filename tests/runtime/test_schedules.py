@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+from export.configs import SD15_SCHEDULER
 from runtime.errors import InvalidRequestError
 from runtime.samplers import SAMPLER_NAMES, SCHEDULE_TYPES, SPECS, make_schedule
 
@@ -15,18 +16,7 @@ torch = pytest.importorskip("torch", reason="the reference schedulers need torch
 diffusers = pytest.importorskip("diffusers", reason="the reference schedulers need diffusers (export extras)")
 
 # SD 1.5's scheduler_config.json (PNDM) and an SD 2.x-like DDIM one.
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+SD15 = SD15_SCHEDULER
 
 
 def sd2_ddim(spacing: str) -> dict:
