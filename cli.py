@@ -20,6 +20,7 @@ from pathlib import Path
 from runtime.errors import InvalidRequestError, SdrtError
 
 EXIT_USAGE = 2
+PICKLE_HELP = "also read .bin/.pt pickle files (checkpoint weights; embeddings as tensors only): trusted files only"
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -37,7 +38,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from export import export_model
 
     start = time.perf_counter()
-    folder = export_model(args.model, Path(args.engines), force=args.force, progress=not args.quiet)
+    progress = not args.quiet
+    folder = export_model(
+        args.model, Path(args.engines), force=args.force, progress=progress, allow_pickle=args.allow_pickle
+    )
     print(f"artifacts in {folder} ({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -49,7 +53,10 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     output = Path(args.output)
     check_output_path(output)  # fail before any work on a bad output path
     start = time.perf_counter()
-    sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, progress=not args.quiet)
+    progress = not args.quiet
+    sd = runtime.load(
+        args.model, backend=args.backend, engines_dir=args.engines, progress=progress, allow_pickle=args.allow_pickle
+    )
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     result = sd.txt2img(
@@ -122,7 +129,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emphasis", default="Original", help="Original (default), 'No norm', Ignore or None")
     p.add_argument("--clip-skip", type=int, default=1, help="1: last text-encoder layer (default); 2: the one before")
     p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
-    p.add_argument("--allow-pickle", action="store_true", help="also read .pt/.bin embeddings (tensors only)")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.add_argument("--eta", type=float, default=None, help="DDIM noise multiplier in [0, 1] (default 0)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--engines", default="engines")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("txt2img", help="generate images from text")

@@ -166,7 +166,7 @@ def weight_formats(source: Path, allow_pickle: bool) -> dict[str, bool]:
         if not has_safetensors and not allow_pickle:
             raise ModelError(
                 f"{source / part} has only .bin (pickle) weights: convert them to .safetensors, "
-                "or pass allow_pickle=True if you trust this checkpoint"
+                "or allow pickles (--allow-pickle, allow_pickle=True) if you trust this checkpoint"
             )
         formats[part] = has_safetensors
     return formats

@@ -101,26 +101,32 @@ def load(
     backend: str = "onnxruntime",
     engines_dir: str | Path = DEFAULT_ENGINES_DIR,
     progress: bool = False,
+    allow_pickle: bool = False,
 ) -> StableDiffusion:
-    """Load `model` (a diffusers folder, a Hub id in the local cache, or an exported artifact folder)."""
+    """Load `model` (a diffusers folder, a Hub id in the local cache, or an exported artifact folder).
+
+    `allow_pickle` also reads .bin (pickle) weights of a checkpoint that has no .safetensors: only for
+    checkpoints you trust, since unpickling can run code."""
     check_backend(backend)
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file():
         manifest = read_manifest(path)
         source = Path(manifest.source.get("path", ""))
-        return _open(manifest.model_key, manifest.model, path, source if source.is_dir() else None, backend, progress)
+        source = source if source.is_dir() else None
+        return _open(manifest.model_key, manifest.model, path, source, backend, progress, allow_pickle)
     checkpoint = resolve_checkpoint(model)
     info = describe_checkpoint(checkpoint)
     key = model_key(checkpoint, fingerprint(checkpoint))
     if backend == "torch":
-        return _open(key, info, checkpoint / "tokenizer", checkpoint, backend, progress, tokenizer_only=True)
-    artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress)
+        tokenizer_dir = checkpoint / "tokenizer"
+        return _open(key, info, tokenizer_dir, checkpoint, backend, progress, allow_pickle, tokenizer_only=True)
+    artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, allow_pickle)
     try:
-        return _open(key, info, artifacts, checkpoint, backend, progress)
+        return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle)
     except ModelError as exc:
         logger.warning("%s; exporting %s again", exc, checkpoint)
-        artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, force=True)
-        return _open(key, info, artifacts, checkpoint, backend, progress)
+        artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, allow_pickle, force=True)
+        return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle)
 
 
 def load_tokenizer(model: str | Path) -> ClipTokenizer:
@@ -131,7 +137,9 @@ def load_tokenizer(model: str | Path) -> ClipTokenizer:
     return ClipTokenizer.from_folder(resolve_checkpoint(model) / "tokenizer")
 
 
-def ensure_exported(checkpoint: Path, engines_dir: Path, key: str, progress: bool, force: bool = False) -> Path:
+def ensure_exported(
+    checkpoint: Path, engines_dir: Path, key: str, progress: bool, allow_pickle: bool = False, force: bool = False
+) -> Path:
     """The artifact folder of `checkpoint`, exporting it first when it is missing, stale or `force`."""
     folder = engines_dir / key
     if not force and _artifacts_complete(folder):
@@ -143,7 +151,7 @@ def ensure_exported(checkpoint: Path, engines_dir: Path, key: str, progress: boo
             f"{checkpoint} has not been exported yet and exporting needs the export extras "
             f"(pip install -e .[export]): {exc}"
         ) from exc
-    return export_model(checkpoint, engines_dir, force=force, progress=progress)
+    return export_model(checkpoint, engines_dir, force=force, progress=progress, allow_pickle=allow_pickle)
 
 
 def _artifacts_complete(folder: Path) -> bool:
@@ -160,10 +168,12 @@ def _open(
     checkpoint: Path | None,
     backend_name: str,
     progress: bool,
+    allow_pickle: bool,
     tokenizer_only: bool = False,
 ) -> StableDiffusion:
     tokenizer = ClipTokenizer.from_folder(folder if tokenizer_only else folder / "tokenizer")
-    backend = open_backend(backend_name, artifacts=None if tokenizer_only else folder, checkpoint=checkpoint)
+    artifacts = None if tokenizer_only else folder
+    backend = open_backend(backend_name, artifacts=artifacts, checkpoint=checkpoint, allow_pickle=allow_pickle)
     for component in PIPELINE_COMPONENTS:  # load now, so a broken model fails here and not mid-request
         backend.session(component)
     name = key.rsplit("-", 1)[0]

@@ -144,3 +144,35 @@ def test_nan_image_is_an_error(capsys, artifacts, tmp_path, monkeypatch):
     code, err = run_cli(capsys, *txt2img_args(artifacts, out))
     assert code == 2 and "NaN" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def pickle_checkpoint(tiny_sd1, tmp_path_factory):
+    """The tiny checkpoint re-saved with .bin (pickle) weights only."""
+    import diffusers
+
+    folder = tmp_path_factory.mktemp("pickled") / "tiny-bin"
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd1, safety_checker=None)
+    pipe.save_pretrained(folder, safe_serialization=False)
+    shutil.rmtree(folder / "tokenizer")
+    shutil.copytree(tiny_sd1 / "tokenizer", folder / "tokenizer")
+    for path in folder.rglob("*.safetensors"):  # transformers 5 writes safetensors whatever it is asked
+        import torch
+        from safetensors.torch import load_file
+
+        torch.save(load_file(path), path.with_name(path.stem.replace("model", "pytorch_model") + ".bin"))
+        path.unlink()
+    assert not list(folder.rglob("*.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_pickle_weights_need_opt_in(capsys, pickle_checkpoint, tmp_path, backend):
+    out = tmp_path / "x.npy"
+    argv = txt2img_args(pickle_checkpoint, out, "--backend", backend, "--engines", str(tmp_path / "e"))
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and ".bin (pickle)" in err and "--allow-pickle" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    code, err = run_cli(capsys, *argv, "--allow-pickle")
+    assert code == 0, err
+    assert np.load(out).shape == (1, 32, 32, 3)

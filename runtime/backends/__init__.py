@@ -61,8 +61,9 @@ def check_backend(name: str) -> str:
     return name
 
 
-def open_backend(name: str, *, artifacts: Path | None, checkpoint: Path | None) -> Backend:
-    """The backend `name` over an artifact folder (onnxruntime) or a diffusers checkpoint folder (torch)."""
+def open_backend(name: str, *, artifacts: Path | None, checkpoint: Path | None, allow_pickle: bool = False) -> Backend:
+    """The backend `name` over an artifact folder (onnxruntime) or a diffusers checkpoint folder (torch; .bin
+    pickle weights only with allow_pickle)."""
     check_backend(name)
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
@@ -70,4 +71,4 @@ def open_backend(name: str, *, artifacts: Path | None, checkpoint: Path | None) 
         return OnnxRuntimeBackend(artifacts)
     from .torch import TorchBackend
 
-    return TorchBackend(checkpoint)
+    return TorchBackend(checkpoint, allow_pickle)

@@ -17,13 +17,19 @@ from ..errors import ModelError
 from . import TextTables
 
 
-def _load(checkpoint: Path, component: str) -> torch.nn.Module:
+def _load(checkpoint: Path, component: str, allow_pickle: bool) -> torch.nn.Module:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    if not allow_pickle and not any((checkpoint / component).glob("*.safetensors")):
+        raise ModelError(
+            f"{checkpoint / component} has only .bin (pickle) weights: convert them to .safetensors, "
+            "or allow pickles (--allow-pickle) if you trust this checkpoint"
+        )
     try:
-        module = loaders[component].from_pretrained(checkpoint, subfolder=component, use_safetensors=True)
+        safetensors = None if allow_pickle else True  # None: safetensors when present, else the .bin pickle
+        module = loaders[component].from_pretrained(checkpoint, subfolder=component, use_safetensors=safetensors)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {component} from {checkpoint}: {str(exc).splitlines()[0][:160]}") from exc
     return module.eval().requires_grad_(False)
@@ -78,16 +84,17 @@ class TorchSession:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, checkpoint: Path | None):
+    def __init__(self, checkpoint: Path | None, allow_pickle: bool = False):
         if checkpoint is None or not Path(checkpoint).is_dir():
             raise ModelError(f"the torch backend needs the checkpoint folder, and {checkpoint} is not available")
         self.checkpoint = Path(checkpoint)
+        self.allow_pickle = allow_pickle
         self._modules: dict[str, torch.nn.Module] = {}
 
     def _module(self, component: str) -> torch.nn.Module:
         module_name = "vae" if component.startswith("vae") else component
         if module_name not in self._modules:
-            self._modules[module_name] = _load(self.checkpoint, module_name)
+            self._modules[module_name] = _load(self.checkpoint, module_name, self.allow_pickle)
         return self._modules[module_name]
 
     def session(self, component: str) -> TorchSession:
