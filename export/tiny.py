@@ -27,7 +27,9 @@ _CORPUS = (
     "low quality, worst quality, ugly, deformed, watermark, text, signature, city street at night"
 )
 
-VARIANTS = ("sd1", "sd2-v", "sd15-shaped")  # the last: SD 1.5's published shapes, random weights (benchmarks)
+# "sd15-shaped": SD 1.5's published shapes, random weights (benchmarks); "sd1-inpaint": sd1 with a 9-channel UNet
+# (4 latents + 1 mask + 4 masked-image latents), saved as a StableDiffusionInpaintPipeline
+VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -112,7 +114,7 @@ class TinyConfig:
 def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -> Path:
     """Create a random Stable Diffusion checkpoint (tiny, or SD-1.5-shaped) at `folder`; return its path."""
     import torch
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     config = config or TinyConfig()
@@ -126,7 +128,8 @@ def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -
     vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
     build = _sd15_shaped_modules if config.variant == "sd15-shaped" else _tiny_modules
     text_encoder, unet, vae = build(config, vocab)
-    pipe = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionInpaintPipeline if config.variant == "sd1-inpaint" else StableDiffusionPipeline
+    pipe = pipeline_class(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
@@ -165,7 +168,7 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
     )
     unet = UNet2DConditionModel(
         sample_size=config.sample_size,
-        in_channels=4,
+        in_channels=9 if config.variant == "sd1-inpaint" else 4,
         out_channels=4,
         block_out_channels=config.block_out_channels,
         layers_per_block=1,

@@ -29,3 +29,9 @@ def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD2-style v-prediction checkpoint (DDIM scheduler config, pad token "!")."""
     return _tiny(tmp_path_factory, "sd2-v")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_inpaint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD1-style inpainting checkpoint: 9-channel UNet, saved as a StableDiffusionInpaintPipeline."""
+    return _tiny(tmp_path_factory, "sd1-inpaint")
