@@ -47,6 +47,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
+    return _generate(args, "txt2img", {})
+
+
+def cmd_img2img(args: argparse.Namespace) -> int:
+    options = {"init_image": args.init_image, "strength": args.strength, "resize_mode": args.resize_mode}
+    return _generate(args, "img2img", options)
+
+
+def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     import runtime
     from runtime.output import check_output_path, save_images
 
@@ -59,8 +68,7 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
     )
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
-    result = sd.txt2img(
-        args.prompt,
+    options = dict(
         negative_prompt=args.negative_prompt,
         steps=args.steps,
         cfg_scale=args.cfg_scale,
@@ -74,6 +82,7 @@ def cmd_txt2img(args: argparse.Namespace) -> int:
         emphasis=args.emphasis,
         clip_skip=args.clip_skip,
     )
+    result = getattr(sd, mode)(args.prompt, **mode_options, **options)
     paths = save_images(result.images, output, result.infotexts)
     elapsed = time.perf_counter() - start
     seeds = ", ".join(str(s) for s in result.seeds)
@@ -157,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("txt2img", help="generate images from text")
     _add_generation_options(p)
     p.set_defaults(func=cmd_txt2img)
+
+    p = sub.add_parser("img2img", help="generate from an init image and text")
+    _add_generation_options(p)
+    p.add_argument("--init-image", required=True, help="the image to start from")
+    p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
+    p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
+    p.set_defaults(func=cmd_img2img)
 
     p = sub.add_parser("parse-prompt", help="show how a prompt is read: attention, schedule, chunks, tokens")
     p.add_argument("--prompt", required=True)

@@ -22,9 +22,10 @@ from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_che
 from .errors import ModelError
 from .manifest import MANIFEST_NAME, files_intact, read_manifest
 from .output import format_parameters
+from .pipelines.img2img import img2img
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
-from .request import Txt2ImgRequest, validate_txt2img
+from .request import Img2ImgRequest, Txt2ImgRequest, validate_img2img, validate_txt2img
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -74,9 +75,24 @@ class StableDiffusion:
     def txt2img(self, prompt: str, **options) -> GenerationResult:
         """Generate images from text; options are the fields of runtime.request.Txt2ImgRequest."""
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
-        images = txt2img(self, request)
+        return self._result(request, txt2img(self, request), {})
+
+    def img2img(self, prompt: str, init_image, **options) -> GenerationResult:
+        """Generate from an init image (a path or a PIL image); options are the fields of Img2ImgRequest."""
+        from PIL import Image
+
+        from .images import load_image, resize_image, to_model_input
+
+        image = init_image.convert("RGB") if isinstance(init_image, Image.Image) else load_image(init_image)
+        request = validate_img2img(Img2ImgRequest(prompt, init_image=image, **options), self.info, image.size)
+        resized = resize_image(image, request.width, request.height, request.resize_mode)
+        images = img2img(self, request, to_model_input(resized))
+        extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode}
+        return self._result(request, images, extra)
+
+    def _result(self, request: Txt2ImgRequest, images: np.ndarray, extra: dict) -> GenerationResult:
         seeds = [request.seed + i for i in range(request.batch_size)]
-        params = self._parameters(request)
+        params = dict(self._parameters(request), **extra)
         infotexts = [format_parameters(request.prompt, request.negative_prompt, dict(params, Seed=s)) for s in seeds]
         return GenerationResult(images, seeds, infotexts, request, params)
 

@@ -33,6 +33,13 @@ class Txt2ImgRequest:
     clip_skip: int = 1  # 1: the text encoder's last layer; n: its n-th layer from the end
 
 
+@dataclass(frozen=True)
+class Img2ImgRequest(Txt2ImgRequest):
+    init_image: object = None  # a path or a PIL image; resized to width x height by resize_mode
+    strength: float = 0.75  # denoising strength in [0, 1]: the fraction of the schedule that runs
+    resize_mode: str = "just resize"  # "just resize", "crop and resize", "resize and fill" (A1111's modes)
+
+
 def _check_int(name: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, not {value!r}")
@@ -41,9 +48,14 @@ def _check_int(name: str, value, low: int, high: int) -> int:
     return value
 
 
+def size_multiple(model: dict) -> int:
+    """Image sides must be multiples of this: 8, and whatever the VAE and the UNet's downsampling need."""
+    return max(8, model["vae_scale_factor"] * model["latent_size_multiple"])
+
+
 def check_size(width: int, height: int, model: dict) -> None:
     """Sizes must be multiples of 8 and divide evenly through the VAE and the UNet's downsampling."""
-    multiple = max(8, model["vae_scale_factor"] * model["latent_size_multiple"])
+    multiple = size_multiple(model)
     for name, value in (("width", width), ("height", height)):
         _check_int(name, value, 8, MAX_SIDE)
         if value % 8:
@@ -86,3 +98,21 @@ def sampler_of(request: Txt2ImgRequest) -> tuple[SamplerSpec, str]:
             raise InvalidRequestError(f"eta applies to DDIM only, not to {spec.name}")
         spec = spec.with_options(eta=float(eta))
     return spec, schedule
+
+
+def validate_img2img(request: Img2ImgRequest, model: dict, image_size: tuple[int, int]) -> Img2ImgRequest:
+    """validate_txt2img plus strength and resize mode; width/height default to the init image's size, rounded
+    down to the model's size multiple."""
+    from .images import RESIZE_MODES
+
+    strength = request.strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise InvalidRequestError(f"strength must be a number between 0 and 1, not {strength!r}")
+    if request.resize_mode not in RESIZE_MODES:
+        raise InvalidRequestError(
+            f"unknown resize mode {request.resize_mode!r}; choose one of: {', '.join(RESIZE_MODES)}"
+        )
+    multiple = size_multiple(model)
+    width = request.width or max(multiple, image_size[0] // multiple * multiple)
+    height = request.height or max(multiple, image_size[1] // multiple * multiple)
+    return validate_txt2img(replace(request, width=width, height=height), model)

@@ -40,3 +40,17 @@ def decode_latents(model: StableDiffusion, latents: np.ndarray) -> np.ndarray:
         raise NumericalError("the VAE decoder produced NaN/Inf values (an overflow); no image was written")
     image = np.clip(image / 2 + 0.5, 0.0, 1.0)
     return np.ascontiguousarray(image.transpose(0, 2, 3, 1), dtype=np.float32)  # [B, H, W, 3]
+
+
+def encode_images(model: StableDiffusion, images: np.ndarray, generators: list[TorchGenerator]) -> np.ndarray:
+    """VAE encoder + posterior sample per image from its own stream, times the scaling factor.
+
+    images: float32 [1 or B, 3, H, W] in [-1, 1] (one image is used for every stream) -> latents [B, 4, h, w].
+    """
+    session = model.backend.session("vae_encoder")
+    moments = session.run({"image": images.astype(np.float32)}, ["latent_parameters"])["latent_parameters"]
+    mean, logvar = np.split(moments, 2, axis=1)  # each [n, 4, h, w]
+    std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
+    n = len(moments)
+    samples = [mean[i % n] + std[i % n] * g.randn(mean.shape[1:]) for i, g in enumerate(generators)]
+    return np.stack(samples) * np.float32(model.info["vae_scaling_factor"])  # [B, 4, h, w]
