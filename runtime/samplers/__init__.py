@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.samplers.ode import Model, Noise
+from runtime.samplers.ode import Callback, Model, Noise
 from runtime.samplers.registry import SAMPLER_NAMES, SCHEDULE_TYPES, SPECS, SamplerSpec, resolve_sampler
 from runtime.samplers.schedule import Schedule
 from runtime.samplers.schedules import build_schedule
@@ -35,8 +35,17 @@ def make_schedule(spec: SamplerSpec, schedule_type: str, scheduler_config: dict,
     return build_schedule(spec.diffusers_class, scheduler_config, overrides, steps, spec.schedule_variant)
 
 
-def sample(spec: SamplerSpec, model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample(
+    spec: SamplerSpec,
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+) -> np.ndarray:
     """Run `spec`'s sampler from x (VE, at schedule.sigmas[0]) through every step; returns float32 x at sigmas[-1].
-    x is cast to float32 first (e.g. `init + noise * schedule.sigmas[0]` is float64 by numpy's promotion)."""
+    x is cast to float32 first (e.g. `init + noise * schedule.sigmas[0]` is float64 by numpy's promotion).
+    `callback(i, x) -> x`, if given, runs after each step i = 0..n-1 on x at sigmas[i + 1] and replaces it (see
+    runtime.samplers.ode)."""
     x = np.asarray(x, dtype=np.float32)
-    return spec.sample_fn(model, x, schedule, noise, **dict(spec.options))
+    return spec.sample_fn(model, x, schedule, noise, callback=callback, **dict(spec.options))

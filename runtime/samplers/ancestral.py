@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from runtime.samplers.ode import Model, Noise
+from runtime.samplers.ode import Callback, Model, Noise
 from runtime.samplers.schedule import Schedule
 
 
@@ -23,7 +23,9 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
 
 
-def sample_euler_ancestral(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_euler_ancestral(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """Euler ancestral (k-diffusion's sample_euler_ancestral, eta 1): Euler to sigma_down, noise of sigma_up."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
@@ -32,11 +34,17 @@ def sample_euler_ancestral(model: Model, x: np.ndarray, schedule: Schedule, nois
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigma_down - sigmas[i])
         x = x + noise() * sigma_up
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
-def sample_dpm_2_ancestral(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
-    """DPM-Solver-2 to sigma_down plus noise of sigma_up (k-diffusion's sample_dpm_2_ancestral, eta 1)."""
+def sample_dpm_2_ancestral(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
+    """DPM-Solver-2 to sigma_down plus noise of sigma_up (k-diffusion's sample_dpm_2_ancestral, eta 1).
+    One callback per full step: diffusers' scheduler takes two step() calls here (interleaved timesteps), so its
+    pipeline would also blend after the half step."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
     steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
@@ -45,16 +53,20 @@ def sample_dpm_2_ancestral(model: Model, x: np.ndarray, schedule: Schedule, nois
         d = (x - denoised) / sigmas[i]
         if sigma_down == 0:  # last step: Euler into sigma 0, no noise drawn
             x = x + d * (sigma_down - sigmas[i])
-            continue
-        x_2 = x + d * (sigmas_mid[i] - sigmas[i])
-        denoised_2 = model(x_2, sigmas_mid[i], timesteps_mid[i])
-        d_2 = (x_2 - denoised_2) / sigmas_mid[i]
-        x = x + d_2 * (sigma_down - sigmas[i])
-        x = x + noise() * sigma_up
+        else:
+            x_2 = x + d * (sigmas_mid[i] - sigmas[i])
+            denoised_2 = model(x_2, sigmas_mid[i], timesteps_mid[i])
+            d_2 = (x_2 - denoised_2) / sigmas_mid[i]
+            x = x + d_2 * (sigma_down - sigmas[i])
+            x = x + noise() * sigma_up
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
-def sample_dpmpp_2s_ancestral(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_dpmpp_2s_ancestral(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral (eta 1, r = 1/2): a two-stage
     exponential-integrator step to sigma_down (midpoint sqrt(sigma * sigma_down)), then noise of sigma_up."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
@@ -71,10 +83,14 @@ def sample_dpmpp_2s_ancestral(model: Model, x: np.ndarray, schedule: Schedule, n
             x = (sigma_down / sigmas[i]) * x + (1 - sigma_down / sigmas[i]) * denoised_2
         if sigmas[i + 1] > 0:
             x = x + noise() * sigma_up
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
-def sample_dpmpp_sde(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_dpmpp_sde(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """DPM-Solver++ SDE, k-diffusion's sample_dpmpp_sde (eta 1, r = 1/2), as diffusers' DPMSolverSDEScheduler.
 
     Brownian noise without a Brownian tree: per step two draws z1, z2 (noise() twice); the normalised increment
@@ -87,8 +103,10 @@ def sample_dpmpp_sde(model: Model, x: np.ndarray, schedule: Schedule, noise: Noi
     for i in range(len(timesteps)):
         sigma, sigma_mid, sigma_next = sigmas[i], sigmas_mid[i], sigmas[i + 1]
         denoised = model(x, sigma, timesteps[i])
-        if sigma_next == 0:
+        if sigma_next == 0:  # last step: Euler into sigma 0, no noise drawn
             x = denoised + (x - denoised) * (sigma_next / sigma)
+            if callback is not None:
+                x = callback(i, x)
             continue
         down_1, up_1 = ancestral_step(sigma, sigma_mid)
         z1 = noise()
@@ -100,4 +118,6 @@ def sample_dpmpp_sde(model: Model, x: np.ndarray, schedule: Schedule, noise: Noi
             sigma - sigma_next
         )
         x = (down_2 / sigma) * x + (1 - down_2 / sigma) * denoised_2 + w * up_2
+        if callback is not None:
+            x = callback(i, x)
     return x

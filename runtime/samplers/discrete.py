@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from runtime.samplers.ode import Model, Noise
+from runtime.samplers.ode import Callback, Model, Noise
 from runtime.samplers.schedule import Schedule
 
 
@@ -21,7 +21,9 @@ def _relabel(schedule: Schedule) -> list[float]:
     return np.sqrt((1 + schedule.sigmas[1:] ** 2) / (1 + targets**2)).tolist()
 
 
-def sample_ddim(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, eta: float = 0.0) -> np.ndarray:
+def sample_ddim(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, eta: float = 0.0, callback: Callback | None = None
+) -> np.ndarray:
     """DDIM (Song et al. 2020, eq. 12): x_to = denoised + sigma_down * eps + sigma_up * z, where in VE form
     sigma_up = eta * sqrt(var / a_to) with var = (1 - a_to) / (1 - a) * (1 - a / a_to); eta 0 is Euler in VE."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
@@ -42,10 +44,14 @@ def sample_ddim(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, e
             x = x + sigma_up[i] * noise()
         if relabel[i] != 1.0:
             x = x * relabel[i]
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
-def sample_ddpm(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_ddpm(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """DDPM ancestral sampling (Ho et al. 2020, eq. 7: posterior mean + sqrt(beta_tilde) noise, fixed_small),
     over the listed timesteps; in VE form x_next = w_denoised * denoised + w_x * x + sigma_noise * z."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
@@ -63,10 +69,14 @@ def sample_ddpm(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -
         x = w_denoised[i] * denoised + w_x[i] * x
         if noise_steps[i]:
             x = x + sigma_noise[i] * noise()
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
-def sample_lcm(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_lcm(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """Latent consistency model multistep sampling (Luo et al. 2023): consistency output
     c_out * denoised + c_skip * x_vp, re-noised to the next level except after the last step."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
@@ -81,6 +91,8 @@ def sample_lcm(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) ->
         x = c_out[i] * denoised + c_skip_ve[i] * x
         if i != n - 1:
             x = x + sigmas[i + 1] * noise()
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
@@ -89,7 +101,9 @@ def _plms_tables(schedule: Schedule) -> tuple[list[float], list[float]]:
     return schedule.sigmas[:-1].tolist(), schedule.targets().tolist()
 
 
-def sample_plms(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_plms(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """PLMS, pseudo linear multistep (Liu et al. 2022, "PNDM", skip_prk_steps): Adams-Bashforth on the model
     output with the DDIM transfer (in VE form x_to = x + (sigma_to - sigma) * eps); the first step is a trapezoid
     (Heun) step, then orders 2, 3, 4 reuse the first evaluation of step 0 and the later ones.
@@ -126,6 +140,8 @@ def sample_plms(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -
             out_2 = output(x_2, model(x_2, sigma_2, t_2), sigma_2)
             x = x * math.sqrt((1 + sigma_from**2) / (1 + sigmas[0] ** 2))
             x = transfer(x, sigma_from, sigmas[1], (out + out_2) / 2)
+            if callback is not None:
+                x = callback(i, x)
             continue
         if len(outs) == 1:
             combined = out
@@ -138,4 +154,6 @@ def sample_plms(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -
         x = transfer(x, froms[i], tos[i], combined)
         if relabel[i] != 1.0:
             x = x * relabel[i]
+        if callback is not None:
+            x = callback(i, x)
     return x

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from runtime.samplers.ode import Model, Noise
+from runtime.samplers.ode import Callback, Model, Noise
 from runtime.samplers.schedule import Schedule
 
 
@@ -37,7 +37,9 @@ def _dpmpp_2m_tables(schedule: Schedule) -> tuple[list[float], list[float], list
     return ratios, w_denoised, w_diff
 
 
-def sample_dpmpp_2m(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_dpmpp_2m(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2; midpoint, or heun by solver_type)."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     ratios, w_denoised, w_diff = _dpmpp_2m_tables(schedule)
@@ -48,10 +50,14 @@ def sample_dpmpp_2m(model: Model, x: np.ndarray, schedule: Schedule, noise: Nois
         if w_diff[i]:
             x = x + w_diff[i] * (denoised - old_denoised)
         old_denoised = denoised
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
-def sample_dpmpp_2m_sde(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
+def sample_dpmpp_2m_sde(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", SDE variant, eta 1), as diffusers'
     sde-dpmsolver++: x_t = (sigma_t / sigma_s) e^-h x + (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z, noise every step."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
@@ -73,6 +79,8 @@ def sample_dpmpp_2m_sde(model: Model, x: np.ndarray, schedule: Schedule, noise: 
             x = x + w_diff[i] * (denoised - old_denoised)
         x = x + w_noise[i] * noise()
         old_denoised = denoised
+        if callback is not None:
+            x = callback(i, x)
     return x
 
 
@@ -115,8 +123,13 @@ def _unipc_update(lambdas: list[float], s: int, t: int, order: int, bh2: bool, c
     return weights
 
 
-def sample_unipc(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) -> np.ndarray:
-    """UniPC (Zhao et al. 2023): UniP predictor + UniC corrector on data predictions, B(h) = e^h - 1 (bh2) or h."""
+def sample_unipc(
+    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+) -> np.ndarray:
+    """UniPC (Zhao et al. 2023): UniP predictor + UniC corrector on data predictions, B(h) = e^h - 1 (bh2) or h.
+
+    As in diffusers, the corrector at step i + 1 redoes step i from last_x, so an x returned by `callback` reaches
+    the result only through the model evaluation at step i + 1 (and as the output after the last step)."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     n = len(timesteps)
     lambdas = [-math.log(s) if s > 0 else math.inf for s in sigmas]
@@ -140,4 +153,6 @@ def sample_unipc(model: Model, x: np.ndarray, schedule: Schedule, noise: Noise) 
         x = ratios[i] * x
         for k, w in predictors[i].items():
             x = x + w * outputs[k]
+        if callback is not None:
+            x = callback(i, x)
     return x
