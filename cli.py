@@ -55,6 +55,24 @@ def cmd_img2img(args: argparse.Namespace) -> int:
     return _generate(args, "img2img", options)
 
 
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    options = {"init_image": args.init_image, "mask": args.mask, "strength": args.strength}
+    options.update(resize_mode=args.resize_mode, mask_blur=args.mask_blur, inpaint_full_res=args.inpaint_full_res)
+    options.update(inpaint_full_res_padding=args.inpaint_full_res_padding)
+    return _generate(args, "inpaint", options)
+
+
+def cmd_outpaint(args: argparse.Namespace) -> int:
+    try:
+        extend = tuple(int(v) for v in args.extend.split(","))
+    except ValueError:
+        extend = ()
+    if len(extend) != 4:
+        raise InvalidRequestError(f"--extend takes four integers L,R,T,B (pixels), not {args.extend!r}")
+    options = {"init_image": args.init_image, "extend": extend, "strength": args.strength, "mask_blur": args.mask_blur}
+    return _generate(args, "outpaint", options)
+
+
 def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     import runtime
     from runtime.output import check_output_path, save_images
@@ -173,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
     p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
     p.set_defaults(func=cmd_img2img)
+
+    p = sub.add_parser("inpaint", help="repaint the white part of a mask")
+    _add_generation_options(p)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--mask", required=True, help="white = repaint (an RGBA mask's alpha counts if it has any)")
+    p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
+    p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
+    p.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the mask in pixels (default 4)")
+    p.add_argument("--inpaint-full-res", action="store_true", help="generate a crop around the mask at full size")
+    p.add_argument("--inpaint-full-res-padding", type=int, default=32, help="context pixels around the mask")
+    p.set_defaults(func=cmd_inpaint)
+
+    p = sub.add_parser("outpaint", help="extend the canvas and fill the new area")
+    _add_generation_options(p)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--extend", required=True, help="pixels to add: L,R,T,B (the new size must be a multiple of 8)")
+    p.add_argument("--strength", type=float, default=1.0, help="denoising strength in [0, 1] (default 1)")
+    p.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the new-area mask in pixels")
+    p.set_defaults(func=cmd_outpaint)
 
     p = sub.add_parser("parse-prompt", help="show how a prompt is read: attention, schedule, chunks, tokens")
     p.add_argument("--prompt", required=True)

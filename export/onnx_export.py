@@ -101,7 +101,8 @@ def _export_components(
     from tqdm import tqdm
 
     components = {}
-    with _work_dir(folder) as work, tqdm(COMPONENTS, desc="export", unit="model", disable=not progress) as bar:
+    bar = tqdm(COMPONENTS, desc="export", unit="model", disable=not progress)
+    with _work_dir(folder) as work, _hub_progress_bars(progress), bar:
         for name in bar:
             bar.set_postfix_str(name)
             started = time.perf_counter()
@@ -109,6 +110,23 @@ def _export_components(
             components[name] = export_component(specs[name], load, folder, work)
             logger.info("exported %s in %.1f s", name, time.perf_counter() - started)
     return components
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """Switch diffusers' and transformers' own progress bars (weight loading) on or off for the block; restored
+    afterwards."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    saved = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in saved:
+        (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in saved:
+            (lib.enable_progress_bar if was_enabled else lib.disable_progress_bar)()
 
 
 def _loader(name: str, source: Path, use_safetensors: bool, folder: Path) -> Callable[[], Any]:

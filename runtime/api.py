@@ -25,7 +25,14 @@ from .output import format_parameters
 from .pipelines.img2img import img2img
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
-from .request import Img2ImgRequest, Txt2ImgRequest, validate_img2img, validate_txt2img
+from .request import (
+    Img2ImgRequest,
+    InpaintRequest,
+    Txt2ImgRequest,
+    validate_img2img,
+    validate_inpaint,
+    validate_txt2img,
+)
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -79,16 +86,41 @@ class StableDiffusion:
 
     def img2img(self, prompt: str, init_image, **options) -> GenerationResult:
         """Generate from an init image (a path or a PIL image); options are the fields of Img2ImgRequest."""
-        from PIL import Image
+        from .images import resize_image, to_model_input
 
-        from .images import load_image, resize_image, to_model_input
-
-        image = init_image.convert("RGB") if isinstance(init_image, Image.Image) else load_image(init_image)
+        image = _open_image(init_image)
         request = validate_img2img(Img2ImgRequest(prompt, init_image=image, **options), self.info, image.size)
         resized = resize_image(image, request.width, request.height, request.resize_mode)
         images = img2img(self, request, to_model_input(resized))
         extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode}
         return self._result(request, images, extra)
+
+    def inpaint(self, prompt: str, init_image, mask, **options) -> GenerationResult:
+        """Repaint the white part of `mask` (a path or a PIL image); options are the fields of InpaintRequest."""
+        from .pipelines.masked import run_inpaint
+
+        image = _open_image(init_image)
+        request = InpaintRequest(prompt, init_image=image, mask=mask, **options)
+        request = validate_inpaint(request, self.info, image.size)
+        extra = {"Denoising strength": request.strength, "Mask blur": request.mask_blur}
+        if request.inpaint_full_res:
+            extra.update({"Inpaint area": "Only masked", "Masked area padding": request.inpaint_full_res_padding})
+        return self._result(request, run_inpaint(self, request, image), extra)
+
+    def outpaint(self, prompt: str, init_image, extend: tuple[int, int, int, int], **options) -> GenerationResult:
+        """Extend the canvas by (left, right, top, bottom) pixels and fill the new area; the original pixels
+        stay exactly as they were. Options are the fields of InpaintRequest (strength defaults to 1)."""
+        from .images import extend_canvas
+        from .pipelines.masked import run_outpaint
+
+        image = _open_image(init_image)
+        canvas, mask = extend_canvas(image, *extend)
+        options = {"strength": 1.0, **options}
+        request = validate_inpaint(
+            InpaintRequest(prompt, init_image=image, mask=mask, **options), self.info, canvas.size
+        )
+        extra = {"Denoising strength": request.strength, "Outpaint": "{},{},{},{}".format(*extend)}
+        return self._result(request, run_outpaint(self, request, image, extend), extra)
 
     def _result(self, request: Txt2ImgRequest, images: np.ndarray, extra: dict) -> GenerationResult:
         seeds = [request.seed + i for i in range(request.batch_size)]
@@ -143,6 +175,15 @@ def load(
         logger.warning("%s; exporting %s again", exc, checkpoint)
         artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, allow_pickle, force=True)
         return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle)
+
+
+def _open_image(image):
+    """An RGB PIL image from a PIL image or a path (one-line InvalidRequestError if unreadable)."""
+    from PIL import Image
+
+    from .images import load_image
+
+    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
 
 
 def load_tokenizer(model: str | Path) -> ClipTokenizer:

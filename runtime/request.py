@@ -40,6 +40,14 @@ class Img2ImgRequest(Txt2ImgRequest):
     resize_mode: str = "just resize"  # "just resize", "crop and resize", "resize and fill" (A1111's modes)
 
 
+@dataclass(frozen=True)
+class InpaintRequest(Img2ImgRequest):
+    mask: object = None  # a path or a PIL image; white = repaint
+    mask_blur: int = 4  # Gaussian blur of the mask, in pixels (A1111's default 4)
+    inpaint_full_res: bool = False  # A1111's "only masked": generate a crop around the mask at full size
+    inpaint_full_res_padding: int = 32  # pixels of context around the mask for inpaint_full_res
+
+
 def _check_int(name: str, value, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, not {value!r}")
@@ -116,3 +124,12 @@ def validate_img2img(request: Img2ImgRequest, model: dict, image_size: tuple[int
     width = request.width or max(multiple, image_size[0] // multiple * multiple)
     height = request.height or max(multiple, image_size[1] // multiple * multiple)
     return validate_txt2img(replace(request, width=width, height=height), model)
+
+
+def validate_inpaint(request: InpaintRequest, model: dict, image_size: tuple[int, int]) -> InpaintRequest:
+    """validate_img2img plus the mask options."""
+    _check_int("mask blur", request.mask_blur, 0, 256)
+    _check_int("inpaint full res padding", request.inpaint_full_res_padding, 0, MAX_SIDE)
+    if request.mask is None:
+        raise InvalidRequestError("inpainting needs a mask (white = repaint)")
+    return validate_img2img(request, model, image_size)

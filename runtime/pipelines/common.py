@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +22,12 @@ def image_generators(seed: int, batch: int) -> list[TorchGenerator]:
 
 
 def run_sampler(
-    spec: SamplerSpec, denoiser: Denoiser, x: np.ndarray, schedule: Schedule, generators: list[TorchGenerator]
+    spec: SamplerSpec,
+    denoiser: Denoiser,
+    x: np.ndarray,
+    schedule: Schedule,
+    generators: list[TorchGenerator],
+    callback: Callable[[int, np.ndarray], np.ndarray] | None = None,  # after step i: may replace x
 ) -> np.ndarray:
     """Sample from VE-space x down the schedule; return the latents the VAE decodes ([B, 4, h, w])."""
     shape = x.shape[1:]
@@ -29,7 +35,7 @@ def run_sampler(
     def noise() -> np.ndarray:
         return batch_randn(generators, shape)
 
-    return schedule.latents(sample(spec, denoiser, x, schedule, noise))
+    return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=callback))
 
 
 def decode_latents(model: StableDiffusion, latents: np.ndarray) -> np.ndarray:

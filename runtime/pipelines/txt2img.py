@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
     """Images float32 [B, H, W, 3] in [0, 1] for a validated request."""
     info = model.info
+    if info["unet_in_channels"] == 9:
+        return _inpainting_model_txt2img(model, request)
     spec, schedule_type = sampler_of(request)
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
     batch = request.batch_size
@@ -43,3 +46,16 @@ def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
         denoiser.on_call = tick
         latents = run_sampler(spec, denoiser, x, schedule, generators)
     return decode_latents(model, latents)
+
+
+def _inpainting_model_txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
+    """An inpainting (9-channel) model generating from text, as the A1111 web UI runs it: the whole image
+    masked, the masked image empty (0 in [-1, 1]), full strength."""
+    from ..request import Img2ImgRequest
+    from .inpaint import inpaint
+
+    fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+    scale = model.info["vae_scale_factor"]
+    empty = np.zeros((1, 3, request.height, request.width), dtype=np.float32)  # [1, 3, H, W]
+    mask = np.ones((1, 1, request.height // scale, request.width // scale), dtype=np.float32)  # [1, 1, h, w]
+    return inpaint(model, Img2ImgRequest(**fields, strength=1.0), empty, empty, mask)
