@@ -65,3 +65,35 @@ SD15_TEXT_ENCODER = {
     "eos_token_id": 49407,
     "pad_token_id": 1,
 }
+
+# Stable Diffusion 2 depth (stabilityai/stable-diffusion-2-depth): PNDM, epsilon (its v2-midas config has no "v").
+SD2_DEPTH_SCHEDULER = dict(SD15_SCHEDULER, prediction_type="epsilon")
+
+# The x4 upscaler (stabilityai/stable-diffusion-x4-upscaler): DDIM with v-prediction on x4-upscaling.yaml's betas
+# (linear_start 0.0001, linear_end 0.02); its low_res_scheduler noises the low-resolution image (DDPM, the
+# ImageConcatWithNoiseAugmentation schedule); model_index.json caps the noise level at 350.
+X4_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+X4_LOW_RES_SCHEDULER = {
+    "_class_name": "DDPMScheduler",
+    "beta_end": 0.02,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.0001,
+    "clip_sample": True,
+    "num_train_timesteps": 1000,
+    "trained_betas": None,
+    "variance_type": "fixed_small",
+}
+X4_MAX_NOISE_LEVEL = 350
+X4_VAE_SCALING_FACTOR = 0.08333

@@ -45,16 +45,33 @@ def replaced_output(module: nn.Module, value: torch.Tensor) -> Iterator[None]:
 
 
 class UNet(nn.Module):
-    """UNet2DConditionModel -> noise_pred (eps or v, as the checkpoint predicts)."""
+    """UNet2DConditionModel -> noise_pred (eps or v, as the checkpoint predicts); `class_labels` [B] int64 for a
+    UNet with class embeddings (the x4 upscaler's noise level)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]  # [B, C_out, h, w]
+        output = self.unet(sample, timestep, encoder_hidden_states, class_labels=class_labels, return_dict=False)
+        return output[0]  # [B, C_out, h, w]
+
+
+class DepthEstimator(nn.Module):
+    """DPTForDepthEstimation: preprocessed pixel_values [B, 3, S, S] -> predicted_depth [B, S, S] (relative)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values, return_dict=True).predicted_depth
 
 
 class VaeDecoder(nn.Module):

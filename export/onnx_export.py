@@ -28,7 +28,6 @@ import numpy as np
 from runtime.checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
 from runtime.errors import BackendUnavailableError, ModelError
 from runtime.manifest import (
-    COMPONENTS,
     FINAL_NORM_FILE,
     MANIFEST_NAME,
     TOKEN_EMBEDDING_FILE,
@@ -50,8 +49,14 @@ OPSET = 17
 ONNX_DIR = "onnx"
 TOKENIZER_DIR = "tokenizer"
 EXPORT_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "polygraphy", "onnx_graphsurgeon")
-SUPPORTED_VARIANTS = ("sd", "sd-v", "inpaint")  # depth2img needs a depth estimator, the x4 upscaler class_labels
-TORCH_PARTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+SUPPORTED_VARIANTS = ("sd", "sd-v", "inpaint", "depth", "upscale-x4")
+TORCH_PARTS = {
+    "text_encoder": "text_encoder",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+    "depth_estimator": "depth_estimator",  # only when the checkpoint has one
+}
 
 
 def export_model(
@@ -101,7 +106,7 @@ def _export_components(
     from tqdm import tqdm
 
     components = {}
-    bar = tqdm(COMPONENTS, desc="export", unit="model", disable=not progress)
+    bar = tqdm(list(specs), desc="export", unit="model", disable=not progress)
     with _work_dir(folder) as work, _hub_progress_bars(progress), bar:
         for name in bar:
             bar.set_postfix_str(name)
@@ -171,7 +176,8 @@ def is_reusable(folder: Path, digest: str) -> bool:
         manifest = read_manifest(folder)
     except ModelError:
         return False
-    if manifest.source.get("fingerprint") != digest or set(manifest.components) != set(COMPONENTS):
+    expected = set(component_specs(manifest.model))  # the four SD components, plus a depth estimator if any
+    if manifest.source.get("fingerprint") != digest or set(manifest.components) != expected:
         return False
     return files_intact(folder, manifest) and (folder / TOKENIZER_DIR).is_dir()
 
@@ -180,6 +186,8 @@ def weight_formats(source: Path, allow_pickle: bool) -> dict[str, bool]:
     """For each torch part, whether to load .safetensors (True) or .bin pickles (False, only if allowed)."""
     formats = {}
     for part in sorted(set(TORCH_PARTS.values())):
+        if not (source / part).is_dir():  # an optional part the checkpoint does not have
+            continue
         has_safetensors = any((source / part).glob("*.safetensors"))
         if not has_safetensors and not allow_pickle:
             raise ModelError(
@@ -194,11 +202,12 @@ def load_module(component: str, source: Path, use_safetensors: bool):
     """The component's torch module from the diffusers folder, fp32, eval mode, in its tracing wrapper."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, DPTForDepthEstimation
 
     from . import modules
 
     loaders = {
+        "depth_estimator": (DPTForDepthEstimation, modules.DepthEstimator),
         "text_encoder": (CLIPTextModel, modules.TextEncoder),
         "unet": (UNet2DConditionModel, modules.UNet),
         "vae_decoder": (AutoencoderKL, modules.VaeDecoder),
@@ -276,6 +285,9 @@ def quiet_tracing() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+        # BiT (the DPT-hybrid depth estimator's backbone) standardises its conv weights with batch_norm(training=True)
+        # on purpose: exported as written, folded into constants afterwards
+        warnings.filterwarnings("ignore", message="ONNX export mode is set to TrainingMode.EVAL", category=UserWarning)
         yield
 
 

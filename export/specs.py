@@ -80,13 +80,16 @@ class ComponentSpec:
             shape = shapes[t.name]
             if t.name == "timestep":
                 feeds[t.name] = np.full(shape, 981.0, dtype=t.dtype)
+            elif np.issubdtype(t.dtype, np.integer):  # class labels: any valid one
+                feeds[t.name] = np.full(shape, 20, dtype=t.dtype)
             else:
                 feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
         return feeds
 
 
 def component_specs(model: dict) -> dict[str, ComponentSpec]:
-    """The specs of the four Stable Diffusion components, from a manifest `model` block (describe_checkpoint)."""
+    """The specs of the four Stable Diffusion components, plus the depth estimator of a depth checkpoint that
+    ships one, from a manifest `model` block (describe_checkpoint)."""
     hidden = model["text_hidden_size"]
     tokens = model["text_max_length"]
     context = model["cross_attention_dim"]
@@ -96,7 +99,9 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
         "trace_latent_size": model["unet_sample_size"],
     }
     f32 = "float32"
-    return {
+    # the x4 upscaler's UNet also takes the noise level as a class label per row
+    labels = (TensorSpec("class_labels", "int64", ("batch",)),) if model.get("unet_num_class_embeds") else ()
+    specs = {
         "text_encoder": ComponentSpec(
             name="text_encoder",
             inputs=(TensorSpec("inputs_embeds", f32, ("batch", tokens, hidden)),),  # token embeddings (host lookup)
@@ -112,6 +117,7 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
                 TensorSpec("sample", f32, ("batch", model["unet_in_channels"], "height", "width")),
                 TensorSpec("timestep", f32, ("batch",)),
                 TensorSpec("encoder_hidden_states", f32, ("batch", "sequence", context)),
+                *labels,
             ),
             outputs=(TensorSpec("noise_pred", f32, ("batch", latent, "height", "width")),),
             **common,
@@ -129,3 +135,13 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
             **common,
         ),
     }
+    depth = model.get("depth_estimator")
+    if depth:  # DPT: a fixed square input (the hybrid one takes its configured size only), depth at that size
+        size = depth["image_size"]
+        specs["depth_estimator"] = ComponentSpec(
+            name="depth_estimator",
+            inputs=(TensorSpec("pixel_values", f32, ("batch", 3, size, size)),),
+            outputs=(TensorSpec("predicted_depth", f32, ("batch", size, size)),),
+            **common,
+        )
+    return specs

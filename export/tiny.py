@@ -28,8 +28,13 @@ _CORPUS = (
 )
 
 # "sd15-shaped": SD 1.5's published shapes, random weights (benchmarks); "sd1-inpaint": sd1 with a 9-channel UNet
-# (4 latents + 1 mask + 4 masked-image latents), saved as a StableDiffusionInpaintPipeline
-VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint")
+# (4 latents + 1 mask + 4 masked-image latents), saved as a StableDiffusionInpaintPipeline; "sd2-depth": SD2 with a
+# 5-channel UNet (latents + depth) and a DPT-hybrid depth estimator (StableDiffusionDepth2ImgPipeline);
+# "x4-upscaler": 7-channel UNet (latents + noised low-res image) with noise-level class embeddings, a x4 VAE and a
+# low-res scheduler (StableDiffusionUpscalePipeline)
+VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler")
+SD2_TEXT = ("sd2-v", "sd2-depth", "x4-upscaler")  # OpenCLIP-style text encoder: gelu, pad token "!"
+UNET_IN_CHANNELS = {"sd1-inpaint": 9, "sd2-depth": 5, "x4-upscaler": 7}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -101,6 +106,23 @@ def write_tiny_tokenizer(folder: Path, pad_token: str = EOS_TOKEN, merges: int =
     return len(vocab)
 
 
+_UNET_BLOCKS = {
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+# The x4 upscaler's UNet, tiny: its block pattern (cross-attention only where the published one has it) and
+# class embeddings for the noise level (num_class_embeds 1000, as published)
+_X4_UNET = {
+    "block_out_channels": (32, 32, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "only_cross_attention": (True, True, False),
+    "attention_head_dim": 8,
+    "num_class_embeds": 1000,
+}
+DPT_PATCH = 16  # the tiny depth estimator's patch: it sees 2 x 2 patches of 16 pixels
+
+
 @dataclass(frozen=True)
 class TinyConfig:
     variant: str = "sd1"  # "sd1": epsilon, SD1 text encoder; "sd2-v": v-prediction, SD2-style pad token "!"
@@ -114,45 +136,62 @@ class TinyConfig:
 def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -> Path:
     """Create a random Stable Diffusion checkpoint (tiny, or SD-1.5-shaped) at `folder`; return its path."""
     import torch
-    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     config = config or TinyConfig()
     if config.variant not in VARIANTS:
         raise ValueError(f"unknown tiny variant {config.variant!r}; choose one of {', '.join(VARIANTS)}")
     folder = Path(folder)
-    sd2 = config.variant == "sd2-v"
-    pad_token = "!" if sd2 else EOS_TOKEN
+    pad_token = "!" if config.variant in SD2_TEXT else EOS_TOKEN
     torch.manual_seed(config.seed)
     write_tiny_tokenizer(folder / "tokenizer", pad_token=pad_token)
     vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
     build = _sd15_shaped_modules if config.variant == "sd15-shaped" else _tiny_modules
     text_encoder, unet, vae = build(config, vocab)
-    pipeline_class = StableDiffusionInpaintPipeline if config.variant == "sd1-inpaint" else StableDiffusionPipeline
-    pipe = pipeline_class(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        unet=unet,
-        scheduler=(DDIMScheduler if sd2 else PNDMScheduler).from_config(_scheduler_config(sd2)),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    pipe = _pipeline(config, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
     pipe.save_pretrained(folder, safe_serialization=True)
-    # save_pretrained rewrites the tokenizer and scheduler in its own format; keep them as the Hub publishes them
+    # save_pretrained rewrites the tokenizer and schedulers in its own format; keep them as the Hub publishes them
     (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     write_tiny_tokenizer(folder / "tokenizer", pad_token=pad_token)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(_scheduler_config(sd2), indent=2))
+    for part, published in _scheduler_configs(config.variant).items():
+        (folder / part / "scheduler_config.json").write_text(json.dumps(published, indent=2))
     logger.debug("wrote a random %s checkpoint to %s", config.variant, folder)
     return folder
+
+
+def _pipeline(config: TinyConfig, **parts):
+    """The diffusers pipeline object of the variant, around the text encoder, tokenizer, UNet and VAE in `parts`."""
+    import diffusers
+
+    schedulers = {
+        part: getattr(diffusers, published["_class_name"]).from_config(published)
+        for part, published in _scheduler_configs(config.variant).items()
+    }
+    if config.variant == "sd2-depth":
+        depth_estimator, feature_extractor = _tiny_depth_estimator(config)
+        return diffusers.StableDiffusionDepth2ImgPipeline(
+            **parts, **schedulers, depth_estimator=depth_estimator, feature_extractor=feature_extractor
+        )
+    if config.variant == "x4-upscaler":
+        from .configs import X4_MAX_NOISE_LEVEL
+
+        return diffusers.StableDiffusionUpscalePipeline(**parts, **schedulers, max_noise_level=X4_MAX_NOISE_LEVEL)
+    inpaint = config.variant == "sd1-inpaint"
+    pipeline_class = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionPipeline
+    return pipeline_class(
+        **parts, **schedulers, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
 
 
 def _tiny_modules(config: TinyConfig, vocab: dict):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    sd2 = config.variant == "sd2-v"
+    from .configs import X4_VAE_SCALING_FACTOR
+
+    sd2 = config.variant in SD2_TEXT
+    upscaler = config.variant == "x4-upscaler"
     text_config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=config.hidden_size,
@@ -166,29 +205,29 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
         pad_token_id=0 if sd2 else vocab[EOS_TOKEN],
         projection_dim=config.hidden_size,
     )
+    blocks = {"block_out_channels": config.block_out_channels, "attention_head_dim": (2, 4) if sd2 else 8}
     unet = UNet2DConditionModel(
         sample_size=config.sample_size,
-        in_channels=9 if config.variant == "sd1-inpaint" else 4,
+        in_channels=UNET_IN_CHANNELS.get(config.variant, 4),
         out_channels=4,
-        block_out_channels=config.block_out_channels,
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=config.hidden_size,
-        attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
         norm_num_groups=32,
+        **(_X4_UNET if upscaler else dict(blocks, **_UNET_BLOCKS)),
     )
+    vae_channels = (32, 32, 64) if upscaler else config.vae_channels  # the x4 VAE: 3 levels, 4x per latent pixel
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=config.vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(config.vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(config.vae_channels),
+        block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=32,
-        sample_size=config.sample_size * 2 ** (len(config.vae_channels) - 1),
+        sample_size=config.sample_size * 2 ** (len(vae_channels) - 1),
+        **({"scaling_factor": X4_VAE_SCALING_FACTOR} if upscaler else {}),
     )
     modules = CLIPTextModel(text_config), unet, vae
     for module in modules:
@@ -220,11 +259,69 @@ def _sd15_shaped_modules(config: TinyConfig, vocab: dict):
     return CLIPTextModel(CLIPTextConfig(**text)), UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
 
 
-def _scheduler_config(sd2: bool) -> dict:
-    """The scheduler configs SD 1.5 and SD 2.1 (768, v-prediction) publish, keys as they have them."""
-    from .configs import SD15_SCHEDULER
+def _scheduler_configs(variant: str) -> dict[str, dict]:
+    """The scheduler configs each variant's published model has (SD 1.5, SD 2.1 768 v-prediction, SD 2 depth, the
+    x4 upscaler and its low-res scheduler), keys as they have them, by checkpoint folder."""
+    from .configs import SD2_DEPTH_SCHEDULER, SD15_SCHEDULER, X4_LOW_RES_SCHEDULER, X4_SCHEDULER
 
-    if not sd2:
-        return dict(SD15_SCHEDULER)
-    config = {k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"}
-    return dict(config, _class_name="DDIMScheduler", prediction_type="v_prediction")
+    if variant == "sd2-v":
+        config = {k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"}
+        return {"scheduler": dict(config, _class_name="DDIMScheduler", prediction_type="v_prediction")}
+    if variant == "sd2-depth":
+        return {"scheduler": dict(SD2_DEPTH_SCHEDULER)}
+    if variant == "x4-upscaler":
+        return {"scheduler": dict(X4_SCHEDULER), "low_res_scheduler": dict(X4_LOW_RES_SCHEDULER)}
+    return {"scheduler": dict(SD15_SCHEDULER)}
+
+
+def _tiny_depth_estimator(config: TinyConfig):
+    """A tiny DPT-hybrid (ViT on a BiT backbone, as SD 2 depth's Intel/dpt-hybrid-midas) and its image processor.
+
+    Weights are fan-in scaled and the head's last bias is positive, so the random depth varies over the image
+    (DPT's own small init puts nearly every depth through the final ReLU at 0)."""
+    import math
+
+    import torch
+    import transformers
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    size = 2 * DPT_PATCH  # pixels the estimator sees (Intel/dpt-hybrid-midas: 384)
+    backbone = {
+        "layer_type": "bottleneck",
+        "depths": [1, 1, 1],
+        "hidden_sizes": [16, 32, 64, 128],
+        "embedding_size": 16,
+        "num_groups": 2,
+        "global_padding": "same",
+        "embedding_dynamic_padding": True,
+        "out_features": ["stage1", "stage2", "stage3"],
+    }
+    dpt_config = DPTConfig(
+        image_size=size,
+        patch_size=DPT_PATCH,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
+        is_hybrid=True,
+        backbone_config=backbone,
+        backbone_featmap_shape=[1, 64, size // DPT_PATCH, size // DPT_PATCH],
+        backbone_out_indices=(0, 1, 2, 3),
+        neck_hidden_sizes=[16, 32, 64, 128],
+        reassemble_factors=[1, 1, 1, 0.5],
+        fusion_hidden_size=32,
+    )
+    model = DPTForDepthEstimation(dpt_config).eval()
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                layer.weight.normal_(0.0, 1.0 / math.sqrt(layer.weight[0].numel()))
+                if layer.bias is not None:
+                    layer.bias.normal_(0.0, 0.1)
+        model.head.head[-2].bias.fill_(1.0)
+    # the PIL image processor (transformers 5 names it apart from the torchvision one), which sdrt reproduces
+    processor_class = getattr(transformers, "DPTImageProcessorPil", None) or transformers.DPTImageProcessor
+    processor = processor_class(
+        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3, keep_aspect_ratio=False
+    )
+    return model, processor

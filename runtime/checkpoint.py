@@ -16,6 +16,10 @@ from pathlib import Path
 from .errors import ModelError
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DEPTH_ESTIMATOR = "depth_estimator"  # SD 2 depth's DPT model (optional part)
+DEPTH_PREPROCESSOR = "feature_extractor/preprocessor_config.json"  # its image processor's settings
+LOW_RES_SCHEDULER = "low_res_scheduler/scheduler_config.json"  # the x4 upscaler's noise schedule for the low-res image
+DEFAULT_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAMPLE_BYTES = 1 << 20  # bytes read at each of 8 places of a large weight file for its fingerprint
@@ -69,6 +73,11 @@ def check_checkpoint_folder(folder: Path) -> None:
             raise ModelError(f"{folder / part} holds no weights (.safetensors or .bin)")
     if not _scheduler_config_path(folder).is_file():
         raise ModelError(f"{folder / 'scheduler'} has no scheduler_config.json")
+    if (folder / DEPTH_ESTIMATOR).is_dir():  # optional: without it, depth2img needs a depth map
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in (folder / DEPTH_ESTIMATOR).iterdir()):
+            raise ModelError(f"{folder / DEPTH_ESTIMATOR} holds no weights (.safetensors or .bin)")
+        if not (folder / DEPTH_PREPROCESSOR).is_file():
+            raise ModelError(f"{folder} has a depth estimator but no {DEPTH_PREPROCESSOR} (its image preprocessing)")
 
 
 def _scheduler_config_path(folder: Path) -> Path:
@@ -107,6 +116,35 @@ def describe_checkpoint(folder: Path) -> dict:
         "text_hidden_size": text.get("hidden_size", 768),
         "text_num_layers": text.get("num_hidden_layers", 12),
         "text_max_length": text.get("max_position_embeddings", 77),
+        "unet_num_class_embeds": unet.get("num_class_embeds"),  # the x4 upscaler's noise-level labels, else None
+        "depth_estimator": _depth_estimator(folder),
+        **_low_res_noise(folder, index, unet),
+    }
+
+
+def _depth_estimator(folder: Path) -> dict | None:
+    """The depth estimator's input size and its image processor's settings (None: the checkpoint has none)."""
+    if not (folder / DEPTH_ESTIMATOR).is_dir():
+        return None
+    config = _read_json(folder / DEPTH_ESTIMATOR / "config.json")
+    processor = _read_json(folder / DEPTH_PREPROCESSOR)
+    return {
+        "model_type": config.get("model_type", "dpt"),
+        "image_size": config.get("image_size", 384),
+        "preprocessor": {k: v for k, v in processor.items() if not k.startswith("_")},
+    }
+
+
+def _low_res_noise(folder: Path, index: dict, unet: dict) -> dict:
+    """The x4 upscaler's low-res scheduler config and noise-level cap; nothing for other models."""
+    if unet.get("in_channels") != 7:
+        return {}
+    if not (folder / LOW_RES_SCHEDULER).is_file():
+        raise ModelError(f"{folder} looks like an x4 upscaler (7 UNet input channels) but has no {LOW_RES_SCHEDULER}")
+    scheduler = _read_json(folder / LOW_RES_SCHEDULER)
+    return {
+        "low_res_scheduler_config": {k: v for k, v in scheduler.items() if not k.startswith("_")},
+        "max_noise_level": index.get("max_noise_level", DEFAULT_MAX_NOISE_LEVEL),
     }
 
 
@@ -124,7 +162,8 @@ def _variant(index: dict, unet: dict, scheduler: dict) -> str:
 def fingerprint(folder: Path) -> str:
     """A sha256 hex digest naming the folder's contents: small files whole, large ones by size and 8 samples."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _ignored(p, folder)):
+    ignored = ("safety_checker",) if (folder / DEPTH_ESTIMATOR).is_dir() else ("safety_checker", "feature_extractor")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not _ignored(p, folder, ignored)):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
         with path.open("rb") as f:
@@ -137,9 +176,11 @@ def fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _ignored(path: Path, folder: Path) -> bool:
+def _ignored(path: Path, folder: Path, parts_ignored: tuple[str, ...]) -> bool:
+    """Hidden files, and the parts sdrt never reads (the safety checker; the feature extractor unless it is the
+    depth estimator's preprocessing)."""
     parts = path.relative_to(folder).parts
-    return any(part.startswith(".") for part in parts) or parts[0] in ("safety_checker", "feature_extractor")
+    return any(part.startswith(".") for part in parts) or parts[0] in parts_ignored
 
 
 def model_key(folder: Path, digest: str) -> str:

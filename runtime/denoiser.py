@@ -30,6 +30,7 @@ class Denoiser:
         cfg_scale: float,
         prediction_type: str,
         extra_channels: np.ndarray | None = None,  # [N, c, h, w] concatenated after the latents (inpaint, depth ...)
+        extra_feeds: dict[str, np.ndarray] | None = None,  # more UNet inputs of N rows, every call (class_labels ...)
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ModelError(f"unsupported prediction type {prediction_type!r}; sdrt knows {PREDICTION_TYPES}")
@@ -41,6 +42,7 @@ class Denoiser:
         self.scales = [np.float32(cfg_scale * w) for w in conditioning.cond_weights]  # guidance per sub-prompt
         self.v_prediction = prediction_type == "v_prediction"
         self.extra_channels = extra_channels
+        self.extra_feeds = extra_feeds or {}
         self.calls = 0  # UNet evaluations so far: indexes call_batch
         self.on_call: Callable[[], None] = _nothing  # progress hook, called after each UNet evaluation
 
@@ -53,7 +55,7 @@ class Denoiser:
             x_in = np.concatenate([x_in, self.extra_channels], axis=1)  # [N, 4 + c, h, w]
         timestep = np.full((len(x_in),), t, dtype=np.float32)
         text = self.batches[self.call_batch[min(self.calls, len(self.call_batch) - 1)]]  # [N, 77k, D]
-        feeds = {"sample": x_in, "timestep": timestep, "encoder_hidden_states": text}
+        feeds = {"sample": x_in, "timestep": timestep, "encoder_hidden_states": text, **self.extra_feeds}
         model_output = self.unet.run(feeds, ["noise_pred"])["noise_pred"]  # [N, 4, h, w]
         self.calls += 1
         self.on_call()

@@ -20,6 +20,8 @@ from .errors import ModelError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+# Every model's components; a depth checkpoint that ships a depth estimator adds "depth_estimator"
+# (export.specs.component_specs lists what a given model has).
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # The text encoder's host-side tables: the token lookup (the ONNX text encoder takes token embeddings, so
 # textual-inversion vectors can replace rows) and the final norm (clip skip takes an earlier hidden state).

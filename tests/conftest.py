@@ -35,3 +35,15 @@ def tiny_sd2v(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd1_inpaint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD1-style inpainting checkpoint: 9-channel UNet, saved as a StableDiffusionInpaintPipeline."""
     return _tiny(tmp_path_factory, "sd1-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_depth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 2 depth checkpoint: 5-channel UNet, a DPT-hybrid depth estimator and its image processor."""
+    return _tiny(tmp_path_factory, "sd2-depth")
+
+
+@pytest.fixture(scope="session")
+def tiny_x4_upscaler(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny x4 upscaler: 7-channel UNet with noise-level class embeddings, a x4 VAE, a low-res scheduler."""
+    return _tiny(tmp_path_factory, "x4-upscaler")

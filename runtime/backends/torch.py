@@ -19,9 +19,16 @@ from . import TextTables
 
 def _load(checkpoint: Path, component: str, allow_pickle: bool) -> torch.nn.Module:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, DPTForDepthEstimation
 
-    loaders = {"text_encoder": CLIPTextModel, "unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    loaders = {
+        "text_encoder": CLIPTextModel,
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "depth_estimator": DPTForDepthEstimation,
+    }
+    if not (checkpoint / component).is_dir():
+        raise ModelError(f"{checkpoint} has no {component}/ folder")
     if not allow_pickle and not any((checkpoint / component).glob("*.safetensors")):
         raise ModelError(
             f"{checkpoint / component} has only .bin (pickle) weights: convert them to .safetensors, "
@@ -70,8 +77,15 @@ class TorchSession:
             last_hidden_state, hidden_states = self.text_encoder(t["inputs_embeds"])
             result = {"last_hidden_state": last_hidden_state, "hidden_states": hidden_states}
         elif self.component == "unet":
-            sample = self.module(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"])
+            sample = self.module(
+                t["sample"],
+                t["timestep"],
+                encoder_hidden_states=t["encoder_hidden_states"],
+                class_labels=t.get("class_labels"),  # the x4 upscaler's noise level, per row
+            )
             result = {"noise_pred": sample.sample}
+        elif self.component == "depth_estimator":
+            result = {"predicted_depth": self.module(t["pixel_values"]).predicted_depth}
         elif self.component == "vae_decoder":
             result = {"image": self.module.decode(t["latent"]).sample}
         else:  # vae_encoder: the posterior's parameters (mean, log-variance), never a sample

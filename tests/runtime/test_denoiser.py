@@ -75,3 +75,24 @@ def test_text_batch_follows_the_call_table():
         denoiser(x, 1.0, 1.0)
     used = [int(f["encoder_hidden_states"][0, 0, 0]) for f in unet.feeds]
     assert used == [0, 0, 1, 2, 1, 1, 1]
+
+
+def test_extra_channels_and_feeds_reach_every_call():
+    """depth2img / upscale: channels after the scaled latents and more inputs (class labels), all N rows."""
+    text = np.zeros((4, 77, 4), np.float32)  # uncond and cond rows of 2 images
+    conditioning = Conditioning([text], np.zeros(1, np.int64), np.ones(1, np.float32), True)
+    unet = FakeUnet()
+    unet_run = unet.run
+    unet.run = lambda feeds, outputs=None: {"noise_pred": unet_run(feeds)["noise_pred"][:, :4]}  # 4 of 7 channels
+    channels = np.arange(4, dtype=np.float32).reshape(4, 1, 1, 1) * np.ones((4, 3, 2, 2), np.float32)  # [N, 3, h, w]
+    labels = np.full(4, 20, dtype=np.int64)
+    feeds = {"class_labels": labels}
+    denoiser = Denoiser(unet, conditioning, 5.0, "epsilon", extra_channels=channels, extra_feeds=feeds)
+    x = np.ones((2, 4, 2, 2), dtype=np.float32)
+    for sigma in (3.0, 1.0):
+        unet.feeds.clear()
+        denoiser(x, sigma, 1.0)
+        (feeds,) = unet.feeds
+        assert feeds["sample"].shape == (4, 7, 2, 2) and feeds["class_labels"] is labels
+        np.testing.assert_allclose(feeds["sample"][:, :4], 1 / np.sqrt(sigma**2 + 1), rtol=1e-6)  # scaled latents
+        assert np.array_equal(feeds["sample"][:, 4:], channels)  # extra channels as given, unscaled
