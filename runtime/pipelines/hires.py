@@ -1,0 +1,271 @@
+"""Hires fix, as the A1111 web UI's txt2img runs it: txt2img at a base size, upscale, img2img at the target size.
+
+Sources followed (no code taken from them): A1111 `modules/processing.py` (StableDiffusionProcessingTxt2Img:
+calculate_target_resolution, sample_hr_pass, create_infotext), `modules/upscaler.py` (Upscaler.upscale,
+UpscalerLanczos), `modules/images.py` (resize_image), `modules/sd_samplers_common.py` (setup_img2img_steps),
+`modules/rng.py` (ImageRNG) and `modules/shared.py` (latent_upscale_modes).
+
+* Upscalers: "Latent" is torch's `F.interpolate(latents, mode="bilinear", antialias=False)` (align_corners False),
+  "Latent (nearest)" and "Latent (nearest-exact)" the nearest modes, all in numpy here. "Lanczos" decodes, turns
+  each image into uint8 by truncation as A1111 does (`(255 * x).astype(uint8)`, not rounding), resizes it with PIL's
+  Lanczos through A1111's upscaler chain, and encodes it again.
+* Seeds: A1111's second pass builds a new ImageRNG from the same seeds, so each image's stream starts again from
+  seed + i (it does not continue the first pass's stream). sdrt does the same; the Lanczos pass then is exactly
+  sdrt's (and diffusers') img2img of the upscaled image: the VAE posterior sample, then the noise, from the fresh
+  stream. (A1111 draws the posterior sample from torch's global generator instead, which cannot be reproduced.)
+* Steps: A1111's second pass runs exactly `hires_steps` steps (0: the first pass's steps), the last ones of a
+  schedule of int(hires_steps / min(strength, 0.999)) steps (setup_img2img_steps with explicit steps). A hires
+  strength of 0 runs none.
+* A target whose aspect ratio differs from the base size's is reached as A1111 does it: upscale to cover the
+  target, then crop the latents around the centre.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from ..denoiser import Denoiser
+from ..errors import InvalidRequestError
+from ..images import LANCZOS, to_model_input
+from ..request import MAX_STEPS, Img2ImgRequest, check_size, sampler_of
+from ..rng import batch_randn
+from ..samplers import make_schedule
+from .common import decode_latents, encode_images, image_generators, run_sampler
+from .conditioning import build_conditioning, schedule_steps
+from .img2img import denoise_latents
+
+if TYPE_CHECKING:
+    from ..api import StableDiffusion
+    from ..request import Txt2ImgRequest
+
+LATENT_MODES = {"Latent": "bilinear", "Latent (nearest)": "nearest", "Latent (nearest-exact)": "nearest-exact"}
+HIRES_UPSCALERS = (*LATENT_MODES, "Lanczos")
+DEFAULT_SCALE = 2.0  # A1111's hr_scale default
+
+
+def hires_fix(
+    model: StableDiffusion,
+    base_request: Txt2ImgRequest,
+    target_width: int,
+    target_height: int,
+    upscaler: str,
+    hires_steps: int,
+    hires_strength: float,
+) -> np.ndarray:
+    """Images float32 [B, target_height, target_width, 3] in [0, 1]; base_request: a validated txt2img request at
+    the base (first pass) size. hires_steps 0: as many as the base request's steps."""
+    check_hires(model.info, base_request, target_width, target_height, upscaler, hires_steps, hires_strength)
+    scale = model.info["vae_scale_factor"]
+    latents = _first_pass(model, base_request)  # [B, 4, h, w]
+    cover_w, cover_h = upscale_size(base_request.width, base_request.height, target_width, target_height)
+    generators = image_generators(base_request.seed, base_request.batch_size)  # re-seeded, as A1111's second pass
+    if upscaler == "Lanczos":
+        pixels = truncate_uint8(decode_latents(model, latents))  # [B, H, W, 3]
+        resized = [to_model_input(lanczos_upscale(Image.fromarray(p), cover_w, cover_h)) for p in pixels]
+        init_latents = encode_images(model, np.concatenate(resized), generators)  # [B, 4, cover_h / f, cover_w / f]
+    else:
+        init_latents = upscale_latents(latents, cover_h // scale, cover_w // scale, LATENT_MODES[upscaler])
+    init_latents = crop_latents(init_latents, target_height // scale, target_width // scale)  # [B, 4, h', w']
+    request = second_pass_request(base_request, target_width, target_height, hires_steps, hires_strength)
+    total, start = hires_schedule(request.steps, hires_strength)
+    return decode_latents(model, denoise_latents(model, request, init_latents, generators, total, start, "hires fix"))
+
+
+def hires_target(
+    width: int, height: int, scale: float | None = None, resize_width: int = 0, resize_height: int = 0
+) -> tuple[int, int]:
+    """The final size A1111 makes of a base size and "Upscale by" (scale) or "Resize width/height to" (resize_*;
+    0 = follow the other side's aspect ratio; both 0 = use scale, default 2)."""
+    for name, value in (("hires resize width", resize_width), ("hires resize height", resize_height)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequestError(f"{name} must be an integer >= 0, not {value!r}")
+    if resize_width == 0 and resize_height == 0:
+        scale = DEFAULT_SCALE if scale is None else scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise InvalidRequestError(f"hires scale must be a number > 0, not {scale!r}")
+        return int(width * scale), int(height * scale)
+    if resize_height == 0:
+        return resize_width, resize_width * height // width
+    if resize_width == 0:
+        return resize_height * width // height, resize_height
+    return resize_width, resize_height
+
+
+def upscale_size(width: int, height: int, target_width: int, target_height: int) -> tuple[int, int]:
+    """The size the first pass is upscaled to: the target when the aspect ratios agree, else the base's aspect
+    ratio covering the target (A1111's hr_upscale_to_x/y; the latents are then cropped to the target)."""
+    if width / height < target_width / target_height:
+        cover = target_width, target_width * height // width
+    else:
+        cover = target_height * width // height, target_height
+    return max(cover[0], target_width), max(cover[1], target_height)  # int() rounding of "Upscale by" never crops
+
+
+def crop_latents(latents: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre crop [B, C, h, w] -> [B, C, height, width], the odd cell off the end (A1111's truncate_x/y)."""
+    cut_h, cut_w = latents.shape[2] - height, latents.shape[3] - width
+    return latents[:, :, cut_h // 2 : cut_h // 2 + height, cut_w // 2 : cut_w // 2 + width]
+
+
+def hires_schedule(steps: int, strength: float) -> tuple[int, int]:
+    """(schedule length, first step) of the second pass: `steps` steps run, the last of a schedule of
+    int(steps / min(strength, 0.999)) (A1111's setup_img2img_steps with explicit steps); strength 0 runs none."""
+    if strength <= 0:
+        return steps, steps
+    total = int(steps / min(strength, 0.999))
+    return total, total - steps
+
+
+def second_pass_request(
+    base_request: Txt2ImgRequest, width: int, height: int, hires_steps: int, hires_strength: float
+) -> Img2ImgRequest:
+    """The img2img request of the second pass: the base request at the target size, with its steps and strength."""
+    fields = {f.name: getattr(base_request, f.name) for f in dataclasses.fields(base_request)}
+    fields.update(width=width, height=height, steps=hires_steps or base_request.steps, strength=hires_strength)
+    return Img2ImgRequest(**fields)
+
+
+def check_hires(
+    info: dict,
+    base_request: Txt2ImgRequest,
+    target_width: int,
+    target_height: int,
+    upscaler: str,
+    hires_steps: int,
+    hires_strength: float,
+) -> None:
+    """Raise InvalidRequestError unless the hires options suit the model and the (validated) base request."""
+    if upscaler not in HIRES_UPSCALERS:
+        raise InvalidRequestError(f"unknown hires upscaler {upscaler!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
+    if isinstance(hires_steps, bool) or not isinstance(hires_steps, int) or not 0 <= hires_steps <= MAX_STEPS:
+        raise InvalidRequestError(f"hires steps must be an integer between 0 and {MAX_STEPS}, not {hires_steps!r}")
+    strength = hires_strength
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+        raise InvalidRequestError(f"hires strength must be a number between 0 and 1, not {strength!r}")
+    try:
+        check_size(target_width, target_height, info)
+    except InvalidRequestError as e:
+        raise InvalidRequestError(f"hires size: {e}") from None
+    if info["unet_in_channels"] != info["latent_channels"]:
+        channels = info["unet_in_channels"]
+        raise InvalidRequestError(f"hires fix needs a plain 4-channel UNet; this model's takes {channels} channels")
+    total, _ = hires_schedule(hires_steps or base_request.steps, strength)
+    limit = info["scheduler_config"].get("num_train_timesteps", 1000)  # diffusers' default
+    if total > limit:
+        raise InvalidRequestError(
+            f"hires steps {hires_steps or base_request.steps} at strength {strength} need a {total}-step schedule, "
+            f"more than the model's {limit}; raise the hires strength or lower the hires steps"
+        )
+
+
+def hires_parameters(
+    upscaler: str,
+    hires_steps: int,
+    hires_strength: float,
+    scale: float | None = None,
+    resize_width: int = 0,
+    resize_height: int = 0,
+) -> dict:
+    """The infotext entries A1111 adds for a hires fix, in its order ("Size" stays the first pass's size).
+
+    "Hires upscale" when sized by scale (an integral scale written as an integer, as A1111's UI sends it), else
+    "Hires resize" as `WxH` with 0 for a side that follows the aspect ratio; "Hires steps" only when not 0."""
+    params: dict = {"Denoising strength": hires_strength}
+    if resize_width or resize_height:
+        params["Hires resize"] = f"{resize_width}x{resize_height}"
+    else:
+        scale = DEFAULT_SCALE if scale is None else scale
+        params["Hires upscale"] = int(scale) if float(scale).is_integer() else scale
+    params["Hires steps"] = hires_steps or None
+    params["Hires upscaler"] = upscaler
+    return params
+
+
+# ---- upscalers ---------------------------------------------------------------------------------------------------
+
+
+def upscale_latents(latents: np.ndarray, height: int, width: int, mode: str = "bilinear") -> np.ndarray:
+    """torch's F.interpolate(latents, size=(height, width), mode=mode) without antialias, align_corners False:
+    [B, C, h, w] -> [B, C, height, width], same dtype (bilinear weights applied in float64)."""
+    if mode == "bilinear":
+        x = latents.astype(np.float64)
+        i0, i1, lam = _linear_taps(latents.shape[2], height)
+        x = x[:, :, i0] * (1 - lam)[:, None] + x[:, :, i1] * lam[:, None]  # [B, C, height, w]
+        i0, i1, lam = _linear_taps(latents.shape[3], width)
+        x = x[:, :, :, i0] * (1 - lam) + x[:, :, :, i1] * lam  # [B, C, height, width]
+        return x.astype(latents.dtype)
+    if mode not in ("nearest", "nearest-exact"):
+        raise InvalidRequestError(f"unknown latent upscale mode {mode!r}")
+    rows = _nearest_taps(latents.shape[2], height, exact=mode == "nearest-exact")
+    cols = _nearest_taps(latents.shape[3], width, exact=mode == "nearest-exact")
+    return np.ascontiguousarray(latents[:, :, rows][:, :, :, cols])
+
+
+def _linear_taps(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weight of the second one, as torch's linear upsampling (half-pixel centres, source
+    positions below 0 clamped to 0, the last index repeated at the far edge)."""
+    source = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(source).astype(np.int64), size_in - 1)
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    return i0, i1, np.clip(source - i0, 0.0, 1.0)
+
+
+def _nearest_taps(size_in: int, size_out: int, exact: bool) -> np.ndarray:
+    """torch's nearest source index, computed in float32 as torch does: floor(i * scale), or for nearest-exact
+    floor((i + 0.5) * scale), clamped to the last index."""
+    scale = np.float32(size_in) / np.float32(size_out)
+    position = np.arange(size_out, dtype=np.float32) + np.float32(0.5 if exact else 0.0)
+    return np.minimum(np.floor(position * scale).astype(np.int64), size_in - 1)
+
+
+def truncate_uint8(images: np.ndarray) -> np.ndarray:
+    """float [B, H, W, 3] in [0, 1] -> uint8 by truncation, as A1111 turns decoded samples into PIL images."""
+    return (np.float32(255.0) * images.astype(np.float32)).astype(np.uint8)
+
+
+def lanczos_upscale(image: Image.Image, width: int, height: int) -> Image.Image:
+    """A1111's resize_image(0, image, width, height, upscaler_name="Lanczos"): when enlarging, the Lanczos upscaler
+    scales both sides by max(width / w, height / h) and resizes to that size floored to a multiple of 8 if it
+    differs; any remaining difference to width x height is one more Lanczos resize."""
+    scale = max(width / image.width, height / image.height)
+    if scale > 1.0:
+        multiple_of_8 = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))
+        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=LANCZOS)
+        if image.size != multiple_of_8:
+            image = image.resize(multiple_of_8, resample=LANCZOS)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=LANCZOS)
+    return image
+
+
+# ---- first pass --------------------------------------------------------------------------------------------------
+
+
+def _first_pass(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
+    """runtime.pipelines.txt2img.txt2img up to the VAE decoder: the sampled latents [B, 4, h, w]."""
+    info = model.info
+    spec, schedule_type = sampler_of(request)
+    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
+    conditioning = build_conditioning(
+        model,
+        request.prompt,
+        request.negative_prompt,
+        request.batch_size,
+        request.cfg_scale,
+        schedule_steps(spec.name, request.steps),
+        request.emphasis,
+        request.clip_skip,
+    )
+    scale = info["vae_scale_factor"]
+    shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
+    generators = image_generators(request.seed, request.batch_size)
+    x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
+    denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
+    with model.progress(len(schedule.timesteps), "sampling") as tick:
+        denoiser.on_call = tick
+        return run_sampler(spec, denoiser, x, schedule, generators)
