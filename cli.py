@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from export.tiny import VARIANTS as TINY_VARIANTS
 from runtime.errors import InvalidRequestError, SdrtError
 
 EXIT_USAGE = 2
@@ -47,7 +48,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
-    return _generate(args, "txt2img", {})
+    hires = {"hires_scale": args.hires_scale, "hires_width": args.hires_width, "hires_height": args.hires_height}
+    hires.update(hires_upscaler=args.hires_upscaler, hires_steps=args.hires_steps, hires_strength=args.hires_strength)
+    return _generate(args, "txt2img", hires)
+
+
+def cmd_watermark_check(args: argparse.Namespace) -> int:
+    from runtime.watermark import read_watermark
+
+    text = read_watermark(args.image, args.length)
+    print(text if text is not None else "no watermark found")
+    return 0 if text is not None else 1
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
@@ -60,6 +71,15 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
     options.update(resize_mode=args.resize_mode, mask_blur=args.mask_blur, inpaint_full_res=args.inpaint_full_res)
     options.update(inpaint_full_res_padding=args.inpaint_full_res_padding)
     return _generate(args, "inpaint", options)
+
+
+def cmd_depth2img(args: argparse.Namespace) -> int:
+    options = {"init_image": args.init_image, "depth_map": args.depth_map, "strength": args.strength}
+    return _generate(args, "depth2img", dict(options, resize_mode=args.resize_mode))
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    return _generate(args, "upscale", {"image": args.init_image, "noise_level": args.noise_level})
 
 
 def cmd_outpaint(args: argparse.Namespace) -> int:
@@ -100,7 +120,9 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
         emphasis=args.emphasis,
         clip_skip=args.clip_skip,
     )
-    result = getattr(sd, mode)(args.prompt, **mode_options, **options)
+    if args.watermark and output.suffix.lower() == ".webp":
+        logging.getLogger("cli").warning("lossy WebP keeps little of an invisible watermark; prefer .png or .jpg")
+    result = getattr(sd, mode)(args.prompt, watermark=args.watermark, **mode_options, **options)
     paths = save_images(result.images, output, result.infotexts)
     elapsed = time.perf_counter() - start
     seeds = ", ".join(str(s) for s in result.seeds)
@@ -161,6 +183,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
     p.add_argument("--output", default="sdrt-output.png", help=".png (default), .jpg, .webp or .npy")
+    p.add_argument("--watermark", nargs="?", const="StableDiffusionV1", default=None, metavar="TEXT",
+                   help="embed an invisible DWT-DCT watermark (default text StableDiffusionV1)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tiny-model", help="create a tiny random diffusers checkpoint (demos, tests)")
     p.add_argument("path")
-    p.add_argument("--variant", default="sd1", choices=("sd1", "sd2-v"))
+    p.add_argument("--variant", default="sd1", choices=TINY_VARIANTS)  # export.tiny's, importable without torch
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_tiny_model)
 
@@ -183,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("txt2img", help="generate images from text")
     _add_generation_options(p)
+    p.add_argument("--hires-scale", type=float, default=None, help="hires fix: upscale by this factor")
+    p.add_argument("--hires-width", type=int, default=0, help="hires fix: target width (0: keep the aspect ratio)")
+    p.add_argument("--hires-height", type=int, default=0, help="hires fix: target height (0: keep the aspect ratio)")
+    p.add_argument("--hires-upscaler", default="Latent", help="Latent (default), 'Latent (nearest)', Lanczos ...")
+    p.add_argument("--hires-steps", type=int, default=0, help="hires pass steps (0: the same as --steps)")
+    p.add_argument("--hires-strength", type=float, default=0.7, help="hires pass denoising strength (default 0.7)")
     p.set_defaults(func=cmd_txt2img)
 
     p = sub.add_parser("img2img", help="generate from an init image and text")
@@ -211,12 +241,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the new-area mask in pixels")
     p.set_defaults(func=cmd_outpaint)
 
+    p = sub.add_parser("depth2img", help="img2img guided by depth (SD 2 depth checkpoints)")
+    _add_generation_options(p)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--depth-map", default=None, help="a depth image (any scale); default: the model's estimator")
+    p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
+    p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
+    p.set_defaults(func=cmd_depth2img)
+
+    p = sub.add_parser("upscale", help="4x upscale with an x4 upscaler checkpoint")
+    _add_generation_options(p)
+    p.add_argument("--init-image", required=True, help="the low-resolution image")
+    p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-res image (default 20)")
+    p.set_defaults(func=cmd_upscale)
+
     p = sub.add_parser("parse-prompt", help="show how a prompt is read: attention, schedule, chunks, tokens")
     p.add_argument("--prompt", required=True)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model", default=None, help="a model whose tokenizer counts tokens and chunks")
     p.add_argument("--emphasis", default="Original")
     p.set_defaults(func=cmd_parse_prompt)
+
+    p = sub.add_parser("watermark-check", help="read the invisible watermark of an image (exit 1 if none)")
+    p.add_argument("image")
+    p.add_argument("--length", type=int, default=None, help="the text's length in bytes, if known")
+    p.set_defaults(func=cmd_watermark_check)
 
     p = sub.add_parser("samplers", help="list the samplers and schedule types")
     p.add_argument("--json", action="store_true")

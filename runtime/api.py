@@ -19,7 +19,7 @@ import numpy as np
 from . import __version__
 from .backends import Backend, check_backend, open_backend
 from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
-from .errors import ModelError
+from .errors import InvalidRequestError, ModelError
 from .manifest import MANIFEST_NAME, files_intact, read_manifest
 from .output import format_parameters
 from .pipelines.img2img import img2img
@@ -79,40 +79,69 @@ class StableDiffusion:
         with tqdm(total=total, desc=label, unit="step", leave=False) as bar:
             yield bar.update
 
-    def txt2img(self, prompt: str, **options) -> GenerationResult:
-        """Generate images from text; options are the fields of runtime.request.Txt2ImgRequest."""
-        request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
-        return self._result(request, txt2img(self, request), {})
+    def txt2img(
+        self,
+        prompt: str,
+        hires_scale: float | None = None,
+        hires_width: int = 0,
+        hires_height: int = 0,
+        hires_upscaler: str = "Latent",
+        hires_steps: int = 0,
+        hires_strength: float = 0.7,
+        watermark: str | None = None,
+        **options,
+    ) -> GenerationResult:
+        """Generate images from text; options are the fields of runtime.request.Txt2ImgRequest.
 
-    def img2img(self, prompt: str, init_image, **options) -> GenerationResult:
+        Hires fix (A1111's) runs when hires_scale or hires_width/hires_height is given: txt2img at the request's
+        size, an upscale (Latent, Latent (nearest), Latent (nearest-exact) or Lanczos), then img2img at the target
+        size with hires_steps (0: the same steps) and hires_strength. `watermark`: embed this invisible text."""
+        self._require_channels((4, 9), "txt2img")
+        request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
+        if not (hires_scale or hires_width or hires_height):
+            return self._result(request, txt2img(self, request), {}, watermark)
+        from .pipelines.hires import hires_fix, hires_parameters, hires_target
+
+        hires = (hires_upscaler, hires_steps, hires_strength)
+        width, height = hires_target(request.width, request.height, hires_scale, hires_width, hires_height)
+        images = hires_fix(self, request, width, height, *hires)
+        extra = hires_parameters(*hires, hires_scale, hires_width, hires_height)
+        return self._result(request, images, extra, watermark)
+
+    def img2img(self, prompt: str, init_image, watermark: str | None = None, **options) -> GenerationResult:
         """Generate from an init image (a path or a PIL image); options are the fields of Img2ImgRequest."""
         from .images import resize_image, to_model_input
 
+        self._require_channels((4,), "img2img")
         image = _open_image(init_image)
         request = validate_img2img(Img2ImgRequest(prompt, init_image=image, **options), self.info, image.size)
         resized = resize_image(image, request.width, request.height, request.resize_mode)
         images = img2img(self, request, to_model_input(resized))
         extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode}
-        return self._result(request, images, extra)
+        return self._result(request, images, extra, watermark)
 
-    def inpaint(self, prompt: str, init_image, mask, **options) -> GenerationResult:
+    def inpaint(self, prompt: str, init_image, mask, watermark: str | None = None, **options) -> GenerationResult:
         """Repaint the white part of `mask` (a path or a PIL image); options are the fields of InpaintRequest."""
         from .pipelines.masked import run_inpaint
 
+        self._require_channels((4, 9), "inpaint")
         image = _open_image(init_image)
         request = InpaintRequest(prompt, init_image=image, mask=mask, **options)
         request = validate_inpaint(request, self.info, image.size)
         extra = {"Denoising strength": request.strength, "Mask blur": request.mask_blur}
         if request.inpaint_full_res:
             extra.update({"Inpaint area": "Only masked", "Masked area padding": request.inpaint_full_res_padding})
-        return self._result(request, run_inpaint(self, request, image), extra)
+        return self._result(request, run_inpaint(self, request, image), extra, watermark)
 
-    def outpaint(self, prompt: str, init_image, extend: tuple[int, int, int, int], **options) -> GenerationResult:
+    def outpaint(
+        self, prompt: str, init_image, extend: tuple[int, int, int, int], watermark: str | None = None, **options
+    ) -> GenerationResult:
         """Extend the canvas by (left, right, top, bottom) pixels and fill the new area; the original pixels
         stay exactly as they were. Options are the fields of InpaintRequest (strength defaults to 1)."""
         from .images import extend_canvas
         from .pipelines.masked import run_outpaint
 
+        self._require_channels((4, 9), "outpaint")
         image = _open_image(init_image)
         canvas, mask = extend_canvas(image, *extend)
         options = {"strength": 1.0, **options}
@@ -120,9 +149,63 @@ class StableDiffusion:
             InpaintRequest(prompt, init_image=image, mask=mask, **options), self.info, canvas.size
         )
         extra = {"Denoising strength": request.strength, "Outpaint": "{},{},{},{}".format(*extend)}
-        return self._result(request, run_outpaint(self, request, image, extend), extra)
+        return self._result(request, run_outpaint(self, request, image, extend), extra, watermark)
 
-    def _result(self, request: Txt2ImgRequest, images: np.ndarray, extra: dict) -> GenerationResult:
+    def depth2img(
+        self, prompt: str, init_image, depth_map=None, watermark: str | None = None, **options
+    ) -> GenerationResult:
+        """img2img for depth checkpoints (5-channel UNet): the depth comes from `depth_map` (a path, PIL image or
+        float array, any scale) or, without one, from the checkpoint's depth estimator."""
+        from PIL import Image
+
+        from .images import load_image, resize_image, to_model_input
+        from .pipelines.depth2img import depth2img
+
+        self._require_channels((5,), "depth2img")
+        image = _open_image(init_image)
+        request = validate_img2img(Img2ImgRequest(prompt, init_image=image, **options), self.info, image.size)
+        resized = resize_image(image, request.width, request.height, request.resize_mode)
+        depth = depth_map
+        if isinstance(depth_map, Image.Image) or isinstance(depth_map, (str, Path)):
+            depth_image = depth_map if isinstance(depth_map, Image.Image) else load_image(depth_map)
+            depth = np.asarray(depth_image.convert("F"), dtype=np.float32)
+        images = depth2img(self, request, to_model_input(resized), depth)
+        extra = {"Denoising strength": request.strength, "Depth map": "given" if depth is not None else "estimated"}
+        return self._result(request, images, extra, watermark)
+
+    def upscale(
+        self, prompt: str, image, noise_level: int = 20, watermark: str | None = None, **options
+    ) -> GenerationResult:
+        """x4 upscaler checkpoints: a 4x larger image guided by the prompt; `noise_level` is added to the low-res
+        image first (and is the UNet's class label)."""
+        from .images import to_model_input
+        from .pipelines.upscale import upscale
+
+        self._require_channels((7,), "upscale")
+        low_res = _open_image(image)
+        scale = self.info["vae_scale_factor"]
+        size = (low_res.width * scale, low_res.height * scale)
+        if (options.pop("width", None) or size[0], options.pop("height", None) or size[1]) != size:
+            raise InvalidRequestError(f"the upscaler's output is {scale}x the input; leave width and height unset")
+        request = validate_txt2img(Txt2ImgRequest(prompt, width=size[0], height=size[1], **options), self.info)
+        images = upscale(self, request, to_model_input(low_res), noise_level)
+        return self._result(request, images, {"Noise level": noise_level}, watermark)
+
+    def _require_channels(self, channels: tuple[int, ...], mode: str) -> None:
+        """One clear line when a mode meets a model it cannot run (by the UNet's input channels)."""
+        kinds = {4: "a regular model", 9: "an inpainting model", 5: "a depth model (use depth2img)",
+                 7: "an x4 upscaler (use upscale)"}  # fmt: skip
+        have = self.info["unet_in_channels"]
+        if have not in channels:
+            raise InvalidRequestError(f"{mode} does not run on {kinds.get(have, f'a {have}-channel model')}")
+
+    def _result(
+        self, request: Txt2ImgRequest, images: np.ndarray, extra: dict, watermark: str | None = None
+    ) -> GenerationResult:
+        if watermark:
+            from .watermark import embed_watermark
+
+            images = embed_watermark(images, watermark)
         seeds = [request.seed + i for i in range(request.batch_size)]
         params = dict(self._parameters(request), **extra)
         infotexts = [format_parameters(request.prompt, request.negative_prompt, dict(params, Seed=s)) for s in seeds]
@@ -231,7 +314,8 @@ def _open(
     tokenizer = ClipTokenizer.from_folder(folder if tokenizer_only else folder / "tokenizer")
     artifacts = None if tokenizer_only else folder
     backend = open_backend(backend_name, artifacts=artifacts, checkpoint=checkpoint, allow_pickle=allow_pickle)
-    for component in PIPELINE_COMPONENTS:  # load now, so a broken model fails here and not mid-request
+    components = PIPELINE_COMPONENTS + (("depth_estimator",) if info.get("depth_estimator") else ())
+    for component in components:  # load now, so a broken model fails here and not mid-request
         backend.session(component)
     name = key.rsplit("-", 1)[0]
     return StableDiffusion(name, key, info, tokenizer, backend, progress)

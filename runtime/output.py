@@ -193,6 +193,8 @@ def _write_image(pixels: np.ndarray, infotext: str, extension: str, file) -> Non
         image.save(file, format="PNG", pnginfo=pnginfo)
         return
     extra = {"exif": exif_with_user_comment(infotext)} if infotext else {}
+    if PIL_FORMATS[extension] == "JPEG":
+        extra["subsampling"] = 0  # 4:4:4: full colour resolution (4:2:0 would also erase an invisible watermark)
     image.save(file, format=PIL_FORMATS[extension], quality=JPEG_QUALITY, **extra)
 
 
