@@ -29,15 +29,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from ..denoiser import Denoiser
 from ..errors import InvalidRequestError
 from ..images import LANCZOS, to_model_input
-from ..request import MAX_STEPS, Img2ImgRequest, check_size, sampler_of
-from ..rng import batch_randn
-from ..samplers import make_schedule
-from .common import decode_latents, encode_images, image_generators, run_sampler
-from .conditioning import build_conditioning, schedule_steps
+from ..request import MAX_STEPS, Img2ImgRequest, check_size
+from .common import decode_latents, encode_images, image_generators
 from .img2img import denoise_latents
+from .txt2img import txt2img_latents
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -61,7 +58,7 @@ def hires_fix(
     the base (first pass) size. hires_steps 0: as many as the base request's steps."""
     check_hires(model.info, base_request, target_width, target_height, upscaler, hires_steps, hires_strength)
     scale = model.info["vae_scale_factor"]
-    latents = _first_pass(model, base_request)  # [B, 4, h, w]
+    latents = txt2img_latents(model, base_request)  # [B, 4, h, w]
     cover_w, cover_h = upscale_size(base_request.width, base_request.height, target_width, target_height)
     generators = image_generators(base_request.seed, base_request.batch_size)  # re-seeded, as A1111's second pass
     if upscaler == "Lanczos":
@@ -244,28 +241,3 @@ def lanczos_upscale(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 # ---- first pass --------------------------------------------------------------------------------------------------
-
-
-def _first_pass(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
-    """runtime.pipelines.txt2img.txt2img up to the VAE decoder: the sampled latents [B, 4, h, w]."""
-    info = model.info
-    spec, schedule_type = sampler_of(request)
-    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
-    conditioning = build_conditioning(
-        model,
-        request.prompt,
-        request.negative_prompt,
-        request.batch_size,
-        request.cfg_scale,
-        schedule_steps(spec.name, request.steps),
-        request.emphasis,
-        request.clip_skip,
-    )
-    scale = info["vae_scale_factor"]
-    shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
-    generators = image_generators(request.seed, request.batch_size)
-    x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
-    denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
-    with model.progress(len(schedule.timesteps), "sampling") as tick:
-        denoiser.on_call = tick
-        return run_sampler(spec, denoiser, x, schedule, generators)

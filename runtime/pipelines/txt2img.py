@@ -21,9 +21,14 @@ if TYPE_CHECKING:
 
 def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
     """Images float32 [B, H, W, 3] in [0, 1] for a validated request."""
-    info = model.info
-    if info["unet_in_channels"] == 9:
+    if model.info["unet_in_channels"] == 9:
         return _inpainting_model_txt2img(model, request)
+    return decode_latents(model, txt2img_latents(model, request))
+
+
+def txt2img_latents(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
+    """Noise -> sampler for a regular (4-channel) model: the latents [B, 4, h, w] the VAE decodes."""
+    info = model.info
     spec, schedule_type = sampler_of(request)
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
     batch = request.batch_size
@@ -44,8 +49,7 @@ def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
     denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
     with model.progress(len(schedule.timesteps), "sampling") as tick:
         denoiser.on_call = tick
-        latents = run_sampler(spec, denoiser, x, schedule, generators)
-    return decode_latents(model, latents)
+        return run_sampler(spec, denoiser, x, schedule, generators)
 
 
 def _inpainting_model_txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
