@@ -21,6 +21,7 @@ DEPTH_PREPROCESSOR = "feature_extractor/preprocessor_config.json"  # its image p
 LOW_RES_SCHEDULER = "low_res_scheduler/scheduler_config.json"  # the x4 upscaler's noise schedule for the low-res image
 DEFAULT_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SOURCE_FILE = "sdrt_source.json"  # in folders converted from a single file: the source's names and hashes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAMPLE_BYTES = 1 << 20  # bytes read at each of 8 places of a large weight file for its fingerprint
 
@@ -32,7 +33,10 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
         check_checkpoint_folder(path)
         return path
     if path.exists():
-        raise ModelError(f"{path} is a file; sdrt expects a diffusers folder (model_index.json, unet/, vae/, ...)")
+        raise ModelError(
+            f"{path} is a file; sdrt expects a diffusers folder (model_index.json, unet/, vae/, ...) or a single-file "
+            "checkpoint (.safetensors, or .ckpt with --allow-pickle)"
+        )
     text = str(model)
     if not _HUB_ID.match(text):
         raise ModelError(f"model {text!r} not found: give a diffusers folder or a Hugging Face Hub id (owner/name)")
@@ -118,8 +122,15 @@ def describe_checkpoint(folder: Path) -> dict:
         "text_max_length": text.get("max_position_embeddings", 77),
         "unet_num_class_embeds": unet.get("num_class_embeds"),  # the x4 upscaler's noise-level labels, else None
         "depth_estimator": _depth_estimator(folder),
+        "source": _source(folder),
         **_low_res_noise(folder, index, unet),
     }
+
+
+def _source(folder: Path) -> dict | None:
+    """A converted single file's (or VAE override's) A1111 names and hashes (runtime.single_file writes them)."""
+    path = folder / SOURCE_FILE
+    return _read_json(path) if path.is_file() else None
 
 
 def _depth_estimator(folder: Path) -> dict | None:

@@ -83,6 +83,51 @@ def _int_tuple(values: object) -> tuple[int, ...]:
     return tuple(values)
 
 
+class _Inert:
+    """Stands in for a training-time object a Lightning checkpoint pickles (a ModelCheckpoint callback): it keeps
+    nothing and calls nothing."""
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+class _DtypeName:
+    """Stands in for numpy.dtype(name): numpy's built-in dtypes are shared singletons, so the pickle's BUILD
+    (dtype.__setstate__) must never reach a real one; only the byte order of its state is kept."""
+
+    def __init__(self, name, align=False, copy=False):
+        if not isinstance(name, str) or np.dtype(name).kind not in "biufc":
+            raise ModelError(f"a numpy dtype {name!r} in the pickle is not numeric; refused")
+        self.name, self.byteorder = name, "="
+
+    def __setstate__(self, state: object) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.byteorder = state[1]
+
+    def dtype(self) -> np.dtype:
+        dtype = np.dtype(self.name)
+        return dtype.newbyteorder(self.byteorder) if self.byteorder in "<>" else dtype
+
+
+def _numpy_scalar(dtype, data=None):
+    """numpy.core.multiarray.scalar: one numeric value from its raw bytes (e.g. a `global_step` of np.int64)."""
+    if not isinstance(dtype, _DtypeName):
+        raise ModelError("a numpy scalar in the pickle is not numeric; refused")
+    dtype = dtype.dtype()
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise ModelError("a numpy scalar in the pickle has malformed data")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """_codecs.encode as protocol-2 pickles use it for bytes: latin-1 text to bytes, nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise ModelError("the pickle encodes bytes in an unexpected way; refused")
+    return text.encode("latin-1")
+
+
+LIGHTNING_CALLBACK = ("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
+
 # What each allowed name resolves to. Factories, so every lookup gets a fresh object: a pickle can set attributes
 # on what it looks up (BUILD), and that must not reach this module's functions and classes or the next file.
 ALLOWED_GLOBALS = {
@@ -93,6 +138,12 @@ ALLOWED_GLOBALS = {
     ("builtins", "set"): lambda: set,  # a pickled module's _non_persistent_buffers_set
     ("__builtin__", "set"): lambda: set,  # the same under protocol 2's Python 2 module name
     **{("torch", name): functools.partial(_StorageType, name) for name in STORAGE_DTYPES},
+    # Lightning checkpoints (.ckpt): numpy scalars (global_step), bytes under protocol 2, the checkpoint callback
+    ("numpy.core.multiarray", "scalar"): lambda: functools.partial(_numpy_scalar),
+    ("numpy._core.multiarray", "scalar"): lambda: functools.partial(_numpy_scalar),
+    ("numpy", "dtype"): lambda: type("dtype", (_DtypeName,), {}),
+    ("_codecs", "encode"): lambda: functools.partial(_latin1_encode),
+    LIGHTNING_CALLBACK: lambda: type("ModelCheckpoint", (_Inert,), {}),
 }
 
 
