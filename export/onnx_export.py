@@ -236,6 +236,7 @@ def export_component(spec: ComponentSpec, load: Callable[[], Any], folder: Path,
     raw.parent.mkdir()
     module = load()
     trace_to_onnx(spec, module, raw)
+    fingerprints = weight_fingerprints(spec.name, module)
     del module
     gc.collect()
     cleaned = work / f"{spec.name}.onnx"
@@ -246,6 +247,8 @@ def export_component(spec: ComponentSpec, load: Callable[[], Any], folder: Path,
         raise RuntimeError(f"exported {spec.name} has inputs/outputs {names}, not the spec's names")
     target = folder / ONNX_DIR / f"{spec.name}.onnx"
     digest = install(cleaned, target, external)
+    if fingerprints is not None:
+        write_component_weight_map(target, spec.name, fingerprints)
     info = ComponentInfo(
         file=target.relative_to(folder).as_posix(),
         inputs={t.name: TensorInfo(t.dtype, list(t.shape)) for t in spec.inputs},
@@ -254,6 +257,28 @@ def export_component(spec: ComponentSpec, load: Callable[[], Any], folder: Path,
         sha256=digest,
     )
     return replace(info, size=sum(p.stat().st_size for p in component_files(folder, info)))
+
+
+def weight_fingerprints(component: str, module) -> dict | None:
+    """For LoRA: fingerprints of the text encoder's or UNet's parameters under their diffusers names (the
+    tracing wrapper's first name part dropped); None for the other components."""
+    from runtime.lora.weight_map import MAPPED_COMPONENTS, canonical_parameter_name, parameter_fingerprints
+
+    if component not in MAPPED_COMPONENTS:
+        return None
+    named = (
+        (canonical_parameter_name(component, name.split(".", 1)[1]), p.detach().float().numpy())
+        for name, p in module.named_parameters()
+    )
+    return parameter_fingerprints(named)
+
+
+def write_component_weight_map(model_path: Path, component: str, fingerprints: dict) -> None:
+    """Write `onnx/<component>.weight_map.json`: ONNX initializer -> diffusers parameter (see runtime.lora)."""
+    from runtime.lora.weight_map import build_weight_map
+
+    mapping = build_weight_map(model_path, component, fingerprints)
+    logger.info("%s: %d initializers mapped to parameters", component, len(mapping))
 
 
 def trace_to_onnx(spec: ComponentSpec, module, path: Path) -> None:

@@ -17,10 +17,20 @@ logger = logging.getLogger(__name__)
 
 
 class OnnxRuntimeSession:
-    def __init__(self, path: Path, component: str, providers: list[str]):
+    def __init__(
+        self, path: Path, component: str, providers: list[str], overrides: dict[str, np.ndarray] | None = None
+    ):
+        """`overrides`: initializer name -> value replacing the model's (merged LoRA weights)."""
         self.component = component
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # the session reads these while it lives (add_initializer keeps no reference): they stay on the session
+        self._override_arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (overrides or {}).items()}
+        self._override_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._override_arrays.items()}
+        for name, value in self._override_values.items():
+            options.add_initializer(name, value)
+        if overrides:  # the CPU EP's NCHWc layout pass (level "all") reads conv weights from the file, not these
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -42,8 +52,10 @@ class OnnxRuntimeSession:
 class OnnxRuntimeTextEncoder(OnnxRuntimeSession):
     """The text encoder: takes `inputs_embeds` [B, 77, D]; `input_ids` [B, 77] are still accepted, looked up here."""
 
-    def __init__(self, path: Path, providers: list[str], tables: TextTables):
-        super().__init__(path, "text_encoder", providers)
+    def __init__(
+        self, path: Path, providers: list[str], tables: TextTables, overrides: dict[str, np.ndarray] | None = None
+    ):
+        super().__init__(path, "text_encoder", providers, overrides)
         if self.input_names != ["inputs_embeds"]:
             raise ModelError(
                 f"{path} takes {self.input_names}, not inputs_embeds (an old export); re-export with --force"
@@ -88,25 +100,74 @@ class OnnxRuntimeBackend:
         self.providers = providers or ["CPUExecutionProvider"]
         self._sessions: dict[str, OnnxRuntimeSession] = {}
         self._text_tables: TextTables | None = None
+        self.weights = OnnxWeights(self)  # LoRA: initializer overrides per component
+
+    def model_path(self, component: str) -> Path:
+        info = self.manifest.components.get(component)
+        if info is None:
+            raise ModelError(f"{self.folder} has no {component} model; re-export with --force")
+        path = self.folder / info.file
+        if not path.is_file():
+            raise ModelError(f"{path} is missing; re-export with --force")
+        return path
 
     def session(self, component: str) -> OnnxRuntimeSession:
         if component not in self._sessions:
-            info = self.manifest.components.get(component)
-            if info is None:
-                raise ModelError(f"{self.folder} has no {component} model; re-export with --force")
-            path = self.folder / info.file
-            if not path.is_file():
-                raise ModelError(f"{path} is missing; re-export with --force")
-            logger.debug("loading %s from %s", component, path)
+            path = self.model_path(component)
+            overrides = self.weights.overrides.get(component)
+            logger.debug("loading %s from %s (%d weights overridden)", component, path, len(overrides or {}))
             if component == "text_encoder":
-                session = OnnxRuntimeTextEncoder(path, self.providers, self.text_tables())
+                session = OnnxRuntimeTextEncoder(path, self.providers, self.text_tables(), overrides)
             else:
-                session = OnnxRuntimeSession(path, component, self.providers)
+                session = OnnxRuntimeSession(path, component, self.providers, overrides)
             self._sessions[component] = session
         return self._sessions[component]
+
+    def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        """Diffusers parameter -> shape, for the parameters this export's weight map reaches."""
+        return self.weights.parameter_shapes(component)
+
+    def base_parameters(self, component: str, names) -> dict[str, np.ndarray]:
+        """The base float32 values of parameters (diffusers names), read from the ONNX file (cached)."""
+        return self.weights.base_parameters(component, names)
+
+    def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
+        """Replace parameters by full new values (diffusers names); None or {} restores the base weights.
+
+        Every call starts from base; a component whose overrides change gets a new session."""
+        for component in self.weights.set_patches(patches or {}):
+            self._sessions.pop(component, None)
+            self.session(component)
 
     def text_tables(self) -> TextTables:
         """The token embedding table (memory-mapped) and final norm saved beside the ONNX text encoder."""
         if self._text_tables is None:
             self._text_tables = read_text_tables(self.folder, self.manifest.model["text_hidden_size"])
         return self._text_tables
+
+
+class OnnxWeights:
+    """The initializer overrides the current LoRA set needs, per component (names from the export's weight map)."""
+
+    def __init__(self, backend: OnnxRuntimeBackend):
+        from ..lora.sources import ArtifactWeights
+
+        self.source = ArtifactWeights(backend.folder, backend.manifest)
+        self.overrides: dict[str, dict[str, np.ndarray]] = {}  # component -> initializer name -> value
+
+    def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        return self.source.parameter_shapes(component)
+
+    def base_parameters(self, component: str, names) -> dict[str, np.ndarray]:
+        return self.source.base_parameters(component, names)
+
+    def set_patches(self, patches: dict[str, dict[str, np.ndarray]]) -> list[str]:
+        """Turn patches into initializer overrides; return the components whose overrides changed."""
+        changed = []
+        for component in sorted(set(patches) | set(self.overrides)):
+            values = patches.get(component) or {}
+            if not values and not self.overrides.get(component):
+                continue
+            self.overrides[component] = self.source.initializer_values(component, values)
+            changed.append(component)
+        return changed

@@ -104,6 +104,7 @@ class TorchBackend:
         self.checkpoint = Path(checkpoint)
         self.allow_pickle = allow_pickle
         self._modules: dict[str, torch.nn.Module] = {}
+        self._saved: dict[tuple[str, str], torch.Tensor] = {}  # (component, parameter) -> base value (LoRA)
 
     def _module(self, component: str) -> torch.nn.Module:
         module_name = "vae" if component.startswith("vae") else component
@@ -117,3 +118,43 @@ class TorchBackend:
     def text_tables(self) -> TextTables:
         """The text encoder's token embedding table and final norm, read from the loaded module (no copies)."""
         return text_tables_of(self._module("text_encoder"))
+
+    # LoRA: the backend weight interface (diffusers parameter names, full float32 values)
+
+    def _parameters(self, component: str) -> dict[str, torch.nn.Parameter]:
+        from runtime.lora.weight_map import canonical_parameter_name
+
+        module = self._module(component)
+        return {canonical_parameter_name(component, name): p for name, p in module.named_parameters()}
+
+    def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(p.shape) for name, p in self._parameters(component).items()}
+
+    def base_parameters(self, component: str, names) -> dict[str, np.ndarray]:
+        """The base values of parameters, whether or not a LoRA is merged into them now."""
+        parameters = self._parameters(component)
+        values = {}
+        for name in names:
+            base = self._saved.get((component, name), parameters[name].data)
+            values[name] = base.detach().float().numpy().copy()
+        return values
+
+    @torch.inference_mode()
+    def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
+        """Write full new values into the modules' parameters, keeping each touched base value to restore it;
+        None or {} restores every touched parameter (each call starts from base)."""
+        patches = patches or {}
+        parameters = {component: self._parameters(component) for component in {*patches, *(c for c, _ in self._saved)}}
+        for component, values in patches.items():  # check everything before changing anything
+            unknown = sorted(set(values) - set(parameters[component]))
+            if unknown:
+                raise ModelError(f"the {component} has no parameter {unknown[0]}")
+        for (component, name), base in list(self._saved.items()):
+            if name not in patches.get(component, {}):
+                parameters[component][name].data.copy_(base)
+                del self._saved[(component, name)]
+        for component, values in patches.items():
+            for name, value in values.items():
+                parameter = parameters[component][name]
+                self._saved.setdefault((component, name), parameter.data.clone())
+                parameter.data.copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
