@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidRequestError
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "onnxruntime-cuda", "tensorrt", "torch-cuda")
+GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt", "torch-cuda")  # NVIDIA GPU only; runtime.backends.gpu checks them
 
 
 class Session(Protocol):
@@ -53,6 +54,10 @@ def check_backend(name: str) -> str:
     """Validate a backend name and that its package is installed; return the name."""
     if name not in BACKENDS:
         raise InvalidRequestError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    if name in GPU_BACKENDS:
+        from .gpu import check_gpu_backend
+
+        return check_gpu_backend(name)
     package = {"onnxruntime": "onnxruntime", "torch": "torch"}[name]
     if importlib.util.find_spec(package) is None:
         raise BackendUnavailableError(f"the {name} backend needs the {package!r} package, which is not installed")
@@ -65,6 +70,10 @@ def open_backend(name: str, *, artifacts: Path | None, checkpoint: Path | None, 
     """The backend `name` over an artifact folder (onnxruntime) or a diffusers checkpoint folder (torch; .bin
     pickle weights only with allow_pickle)."""
     check_backend(name)
+    if name in GPU_BACKENDS:
+        from .gpu import open_gpu_backend
+
+        return open_gpu_backend(name, artifacts=artifacts, checkpoint=checkpoint, allow_pickle=allow_pickle)
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 

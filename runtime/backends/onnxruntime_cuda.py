@@ -1,0 +1,163 @@
+"""ONNX Runtime on the CUDA execution provider (the `onnxruntime-gpu` wheel, the `gpu` extra).
+
+Models: ONNX Runtime's own Stable Diffusion fusions (attention, GroupNorm, BiasSplitGelu ...) only match fp32
+graphs, so each fp32 export is fused first (`onnxruntime.transformers.optimizer`, model types unet / vae / clip),
+then converted to fp16 with float32 IO (the timestep embedding's nodes kept fp32), into `<artifacts>/fp16-ort/`.
+The CPU provider cannot run those fused models; the fp16 export of export/fp16.py is what runs there.
+
+Running: the UNet is bound to fixed device buffers (IO binding) per input shape, and with `enable_cuda_graph`
+each shape gets its own `gpu_graph_id`: ONNX Runtime captures on the first run of an id and replays afterwards.
+The other components run plainly on the CUDA provider. The VAE decoder's NaN/Inf outputs are computed again in
+fp32 (the fp16 VAE overflow).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError
+from ..manifest import read_manifest
+from .gpu import NanGuard, fp32_fallback_session
+
+logger = logging.getLogger(__name__)
+
+ORT_DIR = "fp16-ort"
+MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+
+
+def fused_fp16_model(folder: Path, component: str, keep_vae_fp32: bool) -> Path:
+    """`<folder>/fp16-ort/<component>.onnx`: fused by ONNX Runtime's optimizer, then fp16 (reused when present)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from export.fp16 import timestep_path_nodes
+
+    manifest = read_manifest(folder)
+    src = folder / manifest.components[component].file
+    out = folder / ORT_DIR / f"{component}.onnx"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    optimized = optimize_model(str(src), model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
+                               opt_level=0, use_gpu=True)  # fmt: skip
+    keep_fp32 = component.startswith("vae_") and keep_vae_fp32
+    if not keep_fp32:
+        blocked = timestep_path_nodes(optimized.model) if component == "unet" else []
+        optimized.convert_float_to_float16(keep_io_types=True, node_block_list=blocked)
+    _save_atomically(optimized, out)
+    return out
+
+
+def _save_atomically(optimized, out: Path) -> None:
+    """Save into a scratch folder beside `out`, then rename: the weights file first, the .onnx last (its presence
+    means finished)."""
+    from export.onnx_clean import EXTERNAL_DATA_THRESHOLD, _weight_bytes
+
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=".ort-"))
+    try:
+        external = _weight_bytes(optimized.model) > EXTERNAL_DATA_THRESHOLD
+        optimized.save_model_to_file(str(work / out.name), use_external_data_format=external)
+        for path in sorted(work.iterdir(), key=lambda p: p.suffix == ".onnx"):
+            os.replace(path, out.parent / path.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class GraphedSession:
+    """The UNet on fixed CUDA buffers, one CUDA graph per input shape (`gpu_graph_id`)."""
+
+    def __init__(self, session, component: str):
+        import onnxruntime as ort
+
+        self.ort, self.session, self.component = ort, session, component
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.bindings: dict = {}  # input shapes -> (graph id, io binding, input values, output values)
+
+    def _binding(self, feeds: dict[str, np.ndarray]):
+        key = tuple((n, feeds[n].shape) for n in self.input_names)
+        if key not in self.bindings:
+            ort = self.ort
+            io = self.session.io_binding()
+            inputs = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n]), "cuda", 0)
+                      for n in self.input_names}  # fmt: skip
+            for n, value in inputs.items():
+                io.bind_ortvalue_input(n, value)
+            for n in self.output_names:
+                io.bind_output(n, "cuda", 0)
+            io.synchronize_inputs()
+            self.session.run_with_iobinding(io, self._options(len(self.bindings) + 1))  # warm-up + output shapes
+            outputs = dict(zip(self.output_names, io.get_outputs()))
+            io.clear_binding_outputs()
+            for n, value in outputs.items():
+                io.bind_ortvalue_output(n, value)  # fixed output buffers from now on
+            self.bindings[key] = (len(self.bindings) + 1, io, inputs, outputs)
+        return self.bindings[key]
+
+    def _options(self, graph_id: int):
+        options = self.ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return options
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        graph_id, io, inputs, values = self._binding(feeds)
+        for name, value in inputs.items():
+            value.update_inplace(np.ascontiguousarray(feeds[name], dtype=np.float32))
+        try:
+            self.session.run_with_iobinding(io, self._options(graph_id))
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{self.component} failed on the CUDA provider: {reason}") from exc
+        return {name: values[name].numpy() for name in (outputs or self.output_names)}
+
+
+class OnnxRuntimeCudaBackend:
+    name = "onnxruntime-cuda"
+
+    def __init__(self, artifacts: Path, cuda_graph: bool = True, device_id: int = 0):
+        from .onnxruntime import read_text_tables
+
+        self.folder = Path(artifacts)
+        self.manifest = read_manifest(self.folder)
+        self.cuda_graph = cuda_graph
+        self.device_id = device_id
+        self._sessions: dict = {}
+        self._tables = read_text_tables(self.folder, self.manifest.model["text_hidden_size"])
+
+    def _providers(self, graph: bool) -> list:
+        options = {"device_id": str(self.device_id), "arena_extend_strategy": "kSameAsRequested",
+                   "enable_cuda_graph": "1" if graph else "0"}  # fmt: skip
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+    def session(self, component: str):
+        if component not in self._sessions:
+            import onnxruntime as ort
+
+            from .onnxruntime import OnnxRuntimeSession, OnnxRuntimeTextEncoder
+
+            if component not in self.manifest.components:
+                raise ModelError(f"{self.folder} has no {component} model; re-export with --force")
+            keep_vae = bool(self.manifest.model.get("vae_force_upcast", True))
+            path = fused_fp16_model(self.folder, component, keep_vae)
+            graph = self.cuda_graph and component == "unet"
+            if component == "text_encoder":
+                session = OnnxRuntimeTextEncoder(path, self._providers(False), self._tables)
+            elif graph:
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                raw = ort.InferenceSession(str(path), options, providers=self._providers(True))
+                session = GraphedSession(raw, component)
+            else:
+                session = OnnxRuntimeSession(path, component, self._providers(False))
+            if component == "vae_decoder" and not keep_vae:
+                session = NanGuard(session, lambda: fp32_fallback_session(self.folder, "vae_decoder"))
+            self._sessions[component] = session
+        return self._sessions[component]
+
+    def text_tables(self):
+        return self._tables

@@ -1,0 +1,252 @@
+"""TensorRT backend: the engines `cli.py build` wrote, run through cuda-bindings (no torch).
+
+Lifecycle per engine (written against the TensorRT 10.x / 11.x Python API):
+  load       deserialize once; an execution context with user-managed activation memory
+  activate   every context points at one shared activation block, sized by the largest
+             `device_memory_size_v2` of all engines (the stages run one after another on one stream)
+  bind       fixed device buffers per input/output shape; `set_input_shape` + `set_tensor_address`
+  infer      host -> device copies of the (small) inputs, `execute_async_v3`, device -> host of the outputs
+  graph      the UNet: after one eager warm-up per shape, `execute_async_v3` is captured as a CUDA graph and
+             replayed every step; any new shape, buffer, activation block or refit drops the graph and the next
+             call captures again; a capture that fails falls back to eager for that shape, with one log line
+`apply_weights` refits a refittable engine (`build --refit`) from base + patch values, every call from base.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ModelError
+from ..manifest import read_manifest
+from .gpu import NanGuard, fp32_fallback_session
+
+logger = logging.getLogger(__name__)
+
+GRAPHED_COMPONENTS = ("unet",)
+
+
+class SharedActivations:
+    """One device block every execution context uses for its activations; grows (and says so) when needed."""
+
+    def __init__(self):
+        self.buffer = None
+        self.size = 0
+        self.generation = 0  # bumped on each reallocation: contexts re-point and graphs are recaptured
+
+    def reserve(self, size: int) -> None:
+        from ..cuda import DeviceBuffer
+
+        if size > self.size:
+            if self.buffer is not None:
+                self.buffer.close()
+            self.buffer = DeviceBuffer(size)
+            self.size = size
+            self.generation += 1
+
+
+class Engine:
+    """One deserialized engine, its execution context, bound buffers and (for the UNet) its CUDA graphs."""
+
+    def __init__(self, trt, runtime, plan: Path, shared: SharedActivations, graphed: bool):
+        self.trt, self.plan, self.shared, self.graphed = trt, plan, shared, graphed
+        self.profile = json.loads(plan.with_suffix(".json").read_text(encoding="utf-8"))
+        self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+        if self.engine is None:
+            raise ModelError(f"{plan} does not deserialize here; rebuild it (python cli.py build --force)")
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        self.context = self.engine.create_execution_context(strategy)
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.inputs = [n for n in names if is_input[n]]
+        self.outputs = [n for n in names if not is_input[n]]
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        shared.reserve(int(size))
+        self.buffers: dict = {}  # name -> DeviceBuffer
+        self.bound: dict[str, tuple[int, ...]] = {}
+        self.host_out: dict[str, np.ndarray] = {}
+        self.memory_generation = 0
+        self.graphs: dict = {}  # input shapes -> CudaGraph, or None after a failed capture (eager)
+        self.warm: set = set()
+
+    def covers(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether the profile the engine was built for admits these input shapes."""
+        for name, (low, _, high) in self.profile["shapes"].items():
+            shape = shapes.get(name)
+            if shape is None or len(shape) != len(low):
+                return False
+            if any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
+                return False
+        return True
+
+    @property
+    def static(self) -> bool:
+        return all(low == high for low, _, high in self.profile["shapes"].values())
+
+    def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Fixed device buffers for these input shapes; a change invalidates the captured graphs."""
+        from ..cuda import DeviceBuffer
+
+        if shapes == self.bound and self.memory_generation == self.shared.generation:
+            return
+        self.invalidate_graphs()
+        if self.memory_generation != self.shared.generation:
+            _set_device_memory(self.context, self.shared.buffer.ptr, self.shared.size)
+            self.memory_generation = self.shared.generation
+        for name in self.inputs:
+            if not self.context.set_input_shape(name, shapes[name]):
+                raise ModelError(f"{self.plan.name} rejects {name} of shape {shapes[name]}")
+        for name in self.inputs + self.outputs:
+            shape = tuple(shapes[name]) if name in shapes else tuple(self.context.get_tensor_shape(name))
+            nbytes = int(np.prod(shape)) * self.dtypes[name].itemsize
+            if name not in self.buffers or self.buffers[name].nbytes < nbytes:
+                if name in self.buffers:
+                    self.buffers[name].close()
+                self.buffers[name] = DeviceBuffer(nbytes)
+            if not self.context.set_tensor_address(name, self.buffers[name].ptr):
+                raise ModelError(f"{self.plan.name}: set_tensor_address({name}) failed")
+            if name in self.outputs:
+                self.host_out[name] = np.empty(shape, self.dtypes[name])
+        self.bound = dict(shapes)
+
+    def _enqueue(self, stream) -> None:
+        if not self.context.execute_async_v3(stream.ptr):
+            raise ModelError(f"{self.plan.name}: execute_async_v3 failed (see TensorRT's log)")
+
+    def run(self, feeds: dict[str, np.ndarray], stream) -> dict[str, np.ndarray]:
+        shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
+        self._bind(shapes)
+        for name in self.inputs:
+            self.buffers[name].copy_from_host(np.ascontiguousarray(feeds[name], self.dtypes[name]), stream)
+        self._execute(stream, tuple(sorted(shapes.items())))
+        for name in self.outputs:
+            self.buffers[name].copy_to_host(self.host_out[name], stream)
+        stream.synchronize()
+        return {name: self.host_out[name].astype(np.float32, copy=True) for name in self.outputs}
+
+    def _execute(self, stream, key) -> None:
+        """Replay the graph of this shape, capture it after one warm-up run, or run eagerly."""
+        from ..cuda import CaptureError, CudaGraph
+
+        graph = self.graphs.get(key)
+        if graph is not None:
+            graph.launch()
+            return
+        if not self.graphed or key in self.graphs or key not in self.warm:
+            self._enqueue(stream)  # eager: not graphed, capture failed before, or the warm-up run
+            self.warm.add(key)
+            return
+        try:
+            self.graphs[key] = CudaGraph(stream, self._enqueue)
+        except CaptureError as exc:
+            logger.warning("%s: CUDA graph capture failed, running eagerly (%s)", self.plan.name, exc)
+            self.graphs[key] = None
+            self._enqueue(stream)
+            return
+        self.graphs[key].launch()
+
+    def invalidate_graphs(self) -> None:
+        for graph in self.graphs.values():
+            if graph is not None:
+                graph.destroy()
+        self.graphs.clear()
+        self.warm.clear()
+
+
+def _set_device_memory(context, ptr: int, size: int) -> None:
+    """TensorRT >= 10.1 takes (pointer, size); 10.0 had a `device_memory` property."""
+    if hasattr(context, "set_device_memory"):
+        context.set_device_memory(ptr, size)
+    else:
+        context.device_memory = ptr
+
+
+class TensorRTSession:
+    """One component: every engine built for it, the best one picked per call by its input shapes."""
+
+    def __init__(self, component: str, engines: list[Engine], stream):
+        self.component, self.engines, self.stream = component, engines, stream
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
+        engine = self._pick(shapes)
+        values = engine.run(feeds, self.stream)
+        return {name: values[name] for name in (outputs or engine.outputs)}
+
+    def _pick(self, shapes: dict) -> Engine:
+        fitting = [e for e in self.engines if e.covers(shapes)]
+        if not fitting:
+            built = ", ".join(e.profile["profile"] for e in self.engines) or "none"
+            wanted = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+            raise ModelError(
+                f"no TensorRT engine of {self.component} takes {wanted} (built: {built}); "
+                "build one with python cli.py build (--width/--height/--batch-size, or --dynamic)"
+            )
+        return min(fitting, key=lambda e: not e.static)  # a static profile (graph-friendly) first
+
+
+class TensorRTBackend:
+    name = "tensorrt"
+
+    def __init__(self, artifacts: Path):
+        import tensorrt as trt
+
+        from ..cuda import Stream, compute_capability
+        from .onnxruntime import read_text_tables
+
+        self.folder = Path(artifacts)
+        self.manifest = read_manifest(self.folder)
+        self.trt = trt
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        major, minor = compute_capability(0)
+        self.key_suffix = f".trt{trt.__version__}.sm{major}{minor}.plan"
+        self.stream = Stream()
+        self.shared = SharedActivations()
+        self._sessions: dict = {}
+        self._tables = None
+        self._read_tables = read_text_tables
+        self._base_weights: dict[str, dict[str, np.ndarray]] = {}
+        if not self._plans():
+            raise BackendUnavailableError(
+                f"{self.folder / 'tensorrt'} has no engines for TensorRT {trt.__version__} on this GPU: "
+                "build them first (python cli.py build --model ...)"
+            )
+
+    def _plans(self) -> list[Path]:
+        folder = self.folder / "tensorrt"
+        return sorted(p for p in folder.glob(f"*{self.key_suffix}") if p.with_suffix(".json").is_file())
+
+    def session(self, component: str):
+        if component not in self._sessions:
+            plans = [p for p in self._plans() if p.name.split(".", 1)[0] == component]
+            if not plans:
+                raise ModelError(f"no TensorRT engine of {component} in {self.folder / 'tensorrt'}; run cli.py build")
+            graphed = component in GRAPHED_COMPONENTS
+            engines = [Engine(self.trt, self.runtime, p, self.shared, graphed) for p in plans]
+            session = TensorRTSession(component, engines, self.stream)
+            if component == "vae_decoder" and any(".fp16." in p.name for p in plans):
+                session = NanGuard(session, lambda: fp32_fallback_session(self.folder, "vae_decoder"))
+            self._sessions[component] = session
+        return self._sessions[component]
+
+    def text_tables(self):
+        if self._tables is None:
+            self._tables = self._read_tables(self.folder, self.manifest.model["text_hidden_size"])
+        return self._tables
+
+    def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
+        """Refit the UNet / text encoder engines to base + patch values (None or {}: base weights exactly)."""
+        from .tensorrt_refit import refit_component
+
+        for component in ("unet", "text_encoder"):
+            values = (patches or {}).get(component, {})
+            if not values and component not in self._base_weights:
+                continue  # never patched: already base
+            session = self.session(component)
+            engines = getattr(session, "engines", None) or session.primary.engines
+            refit_component(self, component, engines, values)

@@ -1,0 +1,184 @@
+"""torch on CUDA: the checkpoint's diffusers modules in fp16 with SDPA attention and channels-last memory, the
+UNet step captured as a torch CUDA graph per input shape (static input/output tensors, warm-up on a side stream).
+
+`compile=True` compiles the UNet with torch.compile ("max-autotune-no-cudagraphs"); the graph capture still wraps
+it. The VAE stays fp32 where its config says force_upcast; its NaN/Inf outputs in fp16 are computed again in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from . import TextTables
+from .gpu import NanGuard
+from .torch import _load, text_tables_of
+
+logger = logging.getLogger(__name__)
+
+WARMUP_RUNS = 3  # before a capture: cuDNN/cuBLAS pick their algorithms and allocate workspaces
+
+
+class GraphedUNet:
+    """The UNet's forward as a CUDA graph per input shape; inputs are copied into the captured static tensors."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self.graphs: dict = {}  # shape key -> (graph, static inputs, static output)
+
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels)
+        return out.sample
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        key = tuple((name, tuple(t.shape)) for name, t in inputs.items())
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(inputs)
+        graph, static, output = self.graphs[key]
+        for name, tensor in inputs.items():
+            static[name].copy_(tensor)
+        graph.replay()
+        return output
+
+    def _capture(self, inputs: dict[str, torch.Tensor]):
+        static = {name: t.clone() for name, t in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self.forward(**static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = self.forward(**static)
+        return graph, static, output
+
+    def invalidate(self) -> None:
+        self.graphs.clear()
+
+
+class TorchCudaSession:
+    def __init__(self, component: str, module: torch.nn.Module, dtype: torch.dtype, graphed: GraphedUNet | None):
+        self.component, self.module, self.dtype, self.graphed = component, module, dtype, graphed
+        if component == "text_encoder":
+            from export.modules import TextEncoder
+
+            self.text_encoder = TextEncoder(module)
+
+    def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(value)).to("cuda", non_blocking=True)
+        if t.is_floating_point() and name != "timestep":
+            t = t.to(self.dtype)
+        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+    @torch.inference_mode()
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        t = {name: self._tensor(name, value) for name, value in feeds.items()}
+        if self.component == "text_encoder":
+            last, hidden = self.text_encoder(t["inputs_embeds"])
+            result = {"last_hidden_state": last, "hidden_states": hidden}
+        elif self.component == "unet":
+            if self.graphed is not None:
+                result = {"noise_pred": self.graphed(t)}
+            else:
+                noise = self.module(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
+                                    class_labels=t.get("class_labels")).sample  # fmt: skip
+                result = {"noise_pred": noise}
+        elif self.component == "vae_decoder":
+            result = {"image": self.module.decode(t["latent"]).sample}
+        elif self.component == "vae_encoder":
+            result = {"latent_parameters": self.module.quant_conv(self.module.encoder(t["image"]))}
+        else:
+            raise ModelError(f"the torch-cuda backend does not run {self.component}")
+        return {name: result[name].float().cpu().numpy() for name in (outputs or list(result))}
+
+
+class TorchCudaBackend:
+    name = "torch-cuda"
+
+    def __init__(self, checkpoint: Path | None, allow_pickle: bool = False, cuda_graph: bool = True,
+                 compile: bool = False):  # fmt: skip
+        if checkpoint is None or not Path(checkpoint).is_dir():
+            raise ModelError(f"the torch-cuda backend needs the checkpoint folder, and {checkpoint} is not available")
+        from runtime.checkpoint import describe_checkpoint
+
+        self.checkpoint, self.allow_pickle = Path(checkpoint), allow_pickle
+        self.vae_fp32 = bool(describe_checkpoint(self.checkpoint).get("vae_force_upcast", True))
+        self.cuda_graph, self.compile = cuda_graph, compile
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._tables: TextTables | None = None
+        self._graphed: GraphedUNet | None = None
+        self._sessions: dict = {}
+        self._base: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _dtype(self, part: str) -> torch.dtype:
+        return torch.float32 if part == "vae" and self.vae_fp32 else torch.float16
+
+    def _module(self, part: str) -> torch.nn.Module:
+        if part not in self._modules:
+            module = _load(self.checkpoint, part, self.allow_pickle)
+            if part == "text_encoder":
+                tables = text_tables_of(module)  # views of the fp32 CPU weights: copy before moving
+                self._tables = TextTables(np.array(tables.token_embedding), np.array(tables.final_norm_weight),
+                                          np.array(tables.final_norm_bias), tables.final_norm_eps)  # fmt: skip
+            module = module.to("cuda", self._dtype(part))
+            if part in ("unet", "vae"):
+                module = module.to(memory_format=torch.channels_last)
+            self._modules[part] = module
+        return self._modules[part]
+
+    def session(self, component: str):
+        if component not in self._sessions:
+            part = "vae" if component.startswith("vae") else component
+            module = self._module(part)
+            graphed = None
+            if component == "unet":
+                runner = torch.compile(module, mode="max-autotune-no-cudagraphs") if self.compile else module
+                graphed = GraphedUNet(runner) if self.cuda_graph else None
+                self._graphed = graphed
+                module = runner
+            session = TorchCudaSession(component, module, self._dtype(part), graphed)
+            if component == "vae_decoder" and not self.vae_fp32:
+                session = NanGuard(session, lambda: self._fp32_vae_session())
+            self._sessions[component] = session
+        return self._sessions[component]
+
+    def _fp32_vae_session(self) -> TorchCudaSession:
+        vae = _load(self.checkpoint, "vae", self.allow_pickle).to("cuda", torch.float32)
+        return TorchCudaSession("vae_decoder", vae, torch.float32, None)
+
+    def text_tables(self) -> TextTables:
+        if self._tables is None:
+            self._module("text_encoder")
+        return self._tables
+
+    @torch.inference_mode()
+    def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
+        """Set parameters to the given full values (diffusers names); everything else back to base."""
+        wanted = {(c, n): v for c, values in (patches or {}).items() for n, v in values.items()}
+        for component in ("unet", "text_encoder"):
+            params = dict(self._module(component).named_parameters())
+
+            def param(name: str, params=params, component=component) -> torch.nn.Parameter:
+                key = name if name in params else name.removeprefix("text_model.")
+                if key not in params:
+                    raise ModelError(f"{component} has no parameter {name!r}")
+                return params[key]
+
+            for c, name in wanted:
+                if c == component and (c, name) not in self._base:
+                    self._base[c, name] = param(name).detach().clone()
+            for (c, name), base in list(self._base.items()):
+                if c != component:
+                    continue
+                target = param(name)
+                source = torch.from_numpy(np.asarray(wanted[c, name], np.float32)) if (c, name) in wanted else base
+                target.copy_(source.to(target.device, target.dtype))
+                if (c, name) not in wanted:
+                    del self._base[c, name]
+        if self._graphed is not None:
+            self._graphed.invalidate()

@@ -1,0 +1,74 @@
+"""Shared fixtures of the NVIDIA-path tests: one fp32 and one fp16 export of the tiny SD1 checkpoint per session.
+
+The `gpu` marker's tests skip with the reason where CUDA, cuda-bindings or TensorRT are absent."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import HAS_TORCH
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def cuda_device_count() -> int:
+    """NVIDIA devices the driver reports through cuda-bindings (0 without the package or the driver)."""
+    if not _has("cuda.bindings"):
+        return 0
+    from runtime.cuda import device_count
+
+    try:
+        return device_count()
+    except Exception:  # no driver here: the tests that need one skip
+        return 0
+
+
+HAS_CUDA = cuda_device_count() > 0
+HAS_TENSORRT = _has("tensorrt")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no NVIDIA GPU / driver / cuda-bindings on this machine")
+needs_tensorrt = pytest.mark.skipif(
+    not (HAS_CUDA and HAS_TENSORRT), reason="TensorRT (the 'tensorrt' package) and an NVIDIA GPU are needed"
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Two shared CPU cores: one torch thread keeps the tiny exports fast."""
+    if not HAS_TORCH:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def gpu_engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gpu-engines")
+
+
+@pytest.fixture(scope="session")
+def sd1_fp32(tiny_sd1: Path, gpu_engines_dir: Path) -> Path:
+    if not HAS_TORCH:
+        pytest.skip("exporting needs torch and diffusers (export extras)")
+    from export import export_model
+
+    return export_model(tiny_sd1, gpu_engines_dir, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sd1_fp16(sd1_fp32: Path) -> Path:
+    from export.fp16 import export_fp16
+
+    return export_fp16(sd1_fp32, progress=False)
