@@ -1,0 +1,62 @@
+"""The HTTP server: A1111-compatible routes on FastAPI + uvicorn (`pip install -e ".[serve]"`).
+
+    python cli.py serve --model models/tiny --port 7860
+    curl -s localhost:7860/sdapi/v1/txt2img -d '{"prompt": "a cat", "steps": 20}'
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from ..errors import BackendUnavailableError
+
+
+def _require_packages() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        message = f'the server needs FastAPI and uvicorn: pip install -e ".[serve]" ({exc})'
+        raise BackendUnavailableError(message) from None
+
+
+def serve(service, host: str = "127.0.0.1", port: int = 7860, limits=None, log_level: str = "info") -> None:
+    """Serve `service` (a runtime.serving.Service) until interrupted; shutdown cancels what is still running."""
+    _require_packages()
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(create_app(service, limits), host=host, port=port, log_level=log_level)
+
+
+class ServerThread:
+    """uvicorn in a background thread on a free loopback port (tests, benchmarks): `with ServerThread(app) as url:`."""
+
+    def __init__(self, app, host: str = "127.0.0.1"):
+        _require_packages()
+        import uvicorn
+
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, 0))
+        self.url = f"http://{host}:{self.socket.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.socket.close()

@@ -1,0 +1,211 @@
+"""Translation between A1111 API bodies and runtime.serving calls: fields in, `{images, parameters, info}` out."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import time
+from dataclasses import dataclass
+
+from PIL import Image, ImageOps, PngImagePlugin
+
+from .. import __version__
+from ..errors import InvalidRequestError
+from ..output import parse_parameters, read_parameters, to_uint8
+from ..rng import random_seed
+from ..samplers import SCHEDULE_TYPES, resolve_sampler
+from .schemas import GenerationBody, Img2ImgBody, Txt2ImgBody
+
+RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}  # 3: latent upscale
+SCHEDULER_NAMES = {t: "automatic" if t == "default" else t.lower().replace(" ", "_") for t in SCHEDULE_TYPES}
+SCHEDULER_LABELS = {t: "Automatic" if t == "default" else t for t in SCHEDULE_TYPES}
+
+
+@dataclass
+class Limits:
+    """What the server accepts; anything beyond is a 422 (the body limit: 413)."""
+
+    max_side: int = 2048  # width and height
+    max_steps: int = 150
+    max_images: int = 16  # batch_size * n_iter
+    max_body_bytes: int = 32 * 2**20
+    max_image_bytes: int = 16 * 2**20  # one decoded base64 image
+    max_image_pixels: int = 4096 * 4096
+    request_timeout: float | None = None  # seconds per request (None: no limit)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One runtime.serving submission: StableDiffusion.<mode>(*args, **options)."""
+
+    mode: str
+    args: tuple
+    options: dict
+
+
+def check_limits(body: GenerationBody, limits: Limits) -> None:
+    for name in ("width", "height"):
+        if getattr(body, name) > limits.max_side:
+            raise InvalidRequestError(f"{name} must be at most {limits.max_side}, not {getattr(body, name)}")
+    if body.steps > limits.max_steps:
+        raise InvalidRequestError(f"steps must be at most {limits.max_steps}, not {body.steps}")
+    if body.batch_size * body.n_iter > limits.max_images:
+        raise InvalidRequestError(
+            f"batch_size * n_iter must be at most {limits.max_images}, not {body.batch_size * body.n_iter}"
+        )
+
+
+def _schedule(scheduler: str | None) -> str | None:
+    """A1111's scheduler name or label -> sdrt's schedule type (None: the sampler label's or the default)."""
+    if scheduler is None:
+        return None
+    wanted = scheduler.strip().lower()
+    if wanted in ("automatic", "default", ""):
+        return None
+    for schedule, name in SCHEDULER_NAMES.items():
+        if wanted in (name, schedule.lower()):
+            return schedule
+    raise InvalidRequestError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULER_NAMES.values())}")
+
+
+def _common_options(body: GenerationBody) -> dict:
+    """The sdrt request fields of an A1111 body (seed handled by the caller)."""
+    sampler = body.sampler_name or body.sampler_index
+    schedule = _schedule(body.scheduler)
+    spec, _ = resolve_sampler(sampler, schedule)
+    options = dict(
+        negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale, width=body.width,
+        height=body.height, sampler=sampler, schedule=schedule, batch_size=body.batch_size,
+    )  # fmt: skip
+    if body.eta is not None and spec.name == "DDIM":  # A1111 applies eta to the samplers that use it only
+        options["eta"] = body.eta
+    clip_skip = (body.override_settings or {}).get("CLIP_stop_at_last_layers")
+    if clip_skip is not None:
+        options["clip_skip"] = clip_skip
+    return options
+
+
+def _iterations(body: GenerationBody, mode: str, args: tuple, options: dict) -> list[Call]:
+    """n_iter batches of batch_size images; the seeds run on across batches as A1111's all_seeds do."""
+    seed = body.seed if body.seed != -1 else random_seed()
+    return [
+        Call(mode, args, dict(options, seed=seed + k * body.batch_size)) for k in range(body.n_iter)
+    ]
+
+
+def txt2img_calls(body: Txt2ImgBody, limits: Limits) -> list[Call]:
+    check_limits(body, limits)
+    options = _common_options(body)
+    if body.enable_hr:
+        options.update(hires_upscaler=body.hr_upscaler or "Latent", hires_steps=body.hr_second_pass_steps)
+        options["hires_strength"] = 0.7 if body.denoising_strength is None else body.denoising_strength
+        if body.hr_resize_x or body.hr_resize_y:
+            options.update(hires_width=body.hr_resize_x, hires_height=body.hr_resize_y)
+        else:
+            options["hires_scale"] = body.hr_scale
+    return _iterations(body, "txt2img", (body.prompt,), options)
+
+
+def img2img_calls(body: Img2ImgBody, limits: Limits) -> list[Call]:
+    check_limits(body, limits)
+    if not body.init_images:
+        raise InvalidRequestError("img2img needs init_images (a list with one base64 image)")
+    if body.resize_mode not in RESIZE_MODES:
+        raise InvalidRequestError(f"resize_mode must be one of {sorted(RESIZE_MODES)}, not {body.resize_mode}")
+    image = decode_image(body.init_images[0], limits, "init_images[0]")
+    options = _common_options(body)
+    options.update(strength=body.denoising_strength, resize_mode=RESIZE_MODES[body.resize_mode])
+    if body.mask is None:
+        return _iterations(body, "img2img", (body.prompt, image), options)
+    mask = decode_image(body.mask, limits, "mask").convert("L")
+    if body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask)
+    options.update(mask_blur=body.mask_blur if body.mask_blur is not None else body.mask_blur_x)
+    options.update(inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding)
+    return _iterations(body, "inpaint", (body.prompt, image, mask), options)
+
+
+def decode_bytes(data: str, limits: Limits, what: str = "image") -> bytes:
+    """The bytes of a base64 string (optionally a data: URL); InvalidRequestError when too large or malformed."""
+    if not isinstance(data, str) or not data:
+        raise InvalidRequestError(f"{what} must be a non-empty base64 string")
+    if data.startswith("data:"):
+        data = data.split(",", 1)[-1]
+    if len(data) * 3 // 4 > limits.max_image_bytes:
+        raise InvalidRequestError(f"{what} is larger than {limits.max_image_bytes} bytes")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{what} is not valid base64") from None
+
+
+def open_image(raw: bytes, limits: Limits, what: str = "image") -> Image.Image:
+    """Decode image bytes (pixel count checked before the pixels are read); InvalidRequestError if unreadable."""
+    unreadable = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+    try:
+        image = Image.open(io.BytesIO(raw))
+    except unreadable as exc:
+        raise InvalidRequestError(f"{what} is not a readable image: {exc}") from None
+    if image.width * image.height > limits.max_image_pixels:
+        raise InvalidRequestError(f"{what} has more than {limits.max_image_pixels} pixels")
+    try:
+        image.load()
+    except unreadable as exc:
+        raise InvalidRequestError(f"{what} is not a readable image: {exc}") from None
+    return image
+
+
+def decode_image(data: str, limits: Limits, what: str = "image") -> Image.Image:
+    """A base64 image -> an RGB (or RGBA, for masks with alpha) PIL image."""
+    image = open_image(decode_bytes(data, limits, what), limits, what)
+    return image.convert("RGBA" if image.mode in ("RGBA", "LA", "PA") else "RGB")
+
+
+def encode_png(image, infotext: str) -> str:
+    """float [H, W, 3] in [0, 1] -> base64 PNG with the infotext as its "parameters" text chunk (as the CLI saves)."""
+    pnginfo = PngImagePlugin.PngInfo()
+    pnginfo.add_text("parameters", infotext)
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format="PNG", pnginfo=pnginfo)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def response(body: GenerationBody, results: list, model, extra_keys: dict | None = None) -> dict:
+    """A1111's {images, parameters, info} for the results of a body's calls (in n_iter order)."""
+    images = [encode_png(img, text) for r in results for img, text in zip(r.images, r.infotexts)]
+    seeds = [s for r in results for s in r.seeds]
+    infotexts = [t for r in results for t in r.infotexts]
+    first = results[0].request
+    parameters = body.model_dump()
+    if isinstance(body, Img2ImgBody):  # as A1111 does: the request's images are not echoed back
+        parameters.update(init_images=None, mask=None)
+    info = {
+        "prompt": body.prompt, "all_prompts": [body.prompt] * len(seeds),
+        "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(seeds),
+        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+        "subseed_strength": 0, "width": first.width, "height": first.height, "sampler_name": first.sampler,
+        "cfg_scale": first.cfg_scale, "steps": first.steps, "batch_size": first.batch_size,
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": model.name,
+        "sd_model_hash": model.key.rsplit("-", 1)[-1], "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": getattr(first, "strength", None), "extra_generation_params": extra_keys or {},
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": body.styles or [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": first.clip_skip,
+        "is_using_inpainting_conditioning": model.info["unet_in_channels"] == 9, "version": f"sdrt {__version__}",
+    }  # fmt: skip
+    return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
+
+
+def png_info(data: str, limits: Limits) -> dict:
+    """A1111's png-info: the infotext, the image's other text items, and the parsed parameters."""
+    raw = decode_bytes(data, limits)
+    with open_image(raw, limits) as image:
+        items = {k: v for k, v in image.info.items() if isinstance(v, str) and k != "parameters"}
+    text = read_parameters(io.BytesIO(raw)) or ""  # the PNG chunk, or JPEG/WebP EXIF UserComment
+    parameters: dict = {}
+    if text:
+        prompt, negative, fields = parse_parameters(text)
+        parameters = {"Prompt": prompt, "Negative prompt": negative, **fields}
+    return {"info": text, "items": items, "parameters": parameters}

@@ -1,0 +1,203 @@
+"""The HTTP app: A1111-compatible routes over a runtime.serving.Service, plus /health and /metrics.
+
+Every bad request is a 4xx with a one-line `detail` (422 for validation, as A1111 and FastAPI answer; 413 for a
+body over the limit); generation runs on the service's worker thread, so the event loop keeps serving
+/progress, /interrupt and /health while images are being made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import (
+    InvalidRequestError,
+    QueueFull,
+    RequestCancelled,
+    RequestTimeout,
+    SdrtError,
+    ServiceClosed,
+)
+from ..samplers import SAMPLER_NAMES, resolve_sampler
+from ..serving import Job, Service
+from . import a1111
+from .metrics import Guard, Metrics
+from .schemas import (
+    GenerationResponse,
+    Img2ImgBody,
+    PngInfoBody,
+    PngInfoResponse,
+    ProgressResponse,
+    SamplerItem,
+    SchedulerItem,
+    SDModelItem,
+    Txt2ImgBody,
+)
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.1  # how often a waiting request checks its client and deadline
+STATUS_OF = {InvalidRequestError: 422, QueueFull: 429, RequestTimeout: 408, RequestCancelled: 409, ServiceClosed: 503}
+ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
+          "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/png-info", "/health",
+          "/metrics", "/openapi.json", "/docs"}  # fmt: skip
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its images were ready; its jobs were cancelled."""
+
+
+def create_app(service: Service, limits: a1111.Limits | None = None, close_on_shutdown: bool = True) -> FastAPI:
+    """The FastAPI app serving `service` (whose model it describes) within `limits`."""
+    limits = limits or a1111.Limits()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if close_on_shutdown:
+            await asyncio.to_thread(service.close, False, 30.0)
+
+    app = FastAPI(title="sdrt", version=__version__, lifespan=lifespan,
+                  description="Stable Diffusion inference; A1111-compatible /sdapi/v1 routes")  # fmt: skip
+    app.state.service = service
+    app.state.limits = limits
+    metrics = Metrics(ROUTES, lambda: service.queue_depth, lambda: dict(service.counts))
+    app.state.metrics = metrics
+    _add_error_handlers(app)
+    _add_generation_routes(app)
+    _add_info_routes(app)
+    app.add_middleware(Guard, metrics=metrics, max_body=limits.max_body_bytes)
+    return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"detail": message}, status_code=status)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(SdrtError)
+    async def sdrt_error(request: Request, exc: SdrtError):
+        status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 500)
+        return _error(status, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        return JSONResponse({"detail": problems or "invalid request", "errors": _plain(exc.errors())}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        logger.exception("unexpected error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def _plain(errors: list) -> list:
+    """Validation errors as JSON-safe dicts (pydantic puts exception objects in `ctx`)."""
+    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors]
+
+
+async def _run(request: Request, calls: list[a1111.Call]) -> list:
+    """Submit every call and wait for all results; cancel them all if the client goes away or one fails."""
+    service: Service = request.app.state.service
+    timeout = request.app.state.limits.request_timeout
+    jobs: list[Job] = []
+    try:
+        for call in calls:
+            jobs.append(service.submit(call.mode, *call.args, timeout=timeout, **call.options))
+        waiting = [asyncio.wrap_future(job.future) for job in jobs]
+        while True:
+            done, pending = await asyncio.wait(waiting, timeout=POLL_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
+            if any(f.exception() is not None for f in done) or not pending:
+                break
+            for job in jobs:
+                job.check_deadline()
+            if await request.is_disconnected():
+                raise ClientGone
+        return [f.result() for f in waiting]
+    finally:
+        for job in jobs:
+            job.cancel("cancelled: its HTTP request ended")
+
+
+def _add_generation_routes(app: FastAPI) -> None:
+    @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse)
+    async def txt2img(body: Txt2ImgBody, request: Request):
+        return await _generate(request, body, a1111.txt2img_calls(body, request.app.state.limits))
+
+    @app.post("/sdapi/v1/img2img", response_model=GenerationResponse)
+    async def img2img(body: Img2ImgBody, request: Request):
+        calls = await asyncio.to_thread(a1111.img2img_calls, body, request.app.state.limits)
+        return await _generate(request, body, calls)
+
+    @app.post("/sdapi/v1/interrupt")
+    async def interrupt(request: Request):
+        request.app.state.service.interrupt()
+        return {}
+
+    @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse)
+    async def png_info(body: PngInfoBody, request: Request):
+        return await asyncio.to_thread(a1111.png_info, body.image, request.app.state.limits)
+
+
+async def _generate(request: Request, body, calls: list[a1111.Call]):
+    try:
+        results = await _run(request, calls)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    service: Service = request.app.state.service
+    return await asyncio.to_thread(a1111.response, body, results, service.model)
+
+
+def _add_info_routes(app: FastAPI) -> None:
+    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
+    async def samplers():
+        specs = [resolve_sampler(name)[0] for name in SAMPLER_NAMES]
+        return [{"name": s.name, "aliases": [s.diffusers_class], "options": dict(s.options)} for s in specs]
+
+    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    async def schedulers():
+        names, labels = a1111.SCHEDULER_NAMES, a1111.SCHEDULER_LABELS
+        return [{"name": names[t], "label": labels[t], "aliases": None, "default_rho": None,
+                 "need_inner_model": False} for t in names]  # fmt: skip
+
+    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
+    async def sd_models(request: Request):
+        model = request.app.state.service.model
+        short = model.key.rsplit("-", 1)[-1]
+        return [{"title": f"{model.name} [{short}]", "model_name": model.name, "hash": short, "sha256": None,
+                 "filename": str(model.info.get("path", model.name)), "config": None}]  # fmt: skip
+
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
+    async def progress(request: Request, skip_current_image: bool = False):
+        status = request.app.state.service.status()
+        fraction = status["step"] / status["steps"] if status["steps"] else 0.0
+        elapsed = time.monotonic() - status["started"] if status["started"] else 0.0
+        eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+        state = {"skipped": False, "interrupted": False, "stopping_generation": False,
+                 "job": "generating" if status["running"] else "", "job_count": status["running"] + status["queued"],
+                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "job_no": 0, "sampling_step": status["step"],
+                 "sampling_steps": status["steps"]}  # fmt: skip
+        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
+
+    @app.get("/health")
+    async def health(request: Request):
+        service: Service = request.app.state.service
+        return {"status": "ok", "model": service.model.name, "backend": service.model.backend.name,
+                "queue_depth": service.queue_depth, "batching": service.config.batching}  # fmt: skip
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics(request: Request):
+        return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,149 @@
+"""Request and response bodies of the A1111 web UI's HTTP API (modules/api/models.py), by its field names.
+
+Every field A1111 publishes for txt2img/img2img is accepted with A1111's default, so existing clients work
+unchanged; fields sdrt has no use for (styles, restore_faces, override_settings apart from
+CLIP_stop_at_last_layers, scripts ...) are accepted and ignored, and so are unknown extra fields, as A1111 does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class GenerationBody(_Body):
+    """The fields txt2img and img2img share (StableDiffusionProcessing's constructor in A1111)."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = Field(default=-1, description="-1: random; image i of the request uses seed + i")
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = Field(default=None, description="A1111 label, e.g. 'Euler a'; None: sampler_index")
+    scheduler: str | None = Field(default=None, description="automatic, karras, exponential, sgm_uniform, beta")
+    batch_size: int = Field(default=1, ge=1)
+    n_iter: int = Field(default=1, ge=1, description="batches run one after another; seeds continue")
+    steps: int = Field(default=50, ge=1)
+    cfg_scale: float = 7.0
+    width: int = Field(default=512, ge=8)
+    height: int = Field(default=512, ge=8)
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    eta: float | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmax: float | None = None
+    s_tmin: float | None = None
+    s_noise: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool = True
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool = False
+    firstpass_image: str | None = None
+    comments: dict[str, Any] | None = None
+    sampler_index: str = "Euler"
+    script_name: str | None = None
+    script_args: list = Field(default_factory=list)
+    send_images: bool = True
+    save_images: bool = False
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    force_task_id: str | None = None
+    infotext: str | None = None
+
+
+class Txt2ImgBody(GenerationBody):
+    """POST /sdapi/v1/txt2img (StableDiffusionProcessingTxt2Img), hires fix included."""
+
+    denoising_strength: float | None = Field(default=None, description="hires fix strength (default 0.7)")
+    enable_hr: bool = False
+    firstphase_width: int = 0
+    firstphase_height: int = 0
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+
+
+class Img2ImgBody(GenerationBody):
+    """POST /sdapi/v1/img2img (StableDiffusionProcessingImg2Img): init_images, and with a mask, inpainting."""
+
+    init_images: list[str] | None = Field(default=None, description="base64 images; the first one is used")
+    resize_mode: int = Field(default=0, description="0 just resize, 1 crop and resize, 2 resize and fill")
+    denoising_strength: float = 0.75
+    image_cfg_scale: float | None = None
+    mask: str | None = Field(default=None, description="base64 mask: white = repaint")
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int | None = None
+    mask_round: bool = True
+    inpainting_fill: int = Field(default=0, description="accepted; sdrt keeps the original content under the mask")
+    inpaint_full_res: bool = Field(default=True, description="True: generate a crop around the mask (only masked)")
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = Field(default=0, description="1: repaint the black part instead")
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    include_init_images: bool = False
+
+
+class GenerationResponse(_Body):
+    images: list[str] | None = Field(default=None, description="the generated images, base64 PNG with parameters")
+    parameters: dict
+    info: str = Field(description="a JSON string: all_prompts, all_seeds, infotexts, seed, ...")
+
+
+class PngInfoBody(_Body):
+    image: str = Field(description="a base64 image (PNG, JPEG or WebP)")
+
+
+class PngInfoResponse(_Body):
+    info: str
+    items: dict
+    parameters: dict
+
+
+class ProgressResponse(_Body):
+    progress: float
+    eta_relative: float
+    state: dict
+    current_image: str | None = None
+    textinfo: str | None = None
+
+
+class SamplerItem(_Body):
+    name: str
+    aliases: list[str]
+    options: dict[str, Any]
+
+
+class SchedulerItem(_Body):
+    name: str
+    label: str
+    aliases: list[str] | None = None
+    default_rho: float | None = None
+    need_inner_model: bool | None = None
+
+
+class SDModelItem(_Body):
+    title: str
+    model_name: str
+    hash: str | None = None
+    sha256: str | None = None
+    filename: str
+    config: str | None = None

@@ -1,0 +1,116 @@
+"""Several txt2img requests in one UNet batch: per-row prompts, negative prompts and seeds.
+
+Requests share every setting except prompt, negative prompt, seed and batch size (`batch_key`). Each request
+keeps its own conditioning table (runtime.pipelines.conditioning, encoded alone as a single request would be)
+and its own seeded streams; the merged batch lays rows out as the denoiser expects, copy-major:
+[uncond of request 1..R, cond_1 of request 1..R, ...]. A group of one runs exactly txt2img_latents' steps, so
+its image is bit-identical to `StableDiffusion.txt2img`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..denoiser import Denoiser
+from ..pipelines.common import decode_latents, image_generators, run_sampler
+from ..pipelines.conditioning import Conditioning, build_conditioning, schedule_steps
+from ..request import Txt2ImgRequest, sampler_of
+from ..rng import batch_randn
+from ..samplers import make_schedule
+
+if TYPE_CHECKING:
+    from ..api import StableDiffusion
+
+PER_ROW_FIELDS = ("prompt", "negative_prompt", "seed", "batch_size")  # what may differ inside one batch
+EXTRA_NETWORK_TAGS = ("<lora:", "<lyco:", "<hypernet:")  # prompts that change weights never share a batch
+StepCallback = Callable[[int, int, np.ndarray], None]  # (step index i, step count n, x [B, 4, h, w])
+
+
+def batch_key(request: Txt2ImgRequest) -> tuple | None:
+    """Everything but the per-row fields of a validated request; None when it must run alone."""
+    if type(request) is not Txt2ImgRequest:
+        return None
+    text = f"{request.prompt}\n{request.negative_prompt}".lower()
+    if any(tag in text for tag in EXTRA_NETWORK_TAGS):
+        return None
+    return tuple(
+        (f.name, getattr(request, f.name)) for f in dataclasses.fields(request) if f.name not in PER_ROW_FIELDS
+    )
+
+
+def _shape_of(conditioning: Conditioning) -> tuple:
+    """What must agree for two conditionings to share UNet calls: guidance, AND weights and token length."""
+    return conditioning.guided, tuple(conditioning.cond_weights.tolist()), conditioning.batches[0].shape[1]
+
+
+def merge_conditioning(parts: list[Conditioning], rows: list[int]) -> Conditioning:
+    """One table for several requests of `rows[r]` images each; every part must have the same _shape_of."""
+    first = parts[0]
+    copies = len(first.cond_weights) + int(first.guided)
+    combos: dict[tuple[int, ...], int] = {}
+    call_batch = []
+    for call in range(len(first.call_batch)):
+        combo = tuple(int(part.call_batch[call]) for part in parts)
+        call_batch.append(combos.setdefault(combo, len(combos)))
+    batches = []
+    for combo in combos:  # insertion order = batch index
+        slabs = []
+        for copy in range(copies):
+            for part, index, n in zip(parts, combo, rows):
+                slabs.append(part.batches[index][copy * n : (copy + 1) * n])  # [n, 77k, D]
+        batches.append(np.ascontiguousarray(np.concatenate(slabs), dtype=np.float32))  # [copies * sum(n), 77k, D]
+    return Conditioning(batches, np.array(call_batch, dtype=np.int64), first.cond_weights, first.guided)
+
+
+def plan_groups(model: StableDiffusion, requests: list[Txt2ImgRequest]) -> list[tuple[list[int], list[Conditioning]]]:
+    """Encode each request's prompts and split the requests (same batch_key) into groups that can share UNet
+    calls: [(request indices, their conditionings)]."""
+    spec, _ = sampler_of(requests[0])
+    steps = schedule_steps(spec.name, requests[0].steps)
+    groups: dict[tuple, tuple[list[int], list[Conditioning]]] = {}
+    for index, r in enumerate(requests):
+        conditioning = build_conditioning(
+            model, r.prompt, r.negative_prompt, r.batch_size, r.cfg_scale, steps, r.emphasis, r.clip_skip
+        )
+        members, parts = groups.setdefault(_shape_of(conditioning), ([], []))
+        members.append(index)
+        parts.append(conditioning)
+    return list(groups.values())
+
+
+def txt2img_group(
+    model: StableDiffusion,
+    requests: list[Txt2ImgRequest],
+    conditionings: list[Conditioning],
+    on_step: StepCallback | None = None,
+) -> list[np.ndarray]:
+    """Images float32 [B_r, H, W, 3] per request, from one sampler run over all their rows (txt2img_latents'
+    steps with merged conditioning and per-row seeded streams). `on_step(i, n, x)` runs after each step and may
+    raise to stop the run."""
+    first = requests[0]
+    info = model.info
+    spec, schedule_type = sampler_of(first)
+    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], first.steps)
+    rows = [r.batch_size for r in requests]
+    conditioning = merge_conditioning(conditionings, rows)
+    scale = info["vae_scale_factor"]
+    shape = (info["latent_channels"], first.height // scale, first.width // scale)  # [4, h, w]
+    generators = [g for r in requests for g in image_generators(r.seed, r.batch_size)]
+    x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [sum B_r, 4, h, w]
+    denoiser = Denoiser(model.backend.session("unet"), conditioning, first.cfg_scale, info["prediction_type"])
+    steps = len(schedule.timesteps)
+
+    def callback(i: int, x: np.ndarray) -> np.ndarray:
+        if on_step is not None:
+            on_step(i, steps, x)
+        return x
+
+    with model.progress(steps, "sampling") as tick:
+        denoiser.on_call = tick
+        latents = run_sampler(spec, denoiser, x, schedule, generators, callback)
+    images = decode_latents(model, latents)  # [sum B_r, H, W, 3]
+    return np.split(images, np.cumsum(rows)[:-1])

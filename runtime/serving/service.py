@@ -1,0 +1,320 @@
+"""A long-lived generator shared by many threads: one queue, one worker, one batch on the device at a time.
+
+    service = Service(runtime.load("models/tiny"))
+    result = service.txt2img("a cat", seed=1, steps=20)          # blocking, from any thread
+    job = service.submit("txt2img", "a dog", callback=print, timeout=30)
+    job.cancel()                                                  # queued or running
+    service.close(drain=True)
+
+Plain txt2img requests that agree on every setting except prompt, negative prompt, seed and batch size run in
+one UNet batch (runtime.serving.batching; `batching=False` turns it off); everything else (img2img, inpaint,
+hires fix, inpainting models, prompts with extra networks) runs alone through the StableDiffusion method.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from ..errors import (
+    InvalidRequestError,
+    QueueFull,
+    RequestCancelled,
+    RequestTimeout,
+    SdrtError,
+    ServiceClosed,
+    ServiceError,
+)
+from ..request import Txt2ImgRequest, validate_txt2img
+from .batching import batch_key, plan_groups, txt2img_group
+from .jobs import Job, ProgressCallback
+
+logger = logging.getLogger(__name__)
+
+MODES = ("txt2img", "img2img", "inpaint", "outpaint", "depth2img", "upscale")
+TXT2IMG_EXTRAS = ("hires_scale", "hires_width", "hires_height", "hires_upscaler", "hires_steps", "hires_strength",
+                  "loras", "lora_dir")  # options of StableDiffusion.txt2img beyond the request's fields
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    batching: bool = True  # run compatible txt2img requests in one UNet batch
+    max_batch_images: int = 8  # images (rows before CFG doubling) per batch
+    max_queue: int = 256  # queued requests beyond this raise QueueFull
+    timeout: float | None = None  # default per-request timeout in seconds (None: none)
+
+    def __post_init__(self):
+        for name in ("max_batch_images", "max_queue"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive integer, not {value!r}")
+
+
+class _Abandoned(Exception):
+    """Raised from a step hook when no request of the running batch still wants its result."""
+
+
+class Service:
+    """Thread-safe front of one loaded StableDiffusion; see the module docstring."""
+
+    def __init__(self, model, config: ServiceConfig | None = None):
+        self.model = model
+        self.config = config or ServiceConfig()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: list[Job] = []
+        self._closed = False
+        self.counts = collections.Counter()  # completed, failed, cancelled, batches, batched_requests
+        self._thread = threading.Thread(target=self._work, name="sdrt-service", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------ callers
+
+    def submit(
+        self,
+        mode: str,
+        *args,
+        callback: ProgressCallback | None = None,
+        preview: bool = False,
+        timeout: float | None = None,
+        **options,
+    ) -> Job:
+        """Queue a request for StableDiffusion.<mode>(*args, **options); return its Job at once. txt2img requests
+        are validated here, so a bad one raises InvalidRequestError in the caller's thread."""
+        if mode not in MODES:
+            raise InvalidRequestError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+        timeout = self.config.timeout if timeout is None else timeout
+        if timeout is not None and not timeout > 0:
+            raise InvalidRequestError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        key, rows = None, int(options.get("batch_size", 1) or 1)
+        if mode == "txt2img":
+            options, key = self._prepare_txt2img(args, options)
+            rows = options["request"].batch_size
+        job = Job(mode, args, options, key, rows, callback, preview, timeout)
+        with self._cond:
+            if self._closed:
+                raise ServiceClosed("the service is shut down")
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are queued (the limit); retry later")
+            self._queue.append(job)
+            self._cond.notify_all()
+        return job
+
+    def generate(self, mode: str, *args, **options):
+        """submit(...) and wait: the GenerationResult, or the request's typed error."""
+        return self.submit(mode, *args, **options).result()
+
+    def txt2img(self, prompt: str, **options):
+        return self.generate("txt2img", prompt, **options)
+
+    def img2img(self, prompt: str, init_image, **options):
+        return self.generate("img2img", prompt, init_image, **options)
+
+    def inpaint(self, prompt: str, init_image, mask, **options):
+        return self.generate("inpaint", prompt, init_image, mask, **options)
+
+    def interrupt(self) -> int:
+        """Cancel the requests running now (A1111's interrupt); queued ones stay. Returns how many."""
+        with self._cond:
+            running = list(self._running)
+        return sum(job.cancel("interrupted") for job in running)
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Take no new requests; drain=True finishes the queued ones first, False cancels everything."""
+        with self._cond:
+            self._closed = True
+            pending = [] if drain else list(self._queue) + list(self._running)
+            self._cond.notify_all()
+        for job in pending:
+            job.cancel("cancelled by shutdown")
+        self._thread.join(timeout)
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(drain=exc[0] is None)
+
+    @property
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def status(self) -> dict:
+        """A snapshot for progress reports: the running requests' step, the queue depth."""
+        with self._cond:
+            running = list(self._running)
+            queued = len(self._queue)
+        steps = max((job.steps for job in running), default=0)
+        step = min((job.step for job in running), default=0)
+        started = min((job.started for job in running if job.started), default=None)
+        return {"running": len(running), "queued": queued, "step": step, "steps": steps, "started": started}
+
+    def _prepare_txt2img(self, args: tuple, options: dict) -> tuple[dict, tuple | None]:
+        """Validate a txt2img request; return the worker's options and the batch key (None: runs alone)."""
+        if len(args) != 1:
+            raise InvalidRequestError("txt2img takes one positional argument, the prompt")
+        extras = {k: options.pop(k) for k in TXT2IMG_EXTRAS if k in options}
+        watermark = options.pop("watermark", None)
+        try:
+            request = Txt2ImgRequest(args[0], **options)
+        except TypeError as exc:
+            raise InvalidRequestError(f"bad txt2img option: {exc}") from None
+        if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
+            raise InvalidRequestError("prompt and negative prompt must be strings")
+        request = validate_txt2img(request, self.model.info)
+        hires = extras.get("hires_scale") or extras.get("hires_width") or extras.get("hires_height")
+        loras = extras.get("loras") or extras.get("lora_dir") is not None
+        key = batch_key(request)
+        if hires or loras or self.model.info["unet_in_channels"] != 4 or key is None:
+            key = None
+        else:
+            key = (key, watermark)
+        return {"request": request, "extras": extras, "watermark": watermark}, key
+
+    # ------------------------------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while True:
+            group = self._next_group()
+            if group is None:
+                return
+            try:
+                self._run(group)
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _next_group(self) -> list[Job] | None:
+        """Block for the next job; with batching, also take every queued job of the same key that fits."""
+        with self._cond:
+            while True:
+                self._drop_settled()
+                if self._queue:
+                    break
+                if self._closed:
+                    return None
+                self._cond.wait(0.5)
+            first = self._queue.popleft()
+            group, rows = [first], first.rows
+            if self.config.batching and first.key is not None:
+                for job in list(self._queue):
+                    if job.key == first.key and rows + job.rows <= self.config.max_batch_images:
+                        self._queue.remove(job)
+                        group.append(job)
+                        rows += job.rows
+            now = time.monotonic()
+            for job in group:
+                job.started = now
+            self._running = group
+            return group
+
+    def _drop_settled(self) -> None:
+        """Forget queued jobs already cancelled or past their deadline."""
+        for job in list(self._queue):
+            if job.done() or job.check_deadline():
+                self._queue.remove(job)
+                self._count(job)
+
+    def _run(self, group: list[Job]) -> None:
+        """Run a group; whatever happens, every job of it ends settled and counted."""
+        try:
+            if group[0].key is None:
+                self._run_alone(group[0])
+            else:
+                self._run_batched(group)
+        except _Abandoned:
+            pass
+        except SdrtError as exc:
+            self._fail(group, exc)
+        except Exception as exc:  # a bug or a backend failure: the callers get it, the worker lives on
+            logger.exception("generation failed")
+            self._fail(group, exc)
+        finally:
+            for job in group:
+                job.finish(error=ServiceError(f"request {job.id} was not run"))  # a no-op for settled jobs
+                self._count(job)
+
+    def _count(self, job: Job) -> None:
+        """Tally a settled job's outcome: completed, failed, cancelled or timed_out."""
+        error = None if job.future.cancelled() else job.future.exception()
+        if job.future.cancelled() or isinstance(error, RequestCancelled):
+            self.counts["cancelled"] += 1
+        elif isinstance(error, RequestTimeout):
+            self.counts["timed_out"] += 1
+        else:
+            self.counts["completed" if error is None else "failed"] += 1
+
+    @staticmethod
+    def _fail(jobs: list[Job], error: BaseException) -> None:
+        for job in jobs:
+            job.finish(error=error)
+
+    def _run_alone(self, job: Job) -> None:
+        """One request through its StableDiffusion method, with a step hook for progress and cancellation."""
+        calls = 0
+
+        def hook(total: int) -> None:
+            nonlocal calls
+            calls += 1
+            if job.done() or job.check_deadline():
+                raise _Abandoned
+            job.report(min(calls, total), total, None)
+
+        options = job.options
+        if job.mode == "txt2img":
+            request = options["request"]
+            fields = {k: v for k, v in vars(request).items() if k != "prompt"}
+            options = dict(fields, **options["extras"], watermark=options["watermark"])
+        self.model.step_hook = hook
+        try:
+            result = getattr(self.model, job.mode)(*job.args, **options)
+        finally:
+            self.model.step_hook = None
+        job.finish(result)
+
+    def _run_batched(self, group: list[Job]) -> None:
+        """Compatible txt2img requests in as few sampler runs as their conditionings allow."""
+        requests = [job.options["request"] for job in group]
+        lora_state = getattr(self.model, "lora_state", None)
+        if lora_state is not None:  # a LoRA request that ran alone may have left its weights: back to the base
+            lora_state.activate([])
+        self.counts["batches"] += 1
+        self.counts["batched_requests"] += len(group)
+        for members, conditionings in plan_groups(self.model, requests):
+            jobs = [group[i] for i in members]
+            if all(job.done() for job in jobs):
+                continue
+            try:
+                images = txt2img_group(
+                    self.model, [requests[i] for i in members], conditionings, self._stepper(jobs)
+                )
+            except _Abandoned:
+                continue
+            except SdrtError as exc:
+                self._fail(jobs, exc)
+                continue
+            for job, rows in zip(jobs, images):
+                job.finish(self.model._result(job.options["request"], rows, {}, job.options["watermark"]))
+
+    @staticmethod
+    def _stepper(jobs: list[Job]):
+        """The per-step hook of a batched run: progress per request, stop when nobody is waiting any more."""
+        offsets = [0]
+        for job in jobs:
+            offsets.append(offsets[-1] + job.rows)
+
+        def on_step(i: int, steps: int, x) -> None:
+            alive = False
+            for job, start, end in zip(jobs, offsets, offsets[1:]):
+                if job.done() or job.check_deadline():
+                    continue
+                alive = True
+                job.report(i + 1, steps, x[start:end] if job.preview else None)
+            if not alive:
+                raise _Abandoned
+
+        return on_step
