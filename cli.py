@@ -36,12 +36,13 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export import export_model
+    from export.fp16 import export_with_precision
 
     start = time.perf_counter()
     progress = not args.quiet
-    folder = export_model(
-        args.model, Path(args.engines), force=args.force, progress=progress, allow_pickle=args.allow_pickle
+    folder = export_with_precision(
+        _checkpoint_source(args), Path(args.engines), args.precision, force=args.force, progress=progress,
+        allow_pickle=args.allow_pickle,
     )
     print(f"artifacts in {folder} ({time.perf_counter() - start:.1f} s)")
     return 0
@@ -93,6 +94,19 @@ def cmd_outpaint(args: argparse.Namespace) -> int:
     return _generate(args, "outpaint", options)
 
 
+def _add_lora_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="apply a LoRA file (.safetensors; .pt/.ckpt with --allow-pickle) at WEIGHT (default 1); "
+                   "repeatable, weights add up")  # fmt: skip
+    p.add_argument("--lora-dir", default=None, help="folder where <lora:name:weight> prompt tags find their files")
+
+
+def _lora_options(sd, args: argparse.Namespace) -> dict:
+    """Point the model at --lora-dir; the generation options for --lora files."""
+    sd.set_lora_dir(args.lora_dir, allow_pickle=args.allow_pickle)
+    return {"loras": list(args.lora)} if args.lora else {}
+
+
 def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     import runtime
     from runtime.output import check_output_path, save_images
@@ -102,8 +116,9 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     start = time.perf_counter()
     progress = not args.quiet
     sd = runtime.load(
-        args.model, backend=args.backend, engines_dir=args.engines, progress=progress, allow_pickle=args.allow_pickle
-    )
+        args.model, backend=args.backend, engines_dir=args.engines, progress=progress, allow_pickle=args.allow_pickle,
+        **_checkpoint_options(args),
+    )  # fmt: skip
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     options = dict(
@@ -120,6 +135,7 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
         emphasis=args.emphasis,
         clip_skip=args.clip_skip,
     )
+    options.update(_lora_options(sd, args))
     if args.watermark and output.suffix.lower() == ".webp":
         logging.getLogger("cli").warning("lossy WebP keeps little of an invisible watermark; prefer .png or .jpg")
     result = getattr(sd, mode)(args.prompt, watermark=args.watermark, **mode_options, **options)
@@ -128,6 +144,107 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     seeds = ", ".join(str(s) for s in result.seeds)
     print(f"wrote {', '.join(str(p) for p in paths)} (seed {seeds}; {elapsed:.1f} s)")
     return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Each component on --backend against the fp32 reference; exit 2 with one line if any output fails."""
+    from runtime.check import check_model, failure_line
+    from runtime.errors import NumericalError
+
+    reports = check_model(
+        args.model, args.backend, args.precision, Path(args.engines), args.batch_size, args.height, args.width,
+        progress=not args.quiet,
+    )
+    for report in reports:
+        print(report.line())
+    failure = failure_line(reports)
+    if failure:
+        raise NumericalError(failure)
+    print(f"check passed: {len(reports)} outputs of {args.backend} ({args.precision}) match the fp32 reference")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build (or reuse) the TensorRT engines of a model for the requested profile."""
+    from export.tensorrt_build import build_engines, build_request
+
+    request = build_request(args.batch_size, args.width, args.height, args.dynamic, args.token_chunks,
+                            args.opt_level, args.refit)  # fmt: skip
+    start = time.perf_counter()
+    paths = build_engines(args.model, Path(args.engines), request, force=args.force, progress=not args.quiet)
+    for component, path in paths.items():
+        print(f"{component}: {path}")
+    print(f"engines ready ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def _add_gpu_commands(sub) -> None:
+    """`check` and `build` (the NVIDIA path)."""
+    from runtime.backends import BACKENDS
+
+    p = sub.add_parser("check", help="compare each component on a backend with the fp32 reference")
+    p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
+    p.add_argument("--backend", default="onnxruntime", choices=[b for b in BACKENDS if b != "torch"])
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--engines", default="engines")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("build", help="build fp16 TensorRT engines (static profile, or --dynamic)")
+    p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt",))
+    p.add_argument("--batch-size", type=int, default=1, help="images per request (the UNet runs 2x with CFG)")
+    p.add_argument("--width", type=int, default=None, help="static profile width (default: the model's size)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--dynamic", default=None, metavar="MIN..MAX", help="a dynamic profile, e.g. 256..1024 pixels")
+    p.add_argument("--token-chunks", type=int, default=1, help="prompt chunks of 77 tokens the engines take")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
+    p.add_argument("--refit", action="store_true", help="refittable engines (LoRA weights without a rebuild)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--engines", default="engines")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model once and serve the A1111-compatible HTTP API until interrupted."""
+    import runtime
+    from runtime.server import serve
+    from runtime.server.a1111 import Limits
+    from runtime.serving import Service, ServiceConfig
+
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise InvalidRequestError(f"--request-timeout must be positive, not {args.request_timeout}")
+    limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
+                    max_body_bytes=int(args.max_body_mb * 2**20), request_timeout=args.request_timeout)  # fmt: skip
+    sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle)
+    config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
+    with Service(sd, config) as service:
+        print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
+        serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def _add_serve_command(sub) -> None:
+    """`serve`: the HTTP server (runtime.server)."""
+    from runtime.backends import BACKENDS
+
+    p = sub.add_parser("serve", help="serve the A1111-compatible HTTP API (needs the serve extra)")
+    p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
+    p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    p.add_argument("--no-batching", action="store_true", help="run every request alone (default: batch compatible)")
+    p.add_argument("--max-batch-images", type=int, default=8, help="images per batched UNet run (default 8)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default: none)")
+    p.add_argument("--max-side", type=int, default=2048, help="largest width/height accepted (default 2048)")
+    p.add_argument("--max-steps", type=int, default=150, help="most steps accepted (default 150)")
+    p.add_argument("--max-images", type=int, default=16, help="most batch_size * n_iter accepted (default 16)")
+    p.add_argument("--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)")
+    p.set_defaults(func=cmd_serve)
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
@@ -160,11 +277,35 @@ def cmd_parse_prompt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """Options of single-file checkpoints and VAE overrides (runtime.single_file)."""
+    p.add_argument("--vae", default=None, metavar="FILE", help="replace the model's VAE with this VAE file")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="single files: tokenizer folder (default: CLIP's / SD 2's from the Hugging Face cache)")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="single files: override the detected prediction type (SD 2.x)")  # fmt: skip
+
+
+def _checkpoint_options(args: argparse.Namespace) -> dict:
+    return {"vae": args.vae, "tokenizer": args.tokenizer, "prediction_type": args.prediction_type}
+
+
+def _checkpoint_source(args: argparse.Namespace):
+    """What `export` reads: the model as given, or the diffusers folder of a single file / VAE override."""
+    if not (Path(args.model).is_file() or args.vae or args.tokenizer or args.prediction_type):
+        return args.model
+    from runtime.single_file import prepare_checkpoint
+
+    options = dict(_checkpoint_options(args), allow_pickle=args.allow_pickle)
+    return prepare_checkpoint(args.model, Path(args.engines), **options)
+
+
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     from runtime.backends import BACKENDS
     from runtime.request import DEFAULT_SAMPLER
 
-    p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
+    model_help = "diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)"
+    p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--steps", type=int, default=20)
@@ -179,6 +320,8 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-skip", type=int, default=1, help="1: last text-encoder layer (default); 2: the one before")
     p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    _add_checkpoint_options(p)
+    _add_lora_options(p)
     p.add_argument("--eta", type=float, default=None, help="DDIM noise multiplier in [0, 1] (default 0)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
@@ -203,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", default="engines")
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
+                   help="fp16: also write GPU models under <artifacts>/fp16 (the VAE stays fp32 if it upcasts)")
+    _add_checkpoint_options(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("txt2img", help="generate images from text")
@@ -266,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--length", type=int, default=None, help="the text's length in bytes, if known")
     p.set_defaults(func=cmd_watermark_check)
+
+    _add_gpu_commands(sub)
+
+    _add_serve_command(sub)
 
     p = sub.add_parser("samplers", help="list the samplers and schedule types")
     p.add_argument("--json", action="store_true")

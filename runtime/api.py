@@ -20,6 +20,7 @@ from . import __version__
 from .backends import Backend, check_backend, open_backend
 from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
 from .errors import InvalidRequestError, ModelError
+from .lora.requests import with_loras
 from .manifest import MANIFEST_NAME, files_intact, read_manifest
 from .output import format_parameters
 from .pipelines.img2img import img2img
@@ -33,6 +34,7 @@ from .request import (
     validate_inpaint,
     validate_txt2img,
 )
+from .single_file import prepare_checkpoint
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,12 @@ class StableDiffusion:
         self.show_progress = progress
         self.embeddings = EmbeddingDatabase()  # textual inversion, by name (load_embeddings)
         self.embedding_lookup = self.embeddings.lookup(tokenizer)
+        self.lora_dir: Path | None = None  # where <lora:name> prompt tags are looked up (set_lora_dir)
+        self.lora_allow_pickle = False
+        self.lora_state = None  # runtime.lora.apply.LoraState, made on first use
+        # Called after every UNet evaluation with the pass's step total (runtime.serving: progress, cancel by
+        # raising); None: no hook. Not thread-safe: one caller at a time, as the serving worker guarantees.
+        self.step_hook: Callable[[int], None] | None = None
 
     def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
         """Load the textual-inversion embeddings of `folder` (usable by name in prompts); return their names."""
@@ -69,16 +77,24 @@ class StableDiffusion:
         self.embedding_lookup = self.embeddings.lookup(self.tokenizer)
         return sorted(self.embeddings.embeddings)
 
+    def set_lora_dir(self, folder: str | Path | None, allow_pickle: bool = False) -> None:
+        """Look up `<lora:name:weight>` prompt tags in `folder` (by file stem; .pt/.ckpt only with allow_pickle).
+        Every generation method also takes `loras=[(file, weight), ...]` and `lora_dir=`."""
+        self.lora_dir = None if folder is None else Path(folder).expanduser()
+        self.lora_allow_pickle = allow_pickle
+
     @contextlib.contextmanager
     def progress(self, total: int, label: str) -> Iterator[Callable[[], None]]:
+        hook = self.step_hook
         if not self.show_progress:
-            yield lambda: None
+            yield (lambda: None) if hook is None else (lambda: hook(total))
             return
         from tqdm import tqdm
 
         with tqdm(total=total, desc=label, unit="step", leave=False) as bar:
-            yield bar.update
+            yield bar.update if hook is None else (lambda: (bar.update(), hook(total)))
 
+    @with_loras
     def txt2img(
         self,
         prompt: str,
@@ -108,6 +124,7 @@ class StableDiffusion:
         extra = hires_parameters(*hires, hires_scale, hires_width, hires_height)
         return self._result(request, images, extra, watermark)
 
+    @with_loras
     def img2img(self, prompt: str, init_image, watermark: str | None = None, **options) -> GenerationResult:
         """Generate from an init image (a path or a PIL image); options are the fields of Img2ImgRequest."""
         from .images import resize_image, to_model_input
@@ -120,6 +137,7 @@ class StableDiffusion:
         extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode}
         return self._result(request, images, extra, watermark)
 
+    @with_loras
     def inpaint(self, prompt: str, init_image, mask, watermark: str | None = None, **options) -> GenerationResult:
         """Repaint the white part of `mask` (a path or a PIL image); options are the fields of InpaintRequest."""
         from .pipelines.masked import run_inpaint
@@ -133,6 +151,7 @@ class StableDiffusion:
             extra.update({"Inpaint area": "Only masked", "Masked area padding": request.inpaint_full_res_padding})
         return self._result(request, run_inpaint(self, request, image), extra, watermark)
 
+    @with_loras
     def outpaint(
         self, prompt: str, init_image, extend: tuple[int, int, int, int], watermark: str | None = None, **options
     ) -> GenerationResult:
@@ -151,6 +170,7 @@ class StableDiffusion:
         extra = {"Denoising strength": request.strength, "Outpaint": "{},{},{},{}".format(*extend)}
         return self._result(request, run_outpaint(self, request, image, extend), extra, watermark)
 
+    @with_loras
     def depth2img(
         self, prompt: str, init_image, depth_map=None, watermark: str | None = None, **options
     ) -> GenerationResult:
@@ -173,6 +193,7 @@ class StableDiffusion:
         extra = {"Denoising strength": request.strength, "Depth map": "given" if depth is not None else "estimated"}
         return self._result(request, images, extra, watermark)
 
+    @with_loras
     def upscale(
         self, prompt: str, image, noise_level: int = 20, watermark: str | None = None, **options
     ) -> GenerationResult:
@@ -220,10 +241,19 @@ class StableDiffusion:
             "Eta": request.eta,
             "Seed": request.seed,
             "Size": f"{request.width}x{request.height}",
-            "Model hash": self.key.rsplit("-", 1)[-1],
-            "Model": self.name,
+            **self._model_parameters(),
             "Backend": self.backend.name,
             "Version": f"sdrt {__version__}",
+        }
+
+    def _model_parameters(self) -> dict:
+        """A1111's `Model hash`/`Model` (a single file's sha256[:10] and stem) and `VAE hash`/`VAE` (an override)."""
+        source = self.info.get("source") or {}
+        return {
+            "Model hash": source.get("model_hash") or self.key.rsplit("-", 1)[-1],
+            "Model": source.get("model") or self.name,
+            "VAE hash": source.get("vae_hash"),
+            "VAE": source.get("vae"),
         }
 
 
@@ -233,22 +263,30 @@ def load(
     engines_dir: str | Path = DEFAULT_ENGINES_DIR,
     progress: bool = False,
     allow_pickle: bool = False,
+    vae: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    prediction_type: str | None = None,
 ) -> StableDiffusion:
-    """Load `model` (a diffusers folder, a Hub id in the local cache, or an exported artifact folder).
+    """Load `model` (a diffusers folder, a Hub id in the local cache, an exported artifact folder, or a single-file
+    checkpoint: .safetensors in the original LDM layout, or .ckpt/.pt with `allow_pickle`).
 
-    `allow_pickle` also reads .bin (pickle) weights of a checkpoint that has no .safetensors: only for
-    checkpoints you trust, since unpickling can run code."""
+    `allow_pickle` also reads .bin (pickle) weights of a checkpoint that has no .safetensors, and .ckpt single files
+    (with a restricted unpickler that runs no code): only for checkpoints you trust. `vae`: a VAE file (LDM or
+    diffusers layout) replacing the model's VAE. Single files only: `tokenizer`, a tokenizer folder (default: CLIP's
+    or SD 2's from the Hugging Face cache); `prediction_type` "epsilon"/"v_prediction" overrides the detection."""
     check_backend(backend)
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file():
+        if vae or tokenizer or prediction_type:
+            raise InvalidRequestError("vae, tokenizer and prediction_type apply to checkpoints, not artifact folders")
         manifest = read_manifest(path)
         source = Path(manifest.source.get("path", ""))
         source = source if source.is_dir() else None
         return _open(manifest.model_key, manifest.model, path, source, backend, progress, allow_pickle)
-    checkpoint = resolve_checkpoint(model)
+    checkpoint = prepare_checkpoint(model, Path(engines_dir), vae, tokenizer, prediction_type, allow_pickle)
     info = describe_checkpoint(checkpoint)
     key = model_key(checkpoint, fingerprint(checkpoint))
-    if backend == "torch":
+    if backend in ("torch", "torch-cuda"):  # the checkpoint's own modules: no export
         tokenizer_dir = checkpoint / "tokenizer"
         return _open(key, info, tokenizer_dir, checkpoint, backend, progress, allow_pickle, tokenizer_only=True)
     artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, allow_pickle)
@@ -317,5 +355,5 @@ def _open(
     components = PIPELINE_COMPONENTS + (("depth_estimator",) if info.get("depth_estimator") else ())
     for component in components:  # load now, so a broken model fails here and not mid-request
         backend.session(component)
-    name = key.rsplit("-", 1)[0]
+    name = (info.get("source") or {}).get("model") or key.rsplit("-", 1)[0]  # a single file: its stem
     return StableDiffusion(name, key, info, tokenizer, backend, progress)

@@ -23,3 +23,30 @@ class NumericalError(SdrtError):
 
 class OutputError(SdrtError):
     """An output file cannot be written (missing folder, unknown format)."""
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+class ServiceError(SdrtError):
+    """A request to the serving layer (runtime.serving) did not complete; the subclasses say why."""
+
+
+class RequestCancelled(ServiceError):
+    """The request was cancelled (by its caller, an interrupt, a client that went away, or shutdown)."""
+
+
+class RequestTimeout(ServiceError):
+    """The request did not finish within its timeout."""
+
+
+class ServiceClosed(ServiceError):
+    """The service is shut down (or shutting down) and takes no new requests."""
+
+
+class QueueFull(ServiceError):
+    """The service's queue is at its configured limit; retry later."""
+
+
+class LoraError(SdrtError, ValueError):
+    """A LoRA cannot be used: unknown name, unreadable file, or weights that do not fit the model."""
