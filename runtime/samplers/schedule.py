@@ -18,7 +18,7 @@ def _table():  # an empty per-step table: the sampler does not use it
 class Schedule:
     """Noise levels and UNet timesteps of one request, in VE form (x = x0 + sigma * eps).
 
-    Tables of length n are per step; `start_at` slices every one of them.
+    Tables of length n are per step (options entries too); `start_at` slices every one of them.
     """
 
     sigmas: np.ndarray  # [n+1] float64 levels the sampler steps through; last 0, or > 0 (final_alpha_cumprod)
@@ -61,7 +61,13 @@ class Schedule:
         if len(self.orders):
             warmup = np.arange(1, self.steps - index + 1)
             sliced["orders"] = np.minimum(self.orders[index:], warmup)
-        return dataclasses.replace(self, **sliced)
+        options = {k: v[index:] if _per_step(v, self.steps) else v for k, v in self.options.items()}
+        return dataclasses.replace(self, **sliced, options=options)
+
+
+def _per_step(value, steps: int) -> bool:
+    """Whether an options entry is a per-step table (LCM's scalings, DDPM's noise switch): a list or array of n."""
+    return isinstance(value, (list, tuple, np.ndarray)) and len(value) == steps
 
 
 def check_steps(steps: int, num_train_timesteps: int) -> None:

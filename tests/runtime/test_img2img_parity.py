@@ -16,6 +16,8 @@ from tests.runtime.test_txt2img_parity import CFG, HEIGHT, NEGATIVE, PROMPT, SEE
 pytestmark = needs_torch
 
 CASES = [("Euler", "default"), ("Euler a", "default"), ("DDIM", "default"), ("DPM++ 2M", "Karras")]
+# Samplers whose per-step constants (LCM's boundary scalings, DDPM's noise switch) must follow the partial schedule
+PARTIAL_SCHEDULE_CASES = [("LCM", "default"), ("DDPM", "default")]
 
 
 def init_image():
@@ -61,7 +63,7 @@ def engines(tmp_path_factory):
     return tmp_path_factory.mktemp("engines")
 
 
-@pytest.mark.parametrize(("sampler", "schedule"), CASES)
+@pytest.mark.parametrize(("sampler", "schedule"), CASES + PARTIAL_SCHEDULE_CASES)
 @pytest.mark.parametrize("variant", ["sd1", "sd2v"])
 def test_img2img_matches_diffusers(tiny_sd1, tiny_sd2v, engines, variant, sampler, schedule):
     import runtime

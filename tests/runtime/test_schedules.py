@@ -227,3 +227,18 @@ def test_start_at_slices_tables_and_restarts_warmup() -> None:
     assert part.orders.tolist() == [1] + [2] * 13 + [1]
     with pytest.raises(InvalidRequestError, match="outside"):
         schedule.start_at(20)
+
+
+def test_start_at_slices_per_step_options() -> None:
+    """img2img's partial schedule keeps each step's constants with its timestep: LCM's boundary scalings
+    (c_skip = sd^2 / ((10 t)^2 + sd^2), c_out = 10 t / sqrt((10 t)^2 + sd^2), sd = 0.5, timestep_scaling 10) and
+    DDPM's "draw noise where t > 0"."""
+    lcm = make_schedule(SPECS["LCM"], "default", SD15, 8).start_at(3)
+    scaled = lcm.timesteps * 10.0
+    np.testing.assert_allclose(lcm.options["c_skip"], 0.25 / (scaled**2 + 0.25), rtol=1e-12)
+    np.testing.assert_allclose(lcm.options["c_out"], scaled / np.sqrt(scaled**2 + 0.25), rtol=1e-12)
+    config = dict(SD15, steps_offset=0, timestep_spacing="leading")  # the last timestep is 0: no noise there
+    ddpm = make_schedule(SPECS["DDPM"], "default", config, 10)
+    part = ddpm.start_at(4)
+    assert ddpm.timesteps[-1] == 0 and len(part.options["noise_steps"]) == part.steps == 6
+    assert list(part.options["noise_steps"]) == (part.timesteps > 0).tolist()
