@@ -75,9 +75,12 @@ def _timed(session, log: list[float]):
     return Timed()
 
 
-def bench_sdrt(sd, label: str, size: int, steps: int, runs: int) -> dict:
-    """End to end and per stage for a loaded StableDiffusion whose backend is already chosen."""
+def bench_sdrt(load, label: str, size: int, steps: int, runs: int) -> dict:
+    """End to end and per stage for the StableDiffusion `load()` returns (its backend already chosen); memory is
+    measured from before the load, as for diffusers."""
+    _release_memory()
     watch = MemoryWatch()
+    sd = load()
     options = dict(steps=steps, seed=1, width=size, height=size, sampler=SAMPLER, cfg_scale=7.5)
     logs = {"text_encoder": [], "unet": [], "vae_decoder": []}
     originals = {name: sd.backend.session(name) for name in logs}
@@ -106,10 +109,24 @@ def bench_sdrt(sd, label: str, size: int, steps: int, runs: int) -> dict:
     }
 
 
+def _release_memory() -> None:
+    """Drop what the previous system left (its objects, torch's cached blocks) before the next baseline."""
+    import gc
+
+    gc.collect()
+    if "torch" in sys.modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+
 def bench_diffusers(checkpoint: Path, size: int, steps: int, runs: int) -> dict:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
+    _release_memory()
     watch = MemoryWatch()
     pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float16, safety_checker=None)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -271,7 +288,7 @@ def run(args: argparse.Namespace, device: dict) -> dict:
         make_tiny_checkpoint(checkpoint, TinyConfig(variant="sd15-shaped"))
     systems = [bench_diffusers(checkpoint, args.size, args.steps, args.runs)]
     for label, load in sdrt_variants(checkpoint, work / "engines", args.size):
-        systems.append(bench_sdrt(load(), label, args.size, args.steps, args.runs))
+        systems.append(bench_sdrt(load, label, args.size, args.steps, args.runs))
     peer = systems[0]["end_to_end_ms"]
     best = min((s["end_to_end_ms"] for s in systems[1:]), default=None)
     return {

@@ -6,7 +6,8 @@ then converted to fp16 with float32 IO (the timestep embedding's nodes kept fp32
 The CPU provider cannot run those fused models; the fp16 export of export/fp16.py is what runs there.
 
 Running: the UNet is bound to fixed device buffers (IO binding) per input shape, and with `enable_cuda_graph`
-each shape gets its own `gpu_graph_id`: ONNX Runtime captures on the first run of an id and replays afterwards.
+each shape gets its own `gpu_graph_id`: after one plain run (id -1) ONNX Runtime captures the id's first run and
+replays it afterwards.
 The other components run plainly on the CUDA provider. The VAE decoder's NaN/Inf outputs are computed again in
 fp32 (the fp16 VAE overflow).
 """
@@ -77,6 +78,7 @@ class GraphedSession:
         self.ort, self.session, self.component = ort, session, component
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self.dtypes = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}  # "tensor(float)" -> float32
         self.bindings: dict = {}  # input shapes -> (graph id, io binding, input values, output values)
 
     def _binding(self, feeds: dict[str, np.ndarray]):
@@ -84,14 +86,16 @@ class GraphedSession:
         if key not in self.bindings:
             ort = self.ort
             io = self.session.io_binding()
-            inputs = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n]), "cuda", 0)
+            inputs = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n], self.dtypes[n]), "cuda", 0)
                       for n in self.input_names}  # fmt: skip
             for n, value in inputs.items():
                 io.bind_ortvalue_input(n, value)
             for n in self.output_names:
                 io.bind_output(n, "cuda", 0)
             io.synchronize_inputs()
-            self.session.run_with_iobinding(io, self._options(len(self.bindings) + 1))  # warm-up + output shapes
+            # a plain run (gpu_graph_id -1: no capture) for the output shapes and the arena; ONNX Runtime captures
+            # this id on its next run, once the outputs below are bound to fixed buffers
+            self.session.run_with_iobinding(io, self._options(-1))
             outputs = dict(zip(self.output_names, io.get_outputs()))
             io.clear_binding_outputs()
             for n, value in outputs.items():
@@ -107,7 +111,9 @@ class GraphedSession:
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         graph_id, io, inputs, values = self._binding(feeds)
         for name, value in inputs.items():
-            value.update_inplace(np.ascontiguousarray(feeds[name], dtype=np.float32))
+            # same dtype as the bound buffer (update_inplace copies raw bytes; class_labels are int64)
+            value.update_inplace(np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]))
+        io.synchronize_inputs()  # the host -> device copies are done before the replay reads them
         try:
             self.session.run_with_iobinding(io, self._options(graph_id))
         except Exception as exc:
@@ -148,10 +154,7 @@ class OnnxRuntimeCudaBackend:
             if component == "text_encoder":
                 session = OnnxRuntimeTextEncoder(path, self._providers(False), self._tables)
             elif graph:
-                options = ort.SessionOptions()
-                options.log_severity_level = 3
-                raw = ort.InferenceSession(str(path), options, providers=self._providers(True))
-                session = GraphedSession(raw, component)
+                session = self._graphed_session(ort, path, component)
             else:
                 session = OnnxRuntimeSession(path, component, self._providers(False))
             if component == "vae_decoder" and not keep_vae:
@@ -159,5 +162,28 @@ class OnnxRuntimeCudaBackend:
             self._sessions[component] = session
         return self._sessions[component]
 
+    def _graphed_session(self, ort, path: Path, component: str):
+        """The CUDA-graph session, or (one warning) the plain CUDA one where ONNX Runtime refuses graph capture for
+        this model at session creation (a compute node placed on the CPU provider, control flow)."""
+        from .onnxruntime import OnnxRuntimeSession
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            raw = ort.InferenceSession(str(path), options, providers=self._providers(True))
+        except Exception as exc:  # onnxruntime raises its own Fail/RuntimeException types here
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            logger.warning("%s: no CUDA graph on ONNX Runtime (%s); running it without", component, reason)
+            return OnnxRuntimeSession(path, component, self._providers(False))
+        return GraphedSession(raw, component)
+
     def text_tables(self):
         return self._tables
+
+
+_ONNX_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}  # fmt: skip
+
+
+def _numpy_dtype(onnx_type: str):
+    return np.dtype(_ONNX_TYPES.get(onnx_type, np.float32))

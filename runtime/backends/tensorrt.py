@@ -64,7 +64,12 @@ class Engine:
         self.inputs = [n for n in names if is_input[n]]
         self.outputs = [n for n in names if not is_input[n]]
         self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
-        size = getattr(self.engine, "device_memory_size_v2", None) or self.engine.device_memory_size
+        # the largest activation size over all profiles; TensorRT 11 removed `device_memory_size` (v1), and a v2
+        # of 0 is a real answer (no activations), not a reason to ask v1
+        if hasattr(self.engine, "device_memory_size_v2"):
+            size = self.engine.device_memory_size_v2
+        else:
+            size = self.engine.device_memory_size
         shared.reserve(int(size))
         self.buffers: dict = {}  # name -> DeviceBuffer
         self.bound: dict[str, tuple[int, ...]] = {}
@@ -94,12 +99,13 @@ class Engine:
         if shapes == self.bound and self.memory_generation == self.shared.generation:
             return
         self.invalidate_graphs()
-        if self.memory_generation != self.shared.generation:
-            _set_device_memory(self.context, self.shared.buffer.ptr, self.shared.size)
-            self.memory_generation = self.shared.generation
         for name in self.inputs:
             if not self.context.set_input_shape(name, shapes[name]):
                 raise ModelError(f"{self.plan.name} rejects {name} of shape {shapes[name]}")
+        # after the shapes (TensorRT sizes user-managed activations for the current shapes), on every rebind
+        if self.shared.buffer is not None:
+            _set_device_memory(self.context, self.shared.buffer.ptr, self.shared.size)
+        self.memory_generation = self.shared.generation
         for name in self.inputs + self.outputs:
             shape = tuple(shapes[name]) if name in shapes else tuple(self.context.get_tensor_shape(name))
             nbytes = int(np.prod(shape)) * self.dtypes[name].itemsize
@@ -158,9 +164,13 @@ class Engine:
 
 
 def _set_device_memory(context, ptr: int, size: int) -> None:
-    """TensorRT >= 10.1 takes (pointer, size); 10.0 had a `device_memory` property."""
+    """TensorRT >= 10.1 (and 11) take (pointer, size) (setDeviceMemoryV2); older bindings one argument or the
+    `device_memory` property."""
     if hasattr(context, "set_device_memory"):
-        context.set_device_memory(ptr, size)
+        try:
+            context.set_device_memory(ptr, size)
+        except TypeError:  # a binding without the size argument
+            context.set_device_memory(ptr)
     else:
         context.device_memory = ptr
 

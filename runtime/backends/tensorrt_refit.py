@@ -43,8 +43,15 @@ def patch_targets(mapping: dict, values: dict[str, np.ndarray], refittable: set[
     return targets
 
 
-def as_engine_dtype(name: str, value: np.ndarray) -> np.ndarray:
-    """fp16 weights (the `__fp16` initializers) clamped to fp16's finite range; others stay float32."""
+def as_engine_dtype(name: str, value: np.ndarray, dtype=None) -> np.ndarray:
+    """fp16 weights clamped to fp16's finite range; others float32. `dtype` is the engine's own type for the
+    weight (the refitter's prototype) where TensorRT reports it; otherwise the `__fp16` name suffix decides."""
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+        if dtype == np.float16:
+            limit = float(np.finfo(np.float16).max)
+            return np.ascontiguousarray(np.clip(value, -limit, limit).astype(np.float16))
+        return np.ascontiguousarray(value, dtype)
     if name.endswith("__fp16"):
         limit = float(np.finfo(np.float16).max)
         return np.ascontiguousarray(np.clip(value, -limit, limit).astype(np.float16))
@@ -69,11 +76,24 @@ def refit_component(backend, component: str, engines: list, values: dict[str, np
         missing = [n for n in targets if n not in patched]
         for name, base in onnx_initializers(fp16_model, missing):
             patched[name] = base
-        keep_alive = []
+        keep_alive = []  # the host arrays must outlive refit_cuda_engine
         for name in set(patched) | set(targets):
-            array = as_engine_dtype(name, targets[name] if name in targets else patched[name])
+            array = as_engine_dtype(name, targets[name] if name in targets else patched[name],
+                                    _engine_dtype(trt, refitter, name))  # fmt: skip
+            keep_alive.append(array)
+            if not refitter.set_named_weights(name, trt.Weights(array)):
+                raise ModelError(f"{engine.plan.name}: TensorRT rejects new values for {name} "
+                                 f"({array.dtype}, {array.size} values)")  # fmt: skip
+        fused = list(refitter.get_missing_weights())  # weights TensorRT combined with those set: base values
+        for name, base in onnx_initializers(fp16_model, fused):
+            array = as_engine_dtype(name, base, _engine_dtype(trt, refitter, name))
             keep_alive.append(array)
             refitter.set_named_weights(name, trt.Weights(array))
+        still = list(refitter.get_missing_weights())
+        if still:
+            engine.invalidate_graphs()
+            raise ModelError(f"refitting {engine.plan.name} also needs {len(still)} weights not in "
+                             f"{fp16_model.name}, e.g. {still[0]}")  # fmt: skip
         ok = refitter.refit_cuda_engine()
         engine.invalidate_graphs()
         if not ok:
@@ -81,3 +101,14 @@ def refit_component(backend, component: str, engines: list, values: dict[str, np
     for name in [n for n in patched if n not in targets]:
         del patched[name]  # back at base: nothing to restore next time
     logger.info("%s: refitted %d weights", component, len(values))
+
+
+def _engine_dtype(trt, refitter, name: str):
+    """The numpy type TensorRT expects for weight `name` (its prototype, TensorRT >= 10.x), or None if unknown."""
+    prototype = getattr(refitter, "get_weights_prototype", None)
+    if prototype is None:
+        return None
+    try:
+        return np.dtype(trt.nptype(prototype(name).dtype))
+    except Exception:  # an older binding, or a type numpy lacks: fall back to the name rule
+        return None

@@ -35,9 +35,16 @@ class GraphedUNet:
         return out.sample
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        key = tuple((name, tuple(t.shape)) for name, t in inputs.items())
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
         if key not in self.graphs:
-            self.graphs[key] = self._capture(inputs)
+            try:
+                self.graphs[key] = self._capture(inputs)
+            except Exception as exc:  # an op that cannot be captured: this shape runs eagerly from now on
+                reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+                logger.warning("unet: CUDA graph capture failed, running eagerly (%s)", reason)
+                self.graphs[key] = None
+        if self.graphs[key] is None:
+            return self.forward(**inputs)
         graph, static, output = self.graphs[key]
         for name, tensor in inputs.items():
             static[name].copy_(tensor)

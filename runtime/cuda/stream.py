@@ -93,13 +93,15 @@ class CudaGraph:
             failure = exc
         result = rt.cudaStreamEndCapture(self.stream.handle)
         if failure is not None:
-            if result[0] == rt.cudaError_t.cudaSuccess and result[1] is not None:
+            if result[0] == rt.cudaError_t.cudaSuccess and result[1] is not None and int(result[1]):  # not NULL
                 check(rt.cudaGraphDestroy(result[1]), "cudaGraphDestroy")
+            rt.cudaGetLastError()  # clear the invalidated capture's error so the eager run that follows starts clean
             raise CaptureError(f"capturing a CUDA graph failed: {failure}") from failure
         try:
             self.graph = check(result, "cudaStreamEndCapture")
             self.exec = check(rt.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
         except CudaError as exc:
+            rt.cudaGetLastError()
             self.destroy()
             raise CaptureError(str(exc), exc.code) from exc
 
