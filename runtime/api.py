@@ -50,6 +50,7 @@ class GenerationResult:
     infotexts: list[str]  # A1111 "parameters" text of each image
     request: Txt2ImgRequest  # the validated request, defaults filled in
     parameters: dict = field(default_factory=dict)
+    interrupted: bool = False  # interrupted while running (runtime.serving): sampling may have stopped early
 
 
 class StableDiffusion:
@@ -70,6 +71,9 @@ class StableDiffusion:
         # Called after every UNet evaluation with the pass's step total (runtime.serving: progress, cancel by
         # raising); None: no hook. Not thread-safe: one caller at a time, as the serving worker guarantees.
         self.step_hook: Callable[[int], None] | None = None
+        # Asked after every sampler step (runtime.serving's interrupt): True skips the remaining steps and decodes
+        # the latents of the last one, as A1111's interrupt and diffusers' `pipe._interrupt` do; None: never.
+        self.interrupt_hook: Callable[[], bool] | None = None
 
     def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
         """Load the textual-inversion embeddings of `folder` (usable by name in prompts); return their names."""

@@ -33,7 +33,7 @@ class ServiceError(SdrtError):
 
 
 class RequestCancelled(ServiceError):
-    """The request was cancelled (by its caller, an interrupt, a client that went away, or shutdown)."""
+    """The request was cancelled (by its caller, a client that went away, shutdown, or skipped after an interrupt)."""
 
 
 class RequestTimeout(ServiceError):

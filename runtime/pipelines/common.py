@@ -21,6 +21,15 @@ def image_generators(seed: int, batch: int) -> list[TorchGenerator]:
     return [TorchGenerator(seed + i) for i in range(batch)]
 
 
+class SamplingInterrupted(Exception):
+    """Raised from a sampler callback to end sampling after step `i`; run_sampler returns the latents at x."""
+
+    def __init__(self, i: int, x: np.ndarray):
+        super().__init__(f"sampling interrupted after step {i + 1}")
+        self.i = i
+        self.x = x
+
+
 def run_sampler(
     spec: SamplerSpec,
     denoiser: Denoiser,
@@ -28,14 +37,30 @@ def run_sampler(
     schedule: Schedule,
     generators: list[TorchGenerator],
     callback: Callable[[int, np.ndarray], np.ndarray] | None = None,  # after step i: may replace x
+    interrupted: Callable[[], bool] | None = None,  # asked after each step: True ends sampling there
 ) -> np.ndarray:
-    """Sample from VE-space x down the schedule; return the latents the VAE decodes ([B, 4, h, w])."""
+    """Sample from VE-space x down the schedule; return the latents the VAE decodes ([B, 4, h, w]).
+
+    When `interrupted()` answers True after step i (A1111's interrupt, diffusers' `pipe._interrupt`), the remaining
+    steps are skipped and the latents after step i are returned, as diffusers would decode them."""
     shape = x.shape[1:]
 
     def noise() -> np.ndarray:
         return batch_randn(generators, shape)
 
-    return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=callback))
+    def after_step(i: int, x: np.ndarray) -> np.ndarray:
+        if callback is not None:
+            x = callback(i, x)
+        if i + 1 < schedule.steps and interrupted():
+            raise SamplingInterrupted(i, x)
+        return x
+
+    if interrupted is None:
+        return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=callback))
+    try:
+        return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=after_step))
+    except SamplingInterrupted as stop:
+        return schedule.latents_after(stop.i, stop.x)
 
 
 def decode_latents(model: StableDiffusion, latents: np.ndarray) -> np.ndarray:

@@ -60,5 +60,5 @@ def depth2img(
     denoiser.extra_channels = np.concatenate([depth] * denoiser.copies)  # [N, 1, h, w]
     with model.progress(len(schedule.timesteps), "depth2img") as tick:
         denoiser.on_call = tick
-        latents = run_sampler(spec, denoiser, x, schedule, generators)
+        latents = run_sampler(spec, denoiser, x, schedule, generators, interrupted=model.interrupt_hook)
     return decode_latents(model, latents)

@@ -55,10 +55,13 @@ def hires_fix(
     hires_strength: float,
 ) -> np.ndarray:
     """Images float32 [B, target_height, target_width, 3] in [0, 1]; base_request: a validated txt2img request at
-    the base (first pass) size. hires_steps 0: as many as the base request's steps."""
+    the base (first pass) size. hires_steps 0: as many as the base request's steps. Interrupted during the first
+    pass (model.interrupt_hook): its images at the base size, without the second pass."""
     check_hires(model.info, base_request, target_width, target_height, upscaler, hires_steps, hires_strength)
     scale = model.info["vae_scale_factor"]
     latents = txt2img_latents(model, base_request)  # [B, 4, h, w]
+    if model.interrupt_hook is not None and model.interrupt_hook():  # as A1111: no second pass after an interrupt
+        return decode_latents(model, latents)  # [B, H, W, 3] at the base size
     cover_w, cover_h = upscale_size(base_request.width, base_request.height, target_width, target_height)
     generators = image_generators(base_request.seed, base_request.batch_size)  # re-seeded, as A1111's second pass
     if upscaler == "Lanczos":

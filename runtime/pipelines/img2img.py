@@ -63,4 +63,4 @@ def denoise_latents(
     denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
     with model.progress(len(schedule.timesteps), label) as tick:
         denoiser.on_call = tick
-        return run_sampler(spec, denoiser, x, schedule, generators)
+        return run_sampler(spec, denoiser, x, schedule, generators, interrupted=model.interrupt_hook)

@@ -68,7 +68,7 @@ def inpaint(
         callback = _blend_known(image_latents, noise, latent_mask, schedule.sigmas)
     with model.progress(len(schedule.timesteps), "inpaint") as tick:
         denoiser.on_call = tick
-        latents = run_sampler(spec, denoiser, x, schedule, generators, callback)
+        latents = run_sampler(spec, denoiser, x, schedule, generators, callback, model.interrupt_hook)
     if not nine_channels:  # diffusers' last blend uses the clean init latents, in latent space
         latents = (1 - latent_mask) * image_latents + latent_mask * latents
     return decode_latents(model, latents)

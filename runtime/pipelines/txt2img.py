@@ -49,7 +49,7 @@ def txt2img_latents(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarr
     denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
     with model.progress(len(schedule.timesteps), "sampling") as tick:
         denoiser.on_call = tick
-        return run_sampler(spec, denoiser, x, schedule, generators)
+        return run_sampler(spec, denoiser, x, schedule, generators, interrupted=model.interrupt_hook)
 
 
 def _inpainting_model_txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:

@@ -49,7 +49,7 @@ def upscale(model: StableDiffusion, request: Txt2ImgRequest, low_res: np.ndarray
     denoiser.extra_feeds = {"class_labels": np.full(rows, noise_level, dtype=np.int64)}  # [N]
     with model.progress(len(schedule.timesteps), "upscale") as tick:
         denoiser.on_call = tick
-        latents = run_sampler(spec, denoiser, x, schedule, generators)
+        latents = run_sampler(spec, denoiser, x, schedule, generators, interrupted=model.interrupt_hook)
     return decode_latents(model, latents)
 
 

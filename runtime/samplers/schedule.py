@@ -32,6 +32,7 @@ class Schedule:
     clip_denoised: float = np.inf  # clamp denoised to +-this (clip_sample of DDIM, DDPM, LCM); inf = off
     options: dict = field(default_factory=dict)  # per-scheduler constants (solver variant, LCM scalings ...)
     vp_output: bool = True  # diffusers returns x / sqrt(1 + sigmas[-1]^2); False: the VE x itself (see latents)
+    vp_samples: bool = False  # diffusers' scheduler keeps x / sqrt(1 + sigma^2) between steps (DDIM, DPM-Solver ...)
 
     @property
     def steps(self) -> int:
@@ -43,6 +44,15 @@ class Schedule:
         if not self.vp_output or self.sigmas[-1] == 0:
             return x
         return x * np.float32(1 / np.sqrt(1 + self.sigmas[-1] ** 2))
+
+    def latents_after(self, i: int, x: np.ndarray) -> np.ndarray:
+        """The latents diffusers holds after step i (sampling stopped there, its `_interrupt`) from the sampler's x
+        at sigmas[i + 1]: x / sqrt(1 + sigmas[i + 1]^2) for the VP-native schedulers, else the VE x itself."""
+        if i + 1 >= self.steps:
+            return self.latents(x)
+        if not self.vp_samples:
+            return x
+        return x * np.float32(1 / np.sqrt(1 + self.sigmas[i + 1] ** 2))
 
     def targets(self) -> np.ndarray:
         """[n] the level each step lands on (`sigmas_to` where set, else sigmas[1:])."""

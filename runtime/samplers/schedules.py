@@ -7,6 +7,7 @@ and the dispatch; schedules_vp.py the VP-native ones. Each builder mirrors its c
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -144,6 +145,8 @@ BUILDERS: dict[str, Callable[[dict, int], Schedule]] = {
     "DPMSolverSDEScheduler": _dpm_sde,
 }
 VARIANTS: dict[str, Callable[[dict, int], Schedule]] = {"dpmpp_2s": _dpmpp_2s}
+VP_SAMPLES = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "LCMScheduler", "DPMSolverMultistepScheduler",
+              "UniPCMultistepScheduler")  # classes whose samples between steps are VP (Schedule.vp_samples)
 
 
 def build_schedule(
@@ -153,4 +156,6 @@ def build_schedule(
     (or sdrt's `variant` of it, e.g. "dpmpp_2s")."""
     cfg = resolve_config(class_name, scheduler_config, overrides)
     check_steps(steps, cfg["num_train_timesteps"])
-    return (VARIANTS[variant] if variant else BUILDERS[class_name])(cfg, steps)
+    if variant:
+        return VARIANTS[variant](cfg, steps)
+    return dataclasses.replace(BUILDERS[class_name](cfg, steps), vp_samples=class_name in VP_SAMPLES)

@@ -110,23 +110,26 @@ def _plain(errors: list) -> list:
 
 
 async def _run(request: Request, calls: list[a1111.Call]) -> list:
-    """Submit every call and wait for all results; cancel them all if the client goes away or one fails."""
+    """Submit every call and wait for all results; cancel them all if the client goes away or one fails. The calls
+    still queued when one is interrupted are skipped (Job.skipped) and left out (A1111 skips the remaining n_iter)."""
     service: Service = request.app.state.service
     timeout = request.app.state.limits.request_timeout
     jobs: list[Job] = []
+    group = object()  # the service skips the queued calls of an interrupted request
     try:
         for call in calls:
-            jobs.append(service.submit(call.mode, *call.args, timeout=timeout, **call.options))
+            jobs.append(service.submit(call.mode, *call.args, timeout=timeout, group=group, **call.options))
         waiting = [asyncio.wrap_future(job.future) for job in jobs]
         while True:
             done, pending = await asyncio.wait(waiting, timeout=POLL_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
-            if any(f.exception() is not None for f in done) or not pending:
+            failed = [f for f, job in zip(waiting, jobs) if f in done and not job.skipped and f.exception()]
+            if failed or not pending:
                 break
             for job in jobs:
                 job.check_deadline()
             if await request.is_disconnected():
                 raise ClientGone
-        return [f.result() for f in waiting]
+        return [f.result() for f, job in zip(waiting, jobs) if not job.skipped]
     finally:
         for job in jobs:
             job.cancel("cancelled: its HTTP request ended")

@@ -87,10 +87,11 @@ def txt2img_group(
     requests: list[Txt2ImgRequest],
     conditionings: list[Conditioning],
     on_step: StepCallback | None = None,
+    interrupted: Callable[[], bool] | None = None,
 ) -> list[np.ndarray]:
     """Images float32 [B_r, H, W, 3] per request, from one sampler run over all their rows (txt2img_latents'
     steps with merged conditioning and per-row seeded streams). `on_step(i, n, x)` runs after each step and may
-    raise to stop the run."""
+    raise to stop the run; `interrupted()`, asked after each step, True: decode the latents of that step."""
     first = requests[0]
     info = model.info
     spec, schedule_type = sampler_of(first)
@@ -111,6 +112,6 @@ def txt2img_group(
 
     with model.progress(steps, "sampling") as tick:
         denoiser.on_call = tick
-        latents = run_sampler(spec, denoiser, x, schedule, generators, callback)
+        latents = run_sampler(spec, denoiser, x, schedule, generators, callback, interrupted)
     images = decode_latents(model, latents)  # [sum B_r, H, W, 3]
     return np.split(images, np.cumsum(rows)[:-1])

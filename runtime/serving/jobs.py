@@ -33,7 +33,8 @@ ProgressCallback = Callable[[Progress], None]
 
 class Job:
     """A submitted request. `result()` waits for its GenerationResult or raises its typed error; `cancel()` stops it
-    whether queued or running (its batch-mates carry on)."""
+    whether queued or running (its batch-mates carry on); `interrupt()` ends a running one's sampling early, and
+    its result holds the images of the steps done (A1111's interrupt)."""
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class Job:
         callback: ProgressCallback | None = None,
         preview: bool = False,
         timeout: float | None = None,
+        group: object | None = None,
     ):
         self.id = next(_ids)
         self.mode = mode
@@ -60,6 +62,9 @@ class Job:
         self.started: float | None = None
         self.step = 0
         self.steps = 0
+        self.group = group  # requests submitted together (A1111's n_iter): an interrupt skips the queued ones
+        self.interrupted = False  # set by interrupt(): sampling stops after the current step
+        self.skipped = False  # cancelled unstarted because a request of its group was interrupted
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self._lock = threading.Lock()
 
@@ -83,6 +88,21 @@ class Job:
     def cancel(self, reason: str = "cancelled") -> bool:
         """Cancel the request: a queued one never runs, a running one stops at its next step."""
         return self.finish(error=RequestCancelled(f"request {self.id} {reason}"))
+
+    def interrupt(self) -> bool:
+        """Ask a running request to stop sampling after its current step and return what it has; False when it is
+        not running, already settled or already interrupted."""
+        with self._lock:
+            if self.started is None or self.future.done() or self.interrupted:
+                return False
+            self.interrupted = True
+            return True
+
+    def skip(self) -> bool:
+        """Cancel a request that has not run because one of its group was interrupted (A1111 skips the remaining
+        iterations); True when it was settled now."""
+        self.skipped = self.cancel("skipped: an earlier request of its group was interrupted")
+        return self.skipped
 
     def check_deadline(self) -> bool:
         """Settle the job with RequestTimeout if its deadline has passed; True when it is (now) timed out."""

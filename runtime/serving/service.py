@@ -3,7 +3,8 @@
     service = Service(runtime.load("models/tiny"))
     result = service.txt2img("a cat", seed=1, steps=20)          # blocking, from any thread
     job = service.submit("txt2img", "a dog", callback=print, timeout=30)
-    job.cancel()                                                  # queued or running
+    job.cancel()                                                  # queued or running: an error, no images
+    service.interrupt()                                           # running: stop after this step, keep its images
     service.close(drain=True)
 
 Plain txt2img requests that agree on every setting except prompt, negative prompt, seed and batch size run in
@@ -14,6 +15,7 @@ hires fix, inpainting models, prompts with extra networks) runs alone through th
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -80,10 +82,12 @@ class Service:
         callback: ProgressCallback | None = None,
         preview: bool = False,
         timeout: float | None = None,
+        group: object | None = None,
         **options,
     ) -> Job:
         """Queue a request for StableDiffusion.<mode>(*args, **options); return its Job at once. txt2img requests
-        are validated here, so a bad one raises InvalidRequestError in the caller's thread."""
+        are validated here, so a bad one raises InvalidRequestError in the caller's thread. `group`: any object
+        shared by requests submitted together (A1111's n_iter); interrupting one skips those still queued."""
         if mode not in MODES:
             raise InvalidRequestError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         timeout = self.config.timeout if timeout is None else timeout
@@ -93,7 +97,7 @@ class Service:
         if mode == "txt2img":
             options, key = self._prepare_txt2img(args, options)
             rows = options["request"].batch_size
-        job = Job(mode, args, options, key, rows, callback, preview, timeout)
+        job = Job(mode, args, options, key, rows, callback, preview, timeout, group)
         with self._cond:
             if self._closed:
                 raise ServiceClosed("the service is shut down")
@@ -117,10 +121,17 @@ class Service:
         return self.generate("inpaint", prompt, init_image, mask, **options)
 
     def interrupt(self) -> int:
-        """Cancel the requests running now (A1111's interrupt); queued ones stay. Returns how many."""
+        """A1111's interrupt: the requests running now stop sampling after the current step and return the images
+        of the steps done (their infotexts keep the requested Steps); queued ones stay. The running batch stops as a
+        whole (every request in it is interrupted), so no request's images depend on another's interrupt. Queued
+        requests of an interrupted one's group are skipped (Job.skip). Returns how many requests were interrupted."""
         with self._cond:
-            running = list(self._running)
-        return sum(job.cancel("interrupted") for job in running)
+            interrupted = [job for job in self._running if job.interrupt()]
+            groups = {id(job.group) for job in interrupted if job.group is not None}
+            for job in list(self._queue):
+                if job.group is not None and id(job.group) in groups:
+                    job.skip()
+            return len(interrupted)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Take no new requests; drain=True finishes the queued ones first, False cancels everything."""
@@ -239,12 +250,15 @@ class Service:
                 self._count(job)
 
     def _count(self, job: Job) -> None:
-        """Tally a settled job's outcome: completed, failed, cancelled or timed_out."""
+        """Tally a settled job's outcome: completed, interrupted (images of fewer steps), failed, cancelled or
+        timed_out."""
         error = None if job.future.cancelled() else job.future.exception()
         if job.future.cancelled() or isinstance(error, RequestCancelled):
             self.counts["cancelled"] += 1
         elif isinstance(error, RequestTimeout):
             self.counts["timed_out"] += 1
+        elif error is None and getattr(job.future.result(), "interrupted", False):
+            self.counts["interrupted"] += 1
         else:
             self.counts["completed" if error is None else "failed"] += 1
 
@@ -270,11 +284,14 @@ class Service:
             fields = {k: v for k, v in vars(request).items() if k != "prompt"}
             options = dict(fields, **options["extras"], watermark=options["watermark"])
         self.model.step_hook = hook
+        interrupted = _InterruptCheck([job])
+        self.model.interrupt_hook = interrupted
         try:
             result = getattr(self.model, job.mode)(*job.args, **options)
         finally:
             self.model.step_hook = None
-        job.finish(result)
+            self.model.interrupt_hook = None
+        job.finish(dataclasses.replace(result, interrupted=True) if interrupted.fired else result)
 
     def _run_batched(self, group: list[Job]) -> None:
         """Compatible txt2img requests in as few sampler runs as their conditionings allow."""
@@ -288,9 +305,10 @@ class Service:
             jobs = [group[i] for i in members]
             if all(job.done() for job in jobs):
                 continue
+            interrupted = _InterruptCheck(jobs)
             try:
                 images = txt2img_group(
-                    self.model, [requests[i] for i in members], conditionings, self._stepper(jobs)
+                    self.model, [requests[i] for i in members], conditionings, self._stepper(jobs), interrupted
                 )
             except _Abandoned:
                 continue
@@ -298,7 +316,8 @@ class Service:
                 self._fail(jobs, exc)
                 continue
             for job, rows in zip(jobs, images):
-                job.finish(self.model._result(job.options["request"], rows, {}, job.options["watermark"]))
+                result = self.model._result(job.options["request"], rows, {}, job.options["watermark"])
+                job.finish(dataclasses.replace(result, interrupted=True) if interrupted.fired else result)
 
     @staticmethod
     def _stepper(jobs: list[Job]):
@@ -318,3 +337,20 @@ class Service:
                 raise _Abandoned
 
         return on_step
+
+
+
+class _InterruptCheck:
+    """The interrupt check of a run (model.interrupt_hook, txt2img_group's `interrupted`): True once every request
+    still waiting in it is interrupted, so an interrupt of only some requests of a batch leaves every image of it as
+    it is. `fired`: it answered True, i.e. sampling stopped early."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        self.fired = False
+
+    def __call__(self) -> bool:
+        waiting = [job for job in self.jobs if not job.done()]
+        if waiting and all(job.interrupted for job in waiting):
+            self.fired = True
+        return self.fired

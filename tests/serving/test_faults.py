@@ -75,8 +75,36 @@ def test_interrupt_during_generation(client, service, slow_device):
     assert client.post("/sdapi/v1/interrupt").status_code == 200
     thread.join(30)
     response = outcome["response"]
-    assert response.status_code == 409 and "interrupted" in response.json()["detail"]
+    assert response.status_code == 200, response.text  # A1111: the images of the steps done, not an error
     assert time.monotonic() - start < 0.02 * 100 * 2  # stopped well before its 100 steps (2 UNet calls each)
+    data = response.json()
+    info = json.loads(data["info"])
+    assert len(data["images"]) == 1 and info["steps"] == 100 and info["all_seeds"] == [LONG["seed"]]
+    assert "Steps: 100," in info["infotexts"][0]  # the requested steps, as A1111 writes them
+    assert service.counts["interrupted"] >= 1
+    _assert_serving(client)
+
+
+def test_interrupt_skips_the_remaining_iterations(client, service, slow_device):
+    """n_iter calls that run one after another (hires fix runs alone): an interrupt during the first answers with
+    its images only, as A1111 skips the remaining iterations."""
+    outcome = {}
+    body = dict(LONG, n_iter=3, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2)
+
+    def generate():
+        outcome["response"] = client.post("/sdapi/v1/txt2img", json=body)
+
+    thread = threading.Thread(target=generate)
+    thread.start()
+    _wait_for_step(client)
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    thread.join(30)
+    response = outcome["response"]
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert len(data["images"]) == 1 and json.loads(data["info"])["all_seeds"] == [LONG["seed"]]
+    assert _pixels(data["images"][0]).shape == (SIZE, SIZE, 3)  # no second pass after an interrupt
+    assert _idle(service)
     _assert_serving(client)
 
 
