@@ -2,8 +2,9 @@
 
     python -m benchmarks.serving                      # tiny model, 64x64, 4 steps, 64 concurrent requests
 
-* overhead: the median HTTP round trip of one small txt2img request (sequential, real server on loopback,
-  httpx; PNG encoding and base64 included) minus the median of the same request through StableDiffusion.txt2img;
+* overhead: the median HTTP round trip of one small txt2img request (sequential; `cli.py serve` in its own process
+  on loopback, httpx with keep-alive; PNG encoding and base64 included) minus the median of the same request
+  through StableDiffusion.txt2img in this process;
 * throughput: N concurrent requests (distinct prompts and seeds) with batching on and off: requests/s and
   p50/p99 latency per request.
 Writes JSON (default benchmarks/results/<date>-cpu-serving.json).
@@ -12,12 +13,17 @@ Writes JSON (default benchmarks/results/<date>-cpu-serving.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,13 +78,40 @@ def measure_load(url: str, count: int, size: int, steps: int) -> dict:
             "latency_p50_s": _percentile(latencies, 0.5), "latency_p99_s": _percentile(latencies, 0.99)}  # fmt: skip
 
 
-def run_server(sd, batching: bool, max_batch: int):
-    from runtime.server import ServerThread
-    from runtime.server.app import create_app
-    from runtime.serving import Service, ServiceConfig
+@contextlib.contextmanager
+def run_server(model: Path, engines: Path, batching: bool, max_batch: int) -> Iterator[str]:
+    """`python cli.py serve` in its own process (as deployed; a server thread inside this process would share its GIL
+    with the client and inflate every round trip); yields its URL once /health answers."""
+    import httpx
 
-    service = Service(sd, ServiceConfig(batching=batching, max_batch_images=max_batch))
-    return service, ServerThread(create_app(service, close_on_shutdown=False))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py"), "--quiet", "serve", "--model",
+            str(model), "--engines", str(engines), "--port", str(port), "--max-batch-images", str(max_batch),
+            ] + ([] if batching else ["--no-batching"])  # fmt: skip
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited: {server.stderr.read().strip()[-300:]}")
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server did not start within 120 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
-    sd = runtime.load(make_model("tiny", workdir), engines_dir=workdir / "engines")
+    model, engines = make_model("tiny", workdir), workdir / "engines"
+    sd = runtime.load(model, engines_dir=engines)  # exports once; the servers reuse the artifacts
     record = {
         "device": f"CPU ({platform.processor() or platform.machine()}, {_cpu_count()} cores)",
         "command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -107,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         "versions": _versions(),
     }  # fmt: skip
     for batching in (True, False):
-        service, server = run_server(sd, batching, args.max_batch)
+        server = run_server(model, engines, batching, args.max_batch)
         with server as url, httpx.Client(base_url=url, timeout=600) as client:
             client.post("/sdapi/v1/txt2img", json=_body(0, args.size, args.steps)).raise_for_status()  # warm-up
             if batching:
@@ -115,7 +149,6 @@ def main(argv: list[str] | None = None) -> dict:
             record["batching_on" if batching else "batching_off"] = measure_load(
                 url, args.requests, args.size, args.steps
             )
-        service.close()
     record["throughput_gain"] = record["batching_on"]["requests_per_s"] / record["batching_off"]["requests_per_s"]
     out = Path(args.out or f"benchmarks/results/{record['date']}-cpu-serving.json")
     out.parent.mkdir(parents=True, exist_ok=True)
