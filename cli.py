@@ -218,7 +218,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--request-timeout must be positive, not {args.request_timeout}")
     limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
                     max_body_bytes=int(args.max_body_mb * 2**20), request_timeout=args.request_timeout)  # fmt: skip
-    sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle)
+    sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle,
+                      **_checkpoint_options(args))  # fmt: skip
+    if args.embeddings:
+        sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
+    sd.set_lora_dir(args.lora_dir, allow_pickle=args.allow_pickle)
     config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
     with Service(sd, config) as service:
         print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
@@ -231,12 +235,16 @@ def _add_serve_command(sub) -> None:
     from runtime.backends import BACKENDS
 
     p = sub.add_parser("serve", help="serve the A1111-compatible HTTP API (needs the serve extra)")
-    p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
+    p.add_argument("--model", required=True,
+                   help="diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
     p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    _add_checkpoint_options(p)
+    p.add_argument("--lora-dir", default=None, help="folder where <lora:name:weight> prompt tags find their files")
+    p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
     p.add_argument("--no-batching", action="store_true", help="run every request alone (default: batch compatible)")
     p.add_argument("--max-batch-images", type=int, default=8, help="images per batched UNet run (default 8)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default: none)")

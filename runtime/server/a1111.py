@@ -8,6 +8,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image, ImageOps, PngImagePlugin
 
@@ -21,6 +22,8 @@ from .schemas import GenerationBody, Img2ImgBody, Txt2ImgBody
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}  # 3: latent upscale
 SCHEDULER_NAMES = {t: "automatic" if t == "default" else t.lower().replace(" ", "_") for t in SCHEDULE_TYPES}
 SCHEDULER_LABELS = {t: "Automatic" if t == "default" else t for t in SCHEDULE_TYPES}
+IMAGE_UPSCALERS = ("Lanczos",)  # hr_upscaler names that work on pixels (runtime.pipelines.hires)
+LATENT_UPSCALERS = ("Latent", "Latent (nearest)", "Latent (nearest-exact)")  # A1111's latent upscale modes
 
 
 @dataclass
@@ -209,3 +212,64 @@ def png_info(data: str, limits: Limits) -> dict:
         prompt, negative, fields = parse_parameters(text)
         parameters = {"Prompt": prompt, "Negative prompt": negative, **fields}
     return {"info": text, "items": items, "parameters": parameters}
+
+
+def model_hash(model) -> str:
+    """A1111's short hash of the served checkpoint (a single file's sha256[:10]; a folder's content hash)."""
+    source = model.info.get("source") or {}
+    return source.get("model_hash") or model.key.rsplit("-", 1)[-1]
+
+
+def model_title(model) -> str:
+    """The checkpoint's A1111 title, "name [hash]" (what sd_model_checkpoint holds)."""
+    return f"{model.name} [{model_hash(model)}]"
+
+
+def options(model) -> dict:
+    """GET /sdapi/v1/options: the settings A1111 clients read, as this server applies them."""
+    source = model.info.get("source") or {}
+    return {
+        "sd_model_checkpoint": model_title(model),
+        "sd_checkpoint_hash": model_hash(model),
+        "sd_vae": source.get("vae") or "Automatic",
+        "CLIP_stop_at_last_layers": 1,  # per request: clip skip is set in override_settings or the request
+        "eta_ddim": 0.0,
+        "samples_format": "png",
+        "sd_lora": "None",
+        "live_previews_enable": False,
+    }
+
+
+def check_options(body: dict, model) -> None:
+    """POST /sdapi/v1/options: only one checkpoint is served, so asking for another is a 422 naming the one served;
+    every other setting is accepted and changes nothing."""
+    wanted = body.get("sd_model_checkpoint")
+    if wanted is None:
+        return
+    text = str(wanted).strip()
+    name, _, tag = text.partition(" [")  # A1111 titles: "file.safetensors [hash]"
+    if tag and tag.rstrip("]") != model_hash(model):
+        name = ""  # another checkpoint of the same name
+    if text != model_hash(model) and Path(name).stem != model.name and name != model.name:
+        raise InvalidRequestError(f"this server serves only {model_title(model)!r}, not {wanted!r}")
+
+
+def loras(model) -> list[dict]:
+    """GET /sdapi/v1/loras: the LoRA files of the model's LoRA folder (--lora-dir), by name as prompts use them."""
+    from ..lora.files import LORA_SUFFIXES, PICKLE_SUFFIXES
+
+    folder = getattr(model, "lora_dir", None)
+    if folder is None or not Path(folder).is_dir():
+        return []
+    allowed = LORA_SUFFIXES if model.lora_allow_pickle else tuple(s for s in LORA_SUFFIXES if s not in PICKLE_SUFFIXES)
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in allowed)
+    return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in files]
+
+
+def embeddings(model) -> dict:
+    """GET /sdapi/v1/embeddings: loaded textual inversions ({name: {shape, vectors, ...}}) and skipped ones."""
+    loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": int(e.vec.shape[1]),
+                     "vectors": e.vectors} for name, e in model.embeddings.embeddings.items()}  # fmt: skip
+    skipped = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": 0}
+               for name, width in model.embeddings.skipped.items()}  # fmt: skip
+    return {"loaded": loaded, "skipped": skipped}

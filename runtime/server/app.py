@@ -48,7 +48,8 @@ POLL_SECONDS = 0.1  # how often a waiting request checks its client and deadline
 STATUS_OF = {InvalidRequestError: 422, QueueFull: 429, RequestTimeout: 408, RequestCancelled: 409, ServiceClosed: 503}
 ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
           "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/png-info", "/health",
-          "/metrics", "/openapi.json", "/docs"}  # fmt: skip
+          "/metrics", "/openapi.json", "/docs", "/sdapi/v1/options", "/sdapi/v1/loras", "/sdapi/v1/embeddings",
+          "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes", "/sdapi/v1/sd-vae"}  # fmt: skip
 
 
 class ClientGone(Exception):
@@ -179,9 +180,10 @@ def _add_info_routes(app: FastAPI) -> None:
     @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
     async def sd_models(request: Request):
         model = request.app.state.service.model
-        short = model.key.rsplit("-", 1)[-1]
-        return [{"title": f"{model.name} [{short}]", "model_name": model.name, "hash": short, "sha256": None,
-                 "filename": str(model.info.get("path", model.name)), "config": None}]  # fmt: skip
+        return [{"title": a1111.model_title(model), "model_name": model.name, "hash": a1111.model_hash(model),
+                 "sha256": None, "filename": str(model.info.get("path", model.name)), "config": None}]  # fmt: skip
+
+    _add_listing_routes(app)
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
     async def progress(request: Request, skip_current_image: bool = False):
@@ -204,3 +206,39 @@ def _add_info_routes(app: FastAPI) -> None:
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics(request: Request):
         return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _add_listing_routes(app: FastAPI) -> None:
+    """What A1111 clients read before generating: settings, LoRAs, embeddings, upscalers, VAEs. One model is served;
+    POST /sdapi/v1/options accepts settings that change nothing here and refuses a different checkpoint."""
+
+    @app.get("/sdapi/v1/options")
+    async def options(request: Request):
+        return a1111.options(request.app.state.service.model)
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(body: dict, request: Request):
+        a1111.check_options(body, request.app.state.service.model)
+        return None
+
+    @app.get("/sdapi/v1/loras")
+    async def loras(request: Request):
+        return await asyncio.to_thread(a1111.loras, request.app.state.service.model)
+
+    @app.get("/sdapi/v1/embeddings")
+    async def embeddings(request: Request):
+        return a1111.embeddings(request.app.state.service.model)
+
+    @app.get("/sdapi/v1/upscalers")
+    async def upscalers():
+        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                for name in a1111.IMAGE_UPSCALERS]  # fmt: skip
+
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    async def latent_upscale_modes():
+        return [{"name": name} for name in a1111.LATENT_UPSCALERS]
+
+    @app.get("/sdapi/v1/sd-vae")
+    async def sd_vae(request: Request):
+        source = request.app.state.service.model.info.get("source") or {}
+        return [{"model_name": source["vae"], "filename": source["vae"]}] if source.get("vae") else []

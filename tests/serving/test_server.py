@@ -187,3 +187,48 @@ def test_hires_fix_fields(client, tiny_model):
     assert _png_text(data["images"][0]) == reference.infotexts[0]
     bad = client.post("/sdapi/v1/txt2img", json=dict(body, hr_upscaler="ESRGAN_4x"))
     assert bad.status_code == 422 and "ESRGAN_4x" in bad.json()["detail"]
+
+
+def test_settings_loras_embeddings_and_upscalers(client, tiny_model, tmp_path, monkeypatch):
+    """The listings A1111 clients read first, in A1111's field names (modules/api/models.py); the LoRA listing is the
+    folder's .safetensors files by stem (pickles only with allow_pickle), as <lora:name> tags find them."""
+    from runtime.pipelines.hires import HIRES_UPSCALERS
+    from runtime.prompts.embeddings import EmbeddingDatabase, TextualInversion
+
+    (tmp_path / "style.safetensors").write_bytes(b"x")
+    (tmp_path / "nested").mkdir()
+    (tmp_path / "nested" / "detail.safetensors").write_bytes(b"x")
+    (tmp_path / "old.pt").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("not a LoRA")
+    monkeypatch.setattr(tiny_model, "lora_dir", tmp_path)
+    monkeypatch.setattr(tiny_model, "lora_allow_pickle", False)
+    loras = client.get("/sdapi/v1/loras").json()
+    assert sorted(item["name"] for item in loras) == ["detail", "style"]
+    assert all(set(item) == {"name", "alias", "path", "metadata"} for item in loras)
+    monkeypatch.setattr(tiny_model, "lora_allow_pickle", True)
+    assert "old" in {item["name"] for item in client.get("/sdapi/v1/loras").json()}
+
+    vec = np.zeros((3, tiny_model.info["text_hidden_size"]), np.float32)
+    grainy = TextualInversion("grainy", vec, tmp_path / "grainy.safetensors")
+    database = EmbeddingDatabase({"grainy": grainy}, {"xl": 1280})
+    monkeypatch.setattr(tiny_model, "embeddings", database)
+    listed = client.get("/sdapi/v1/embeddings").json()
+    assert listed["loaded"]["grainy"]["vectors"] == 3 and listed["loaded"]["grainy"]["shape"] == vec.shape[1]
+    assert listed["skipped"]["xl"]["shape"] == 1280
+    assert set(listed["loaded"]["grainy"]) == {"step", "sd_checkpoint", "sd_checkpoint_name", "shape", "vectors"}
+
+    upscalers = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+    latent = [u["name"] for u in client.get("/sdapi/v1/latent-upscale-modes").json()]
+    assert sorted(upscalers + latent) == sorted(HIRES_UPSCALERS)  # every hr_upscaler the server accepts, listed once
+    assert client.get("/sdapi/v1/sd-vae").json() == []  # no --vae override
+
+    settings = client.get("/sdapi/v1/options").json()
+    title = settings["sd_model_checkpoint"]
+    assert title == client.get("/sdapi/v1/sd-models").json()[0]["title"]
+    assert title == f"{tiny_model.name} [{settings['sd_checkpoint_hash']}]"
+    same = {"sd_model_checkpoint": title, "samples_format": "png"}
+    assert client.post("/sdapi/v1/options", json=same).status_code == 200
+    assert client.post("/sdapi/v1/options", json={"show_progressbar": True}).status_code == 200
+    refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "other.safetensors [0123456789]"})
+    assert refused.status_code == 422 and title in refused.json()["detail"]
+    assert client.post("/sdapi/v1/options", json=[1, 2]).status_code == 422
