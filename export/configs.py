@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# The x4 upscaler's low-res noise schedule and noise-level cap: the same data the single-file converter uses
+from runtime.single_file.families import X4_LOW_RES_SCHEDULER, X4_MAX_NOISE_LEVEL  # noqa: F401 (re-exported)
+
 # Stable Diffusion 1.5's scheduler/scheduler_config.json as published (keys as it has them).
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -85,15 +88,4 @@ X4_SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
 }
-X4_LOW_RES_SCHEDULER = {
-    "_class_name": "DDPMScheduler",
-    "beta_end": 0.02,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.0001,
-    "clip_sample": True,
-    "num_train_timesteps": 1000,
-    "trained_betas": None,
-    "variance_type": "fixed_small",
-}
-X4_MAX_NOISE_LEVEL = 350
 X4_VAE_SCALING_FACTOR = 0.08333

@@ -11,6 +11,21 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.fin
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch/diffusers not installed (export extras)")
 
 
+def single_torch_thread():
+    """A fixture body for test folders that export or run tiny models with torch: on two shared CPU cores torch's
+    own thread pool makes them many times slower, so run torch on one thread and restore the count afterwards.
+    A folder's conftest registers it: `one_torch_thread = pytest.fixture(scope="session", autouse=True)(...)`."""
+    if not HAS_TORCH:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny(tmp_path_factory: pytest.TempPathFactory, variant: str) -> Path:
     if not HAS_TORCH:
         pytest.skip("building a tiny checkpoint needs torch and diffusers (export extras)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAS_TORCH
+from tests.conftest import HAS_TORCH, single_torch_thread
 
 
 @dataclass
@@ -17,18 +17,7 @@ class ExportCase:
     artifact: Path  # what export_model returned for it
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Two shared CPU cores: torch's own thread pool makes these tiny models 30x slower, so use one thread."""
-    if not HAS_TORCH:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="session", autouse=True)(single_torch_thread)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAS_TORCH
+from tests.conftest import HAS_TORCH, single_torch_thread
 
 
 def _has(module: str) -> bool:
@@ -39,18 +39,7 @@ needs_tensorrt = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Two shared CPU cores: one torch thread keeps the tiny exports fast."""
-    if not HAS_TORCH:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="session", autouse=True)(single_torch_thread)
 
 
 @pytest.fixture(scope="session")

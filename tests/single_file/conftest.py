@@ -6,23 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import HAS_TORCH
+from tests.conftest import HAS_TORCH, single_torch_thread
 
 VARIANTS = ("sd1", "sd2-v", "sd1-inpaint", "sd2-depth", "x4-upscaler")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Two shared CPU cores: torch's own thread pool makes these tiny models much slower, so use one thread."""
-    if not HAS_TORCH:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_torch_thread = pytest.fixture(scope="session", autouse=True)(single_torch_thread)
 
 
 @pytest.fixture(scope="session")
