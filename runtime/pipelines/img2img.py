@@ -39,11 +39,14 @@ def denoise_latents(
     steps: int,
     start: int,
     label: str = "img2img",
+    extra_channels: np.ndarray | None = None,
 ) -> np.ndarray:
     """Noise init_latents [B, 4, h, w] to step `start` of a `steps`-step schedule with the next draw of each image's
     stream, then sample to the end; return the latents the VAE decodes. start == steps: nothing runs.
 
-    The request gives the sampler, prompts, CFG scale, emphasis and clip skip (its steps and size are not read)."""
+    The request gives the sampler, prompts, CFG scale, emphasis and clip skip (its steps and size are not read).
+    extra_channels [B, c, h, w]: UNet input channels after the latents (depth2img's depth), the same for the uncond
+    and cond copies of each image."""
     if start == steps:  # strength 0: nothing to denoise
         return init_latents
     info = model.info
@@ -61,6 +64,8 @@ def denoise_latents(
         request.clip_skip,
     )
     denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
+    if extra_channels is not None:
+        denoiser.extra_channels = np.concatenate([extra_channels] * denoiser.copies)  # [N, c, h, w]
     with model.progress(len(schedule.timesteps), label) as tick:
         denoiser.on_call = tick
         return run_sampler(spec, denoiser, x, schedule, generators, interrupted=model.interrupt_hook)
