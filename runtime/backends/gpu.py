@@ -52,10 +52,9 @@ def check_gpu_backend(name: str) -> str:
             raise BackendUnavailableError(
                 "the torch-cuda backend needs 'torch' and 'diffusers' (pip install -e .[export])"
             )
-        import torch
+        from .torch_cuda import require_cuda
 
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError("the torch-cuda backend needs a CUDA build of torch and an NVIDIA GPU")
+        require_cuda()
     return name
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ModelError
+from ..errors import BackendUnavailableError, ModelError
 from . import TextTables
 from .gpu import NanGuard
 from .torch import _load, text_tables_of
@@ -21,6 +21,12 @@ from .torch import _load, text_tables_of
 logger = logging.getLogger(__name__)
 
 WARMUP_RUNS = 3  # before a capture: cuDNN/cuBLAS pick their algorithms and allocate workspaces
+
+
+def require_cuda() -> None:
+    """BackendUnavailableError unless this torch build sees an NVIDIA GPU."""
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("the torch-cuda backend needs a CUDA build of torch and an NVIDIA GPU")
 
 
 class GraphedUNet:

@@ -9,10 +9,11 @@ which needs torch anyway.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
-from ..errors import ModelError
+import numpy as np
 
 logger = logging.getLogger(__name__)
 PROBE_TIMESTEP = 999
@@ -21,20 +22,21 @@ V_THRESHOLD = -1.0
 
 
 def probe_prediction_type(unet_folder: Path) -> str | None:
-    """ "v_prediction" or "epsilon" by A1111's test on the diffusers UNet in `unet_folder`; None without torch."""
-    try:
-        import torch
-        from diffusers import UNet2DConditionModel
-    except ImportError:
+    """ "v_prediction" or "epsilon" by A1111's test on the diffusers UNet in `unet_folder` (run by the torch backend's
+    UNet session, so this module never imports torch); None without torch."""
+    if any(importlib.util.find_spec(name) is None for name in ("torch", "diffusers")):
         return None
-    try:
-        unet = UNet2DConditionModel.from_pretrained(unet_folder, torch_dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"the converted UNet does not load: {str(exc).splitlines()[0][:160]}") from exc
-    context = torch.full((1, 2, unet.config.cross_attention_dim), PROBE_VALUE)
-    x = torch.full((1, unet.config.in_channels, 8, 8), PROBE_VALUE)
-    with torch.no_grad():
-        out = unet(x, torch.tensor([PROBE_TIMESTEP]), encoder_hidden_states=context).sample
+    from ..backends.torch import TorchBackend
+
+    unet = TorchBackend(unet_folder.parent).session("unet")  # ModelError when the converted UNet does not load
+    cross_attention_dim = unet.module.config.cross_attention_dim
+    x = np.full((1, unet.module.config.in_channels, 8, 8), PROBE_VALUE, np.float32)
+    feeds = {
+        "sample": x,
+        "timestep": np.array([PROBE_TIMESTEP], np.float32),
+        "encoder_hidden_states": np.full((1, 2, cross_attention_dim), PROBE_VALUE, np.float32),
+    }
+    out = unet.run(feeds)["noise_pred"]
     score = float((out - x[:, : out.shape[1]]).mean())
     logger.info("v-prediction probe: mean(unet(x) - x) = %.3f (v-prediction below %g)", score, V_THRESHOLD)
     return "v_prediction" if score < V_THRESHOLD else "epsilon"
