@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-# The x4 upscaler's low-res noise schedule and noise-level cap: the same data the single-file converter uses
-from runtime.single_file.families import X4_LOW_RES_SCHEDULER, X4_MAX_NOISE_LEVEL  # noqa: F401 (re-exported)
-
-# Stable Diffusion 1.5's scheduler/scheduler_config.json as published (keys as it has them).
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
+# The published scheduler configs (scheduler/scheduler_config.json) are the runtime's family data, which the
+# single-file converter writes too: SD 1.5's PNDM; SD 2 depth's PNDM with epsilon (its v2-midas config has no "v");
+# the x4 upscaler's DDIM with v-prediction on x4-upscaling.yaml's betas (linear_start 0.0001, linear_end 0.02), its
+# low_res_scheduler that noises the low-resolution image (DDPM, the ImageConcatWithNoiseAugmentation schedule) and
+# model_index.json's cap of 350 on the noise level.
+from runtime.single_file.families import SD1_SCHEDULER as SD15_SCHEDULER  # noqa: F401 (re-exported)
+from runtime.single_file.families import SD2_EPS_SCHEDULER as SD2_DEPTH_SCHEDULER  # noqa: F401
+from runtime.single_file.families import X4_LOW_RES_SCHEDULER, X4_MAX_NOISE_LEVEL, X4_SCHEDULER  # noqa: F401
 
 # Stable Diffusion 1.5 (unet/, vae/, text_encoder/ config.json as published), keys as diffusers reads them.
 SD15_UNET = {
@@ -69,23 +61,4 @@ SD15_TEXT_ENCODER = {
     "pad_token_id": 1,
 }
 
-# Stable Diffusion 2 depth (stabilityai/stable-diffusion-2-depth): PNDM, epsilon (its v2-midas config has no "v").
-SD2_DEPTH_SCHEDULER = dict(SD15_SCHEDULER, prediction_type="epsilon")
-
-# The x4 upscaler (stabilityai/stable-diffusion-x4-upscaler): DDIM with v-prediction on x4-upscaling.yaml's betas
-# (linear_start 0.0001, linear_end 0.02); its low_res_scheduler noises the low-resolution image (DDPM, the
-# ImageConcatWithNoiseAugmentation schedule); model_index.json caps the noise level at 350.
-X4_SCHEDULER = {
-    "_class_name": "DDIMScheduler",
-    "beta_end": 0.02,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.0001,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 X4_VAE_SCALING_FACTOR = 0.08333
