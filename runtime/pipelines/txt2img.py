@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -12,11 +13,12 @@ from ..request import sampler_of
 from ..rng import batch_randn
 from ..samplers import make_schedule
 from .common import decode_latents, image_generators, run_sampler
-from .conditioning import build_conditioning, schedule_steps
+from .conditioning import Conditioning, build_conditioning, schedule_steps
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
     from ..request import Txt2ImgRequest
+    from ..rng import TorchGenerator
 
 
 def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
@@ -28,28 +30,42 @@ def txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
 
 def txt2img_latents(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:
     """Noise -> sampler for a regular (4-channel) model: the latents [B, 4, h, w] the VAE decodes."""
-    info = model.info
-    spec, schedule_type = sampler_of(request)
-    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
-    batch = request.batch_size
+    spec, _ = sampler_of(request)
     conditioning = build_conditioning(
         model,
         request.prompt,
         request.negative_prompt,
-        batch,
+        request.batch_size,
         request.cfg_scale,
         schedule_steps(spec.name, request.steps),
         request.emphasis,
         request.clip_skip,
     )
+    generators = image_generators(request.seed, request.batch_size)
+    return sample_latents(model, request, conditioning, generators, interrupted=model.interrupt_hook)
+
+
+def sample_latents(
+    model: StableDiffusion,
+    request: Txt2ImgRequest,
+    conditioning: Conditioning,
+    generators: list[TorchGenerator],
+    callback: Callable[[int, np.ndarray], np.ndarray] | None = None,
+    interrupted: Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Each generator's initial noise -> the request's sampler (its steps, size and CFG scale) with `conditioning`,
+    whose rows follow the generators; the latents [len(generators), 4, h, w] the VAE decodes. runtime.serving's
+    batches share it, with rows of several requests."""
+    info = model.info
+    spec, schedule_type = sampler_of(request)
+    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
     scale = info["vae_scale_factor"]
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
-    generators = image_generators(request.seed, batch)
     x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
     denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
     with model.progress(len(schedule.timesteps), "sampling") as tick:
         denoiser.on_call = tick
-        return run_sampler(spec, denoiser, x, schedule, generators, interrupted=model.interrupt_hook)
+        return run_sampler(spec, denoiser, x, schedule, generators, callback, interrupted)
 
 
 def _inpainting_model_txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:

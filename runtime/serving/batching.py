@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..denoiser import Denoiser
-from ..pipelines.common import decode_latents, image_generators, run_sampler
+from ..pipelines.common import decode_latents, image_generators
 from ..pipelines.conditioning import Conditioning, build_conditioning, schedule_steps
+from ..pipelines.txt2img import sample_latents
 from ..request import Txt2ImgRequest, sampler_of
-from ..rng import batch_randn
-from ..samplers import make_schedule
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -93,25 +91,15 @@ def txt2img_group(
     steps with merged conditioning and per-row seeded streams). `on_step(i, n, x)` runs after each step and may
     raise to stop the run; `interrupted()`, asked after each step, True: decode the latents of that step."""
     first = requests[0]
-    info = model.info
-    spec, schedule_type = sampler_of(first)
-    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], first.steps)
     rows = [r.batch_size for r in requests]
     conditioning = merge_conditioning(conditionings, rows)
-    scale = info["vae_scale_factor"]
-    shape = (info["latent_channels"], first.height // scale, first.width // scale)  # [4, h, w]
     generators = [g for r in requests for g in image_generators(r.seed, r.batch_size)]
-    x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [sum B_r, 4, h, w]
-    denoiser = Denoiser(model.backend.session("unet"), conditioning, first.cfg_scale, info["prediction_type"])
-    steps = len(schedule.timesteps)
 
     def callback(i: int, x: np.ndarray) -> np.ndarray:
         if on_step is not None:
-            on_step(i, steps, x)
+            on_step(i, first.steps, x)  # a schedule has one entry per requested step
         return x
 
-    with model.progress(steps, "sampling") as tick:
-        denoiser.on_call = tick
-        latents = run_sampler(spec, denoiser, x, schedule, generators, callback, interrupted)
+    latents = sample_latents(model, first, conditioning, generators, callback, interrupted)  # [sum B_r, 4, h, w]
     images = decode_latents(model, latents)  # [sum B_r, H, W, 3]
     return np.split(images, np.cumsum(rows)[:-1])
