@@ -1,4 +1,5 @@
-"""Reading LoRA files into numpy: .safetensors (read here, bf16 included) and, only if allowed, torch pickles.
+"""Reading LoRA files into numpy: .safetensors (runtime.safetensors_reader, bf16 included) and, only if allowed,
+torch pickles.
 
 Also A1111's short hash of a LoRA file for the infotext: for .safetensors the "addnet" hash (sha256 of everything
 after the header, as kohya's sd-scripts compute it), for other files the sha256 of the whole file; 12 hex digits.
@@ -7,7 +8,6 @@ after the header, as kohya's sd-scripts compute it), for other files the sha256 
 from __future__ import annotations
 
 import hashlib
-import json
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,18 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LoraError, ModelError
+from ..safetensors_reader import read_safetensors
 
 PICKLE_SUFFIXES = (".pt", ".ckpt")
 LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": np.uint16,  # widened to float32 below
-    "I64": np.int64,
-    "I32": np.int32,
-}
-MAX_HEADER_BYTES = 100 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,41 +50,9 @@ def read_lora_file(path: Path, allow_pickle: bool = False) -> LoraFile:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Parse the safetensors layout: u64 header length, JSON header {name: dtype, shape, data_offsets}, data."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
-        if length is None or length > min(size - 8, MAX_HEADER_BYTES):
-            raise LoraError(f"{path} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LoraError(f"{path} is not a safetensors file (header: {exc})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length) if size > 8 + length else np.empty(0, np.uint8)
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            tensors[name] = _tensor(data, entry)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LoraError(f"{path} is truncated or corrupt (tensor {name}: {exc})") from None
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _tensor(data: np.ndarray, entry: dict) -> np.ndarray:
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise ValueError(f"unsupported dtype {entry['dtype']}")
-    start, end = (int(v) for v in entry["data_offsets"])
-    shape = tuple(int(d) for d in entry["shape"])
-    count = int(np.prod(shape, dtype=np.int64))
-    if not 0 <= start <= end <= len(data) or end - start != count * np.dtype(dtype).itemsize:
-        raise ValueError(f"data {start}..{end} does not fit the file or the shape {shape}")
-    values = np.frombuffer(data[start:end], dtype=np.dtype(dtype).newbyteorder("<"), count=count).reshape(shape)
-    if entry["dtype"] == "BF16":  # the upper 16 bits of a float32
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    return values.astype(np.float32)
+    """(float32 tensors, header metadata) of a .safetensors LoRA file; LoraError when it is not one."""
+    tensors, metadata = read_safetensors(path, LoraError)
+    return {name: value.astype(np.float32) for name, value in tensors.items()}, metadata
 
 
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:

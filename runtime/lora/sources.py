@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import LoraError, ModelError
+from ..safetensors_reader import read_safetensors
 from .weight_map import MappedInitializer, base_parameters, canonical_parameter_name, ensure_weight_map
 
 
@@ -64,8 +65,6 @@ class CheckpointWeights:
         self._tensors: dict[str, dict[str, np.ndarray]] = {}
 
     def _component(self, component: str) -> dict[str, np.ndarray]:
-        from .files import _read_safetensors
-
         if component not in self._tensors:
             files = sorted((self.checkpoint / component).glob("*.safetensors"))
             full = [f for f in files if ".fp16." not in f.name]
@@ -73,7 +72,7 @@ class CheckpointWeights:
                 raise LoraError(f"LoRA needs {self.checkpoint / component} as .safetensors files")
             tensors = {}
             for path in full or files:
-                tensors.update(_read_safetensors(path)[0])
+                tensors.update(read_safetensors(path, LoraError)[0])
             self._tensors[component] = {canonical_parameter_name(component, k): v for k, v in tensors.items()}
         return self._tensors[component]
 
