@@ -13,12 +13,22 @@ class ModelError(SdrtError):
     """A model folder, manifest or artifact is missing, unreadable, corrupt or stale."""
 
 
+class ArtifactError(ModelError):
+    """An exported ONNX artifact (or its manifest) is missing or corrupt: exporting the checkpoint again fixes it.
+    The only error on which loading re-exports; engine, driver and backend failures never do."""
+
+
 class BackendUnavailableError(SdrtError):
     """The chosen backend cannot run here (package not installed, no device)."""
 
 
 class NumericalError(SdrtError):
     """The computation produced NaN or Inf (for example an fp16 overflow in the VAE)."""
+
+
+class ResourceError(SdrtError):
+    """A request needs more of a resource (memory, prompt length) than the configured budget allows; the message
+    names what fits. Raised before any work where it can be estimated, else when an allocation fails."""
 
 
 class OutputError(SdrtError):
