@@ -13,9 +13,12 @@ sample. `torch.randn` on float32 takes one of two paths (aten/src/ATen/native/cp
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
 import secrets
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -53,6 +56,19 @@ class TorchGenerator:
         self._engine = np.random.MT19937()
         self._engine._legacy_seeding(_engine_seed(seed))  # init_genrand: the std::mt19937 seeding torch uses
         self._cached_normal: float | None = None  # torch's next_double_normal_sample
+
+    def state(self) -> tuple[dict, float | None]:
+        """A snapshot of the stream's position (restore() returns to it)."""
+        return self._engine.state, self._cached_normal
+
+    def restore(self, state: tuple[dict, float | None]) -> None:
+        self._engine.state, self._cached_normal = state
+
+    def clone(self) -> TorchGenerator:
+        """An independent stream at this one's position: it draws what this one would draw next."""
+        twin = TorchGenerator(self.seed)
+        twin.restore(self.state())
+        return twin
 
     def _draw32(self, n: int) -> np.ndarray:
         """`n` raw 32-bit mt19937 outputs as uint64."""
@@ -118,6 +134,104 @@ def batch_randn(generators: Sequence[TorchGenerator], shape_per_image: int | Seq
     if not generators:
         raise InvalidRequestError("batch_randn needs at least one generator")
     return np.stack([g.randn(shape_per_image) for g in generators])
+
+
+class NoiseAhead:
+    """`batch_randn(generators, shape_per_image)` per call, drawn ahead of need on a worker thread.
+
+    The worker draws from clones of the streams, in the order the calls take them, at most `depth` draws ahead, and
+    only while the caller says it waits on the model (`model_running(True)`, e.g. a GPU UNet call that releases the
+    GIL), so it never competes with the caller's own step for the GIL; a call that finds no draw ready lets the
+    worker run and waits for it. close() stops the worker and leaves every real stream exactly where inline drawing
+    would have left it: after the draws actually handed out (none: untouched), so later draws get the same numbers.
+    """
+
+    def __init__(self, generators: Sequence[TorchGenerator], shape_per_image: int | Sequence[int], depth: int = 2):
+        if not generators:
+            raise InvalidRequestError("NoiseAhead needs at least one generator")
+        _numel(shape_per_image)  # a bad shape raises here, not on the worker
+        self._generators = list(generators)
+        self._shape = shape_per_image
+        self._twins = [g.clone() for g in generators]
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._go = threading.Event()  # set: the worker may draw
+        self._stop = False
+        self._taken: list | None = None  # stream states after the last draw handed out
+        self._worker = threading.Thread(target=self._draw, name="sdrt-noise-ahead", daemon=True)
+        self._worker.start()
+
+    def _draw(self) -> None:
+        while True:
+            self._go.wait()
+            if self._stop:
+                return
+            try:
+                item = batch_randn(self._twins, self._shape), [t.state() for t in self._twins]
+            except Exception as exc:  # handed to the caller by the next __call__
+                self._queue.put((exc, None))
+                return
+            self._queue.put(item)  # blocks while `depth` draws wait; close() drains
+
+    def model_running(self, running: bool) -> None:
+        """True: the caller now waits on the model, draw ahead; False: it computes, stay off the GIL."""
+        if running:
+            self._go.set()
+        else:
+            self._go.clear()
+
+    def __call__(self) -> np.ndarray:
+        try:
+            noise, states = self._queue.get_nowait()
+        except queue.Empty:
+            self._go.set()
+            noise, states = self._queue.get()
+        if states is None:
+            raise noise
+        self._taken = states
+        return noise
+
+    def close(self) -> None:
+        self._stop = True
+        self._go.set()
+        while self._worker.is_alive():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._queue.get_nowait()
+            self._worker.join(timeout=0.01)
+        if self._taken is not None:
+            for generator, state in zip(self._generators, self._taken):
+                generator.restore(state)
+            self._taken = None
+
+
+class _InlineNoise:
+    """batch_randn per call, on the caller's thread."""
+
+    def __init__(self, generators: Sequence[TorchGenerator], shape_per_image: int | Sequence[int]):
+        self._generators, self._shape = generators, shape_per_image
+
+    def model_running(self, running: bool) -> None:
+        pass
+
+    def __call__(self) -> np.ndarray:
+        return batch_randn(self._generators, self._shape)
+
+
+@contextlib.contextmanager
+def noise_source(
+    generators: Sequence[TorchGenerator], shape_per_image: int | Sequence[int], ahead: bool = True
+) -> Iterator[NoiseAhead | _InlineNoise]:
+    """A sampler's `noise()`: one batch_randn draw per call from the per-image streams; drawn ahead on a worker
+    (NoiseAhead) when `ahead`, else inline. Both give the same arrays and leave the streams at the same place; both
+    have `model_running(bool)`, for the denoiser to say when the worker may draw."""
+    if not ahead:
+        yield _InlineNoise(generators, shape_per_image)
+        return
+    noise = NoiseAhead(generators, shape_per_image)
+    try:
+        yield noise
+    finally:
+        noise.close()
 
 
 def random_seed() -> int:

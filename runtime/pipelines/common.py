@@ -9,7 +9,7 @@ import numpy as np
 
 from ..denoiser import Denoiser
 from ..errors import NumericalError
-from ..rng import TorchGenerator, batch_randn
+from ..rng import TorchGenerator, noise_source
 from ..samplers import SamplerSpec, Schedule, sample
 
 if TYPE_CHECKING:
@@ -43,10 +43,6 @@ def run_sampler(
 
     When `interrupted()` answers True after step i (A1111's interrupt, diffusers' `pipe._interrupt`), the remaining
     steps are skipped and the latents after step i are returned, as diffusers would decode them."""
-    shape = x.shape[1:]
-
-    def noise() -> np.ndarray:
-        return batch_randn(generators, shape)
 
     def after_step(i: int, x: np.ndarray) -> np.ndarray:
         if callback is not None:
@@ -55,12 +51,15 @@ def run_sampler(
             raise SamplingInterrupted(i, x)
         return x
 
-    if interrupted is None:
-        return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=callback))
-    try:
-        return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=after_step))
-    except SamplingInterrupted as stop:
-        return schedule.latents_after(stop.i, stop.x)
+    # stochastic samplers' noise is drawn ahead on a worker, in each stream's order (runtime.rng.NoiseAhead)
+    with noise_source(generators, x.shape[1:], ahead=spec.stochastic) as noise:
+        denoiser.on_unet = noise.model_running
+        if interrupted is None:
+            return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=callback))
+        try:
+            return schedule.latents(sample(spec, denoiser, x, schedule, noise, callback=after_step))
+        except SamplingInterrupted as stop:
+            return schedule.latents_after(stop.i, stop.x)
 
 
 def decode_latents(model: StableDiffusion, latents: np.ndarray) -> np.ndarray:

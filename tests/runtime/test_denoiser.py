@@ -96,3 +96,87 @@ def test_extra_channels_and_feeds_reach_every_call():
         assert feeds["sample"].shape == (4, 7, 2, 2) and feeds["class_labels"] is labels
         np.testing.assert_allclose(feeds["sample"][:, :4], 1 / np.sqrt(sigma**2 + 1), rtol=1e-6)  # scaled latents
         assert np.array_equal(feeds["sample"][:, 4:], channels)  # extra channels as given, unscaled
+
+
+class ReusingUnet:
+    """A GPU-like session: returns one output buffer it overwrites every call, and records what it was fed."""
+
+    def __init__(self):
+        self.out = None
+        self.seen = []
+
+    def run(self, feeds, outputs=None):
+        self.seen.append({name: (value, value.flags.writeable, value.copy()) for name, value in feeds.items()})
+        sample = feeds["sample"][:, :4]
+        if self.out is None:
+            self.out = np.empty(sample.shape, np.float32)
+        np.multiply(sample, np.float32(0.5), out=self.out)
+        self.out += feeds["timestep"][:, None, None, None] / np.float32(1000)
+        return {"noise_pred": self.out}
+
+
+def test_constant_feeds_are_one_read_only_object_and_per_step_feeds_are_refilled():
+    """The contract GPU sessions rely on to upload text and class labels once per generation."""
+    owner = np.random.default_rng(2).normal(size=(2, 4, 77, 8)).astype(np.float32)
+    view = owner[1]  # a view of an array the denoiser does not own: it must be copied, not frozen in place
+    batches = [np.ones((4, 77, 8), np.float32), view]
+    conditioning = Conditioning(batches, np.array([0, 1, 0]), np.ones(1, np.float32), True)
+    labels = np.full(4, 20, dtype=np.int64)
+    channels = np.full((4, 3, 2, 2), 9.0, np.float32)
+    unet = ReusingUnet()
+    denoiser = Denoiser(unet, conditioning, 5.0, "epsilon", extra_feeds={"class_labels": labels})
+    denoiser.extra_channels = channels  # as the pipelines set it, after construction
+    x = np.arange(2 * 4 * 2 * 2, dtype=np.float32).reshape(2, 4, 2, 2) / 10
+    results = [denoiser(x, sigma, t) for sigma, t in ((3.0, 900.0), (2.0, 800.0), (1.0, 700.0))]
+    first, second, third = unet.seen
+    assert first["encoder_hidden_states"][0] is third["encoder_hidden_states"][0] is denoiser.batches[0]
+    assert second["encoder_hidden_states"][0] is not view and owner.flags.writeable and view.flags.writeable
+    assert np.array_equal(second["encoder_hidden_states"][2], view)
+    assert first["class_labels"][0] is third["class_labels"][0] is labels
+    for feeds in (first, second, third):
+        assert not feeds["encoder_hidden_states"][1] and not feeds["class_labels"][1]  # read-only
+        assert feeds["sample"][1] and feeds["timestep"][1]  # writeable buffers, refilled each call
+    assert first["sample"][0] is third["sample"][0] and first["timestep"][0] is third["timestep"][0]
+    for feeds, (sigma, t) in zip((first, second, third), ((3.0, 900.0), (2.0, 800.0), (1.0, 700.0))):
+        sample, timestep = feeds["sample"][2], feeds["timestep"][2]  # the values at the time of the call
+        np.testing.assert_allclose(sample[:, :4], np.concatenate([x, x]) / np.sqrt(sigma**2 + 1), rtol=1e-6)
+        assert np.array_equal(sample[:, 4:], channels) and np.all(timestep == np.float32(t))
+    # results stay valid although the session reused its output buffer for the later calls
+    for result, (sigma, t) in zip(results, ((3.0, 900.0), (2.0, 800.0), (1.0, 700.0))):
+        expected = reference_reusing(x, sigma, t, 5.0)
+        np.testing.assert_allclose(result, expected, rtol=2e-5, atol=2e-5)
+
+
+def reference_reusing(x, sigma, t, cfg):
+    """ReusingUnet's eps (same for uncond and cond: guidance returns it) -> denoised, float64."""
+    eps = x.astype(np.float64) / np.sqrt(sigma**2 + 1) * 0.5 + t / 1000
+    return x - sigma * eps
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_float32_results_are_bit_identical_to_the_plain_expressions(prediction_type):
+    """Buffers and in-place arithmetic must not change a single bit: the denoiser equals the straightforward float32
+    numpy expressions of input scaling, guidance (uncond + s (cond - uncond), AND terms added in order) and the
+    eps / v conversion, evaluated with allocating operators."""
+    rng = np.random.default_rng(5)
+    texts = rng.normal(size=(3, 2, 77, 8)).astype(np.float32)  # uncond, cond_1, cond_2; B = 2
+    weights = np.array([1.0, 0.4], np.float32)
+    conditioning = Conditioning([texts.reshape(6, 77, 8)], np.zeros(1, np.int64), weights, True)
+    unet = FakeUnet()
+    denoiser = Denoiser(unet, conditioning, 7.5, prediction_type)
+    x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32) * np.float32(14.6)
+    for sigma, t in ((14.6, 999.0), (0.7311, 281.0)):
+        got = denoiser(x, sigma, t)
+        c_in = 1.0 / np.sqrt(sigma * sigma + 1.0)
+        x_in = np.concatenate([x * np.float32(c_in)] * 3)
+        timestep = np.full(6, t, dtype=np.float32)
+        out = FakeUnet().run({"sample": x_in, "timestep": timestep, "encoder_hidden_states": texts.reshape(6, 77, 8)})
+        uncond, cond_1, cond_2 = np.split(out["noise_pred"], 3)
+        s_1, s_2 = np.float32(7.5 * np.float32(1.0)), np.float32(7.5 * np.float32(0.4))
+        guided = uncond + s_1 * (cond_1 - uncond)
+        guided += s_2 * (cond_2 - uncond)
+        if prediction_type == "epsilon":
+            expected = x - np.float32(sigma) * guided
+        else:
+            expected = x * np.float32(1.0 / (sigma * sigma + 1.0)) + guided * np.float32(-sigma * c_in)
+        assert got.dtype == np.float32 and np.array_equal(got, expected)
