@@ -5,6 +5,9 @@ schedule = make_schedule(spec, schedule_type, scheduler_config, steps)
 x = unit_noise * schedule.init_noise_sigma
 x = sample(spec, model, x, schedule, noise)          # model(x, sigma, t) -> denoised
 latents = schedule.latents(x)                         # x / sqrt(1 + sigmas[-1]^2), see Schedule.latents
+
+A1111's sampler options: spec.with_options(s_churn=..., s_tmin=..., s_tmax=..., s_noise=...) for the samplers whose
+k-diffusion function takes them (spec.option_names lists what a sampler accepts; others raise InvalidRequestError).
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.samplers.ode import Callback, Model, Noise
-from runtime.samplers.registry import SAMPLER_NAMES, SCHEDULE_TYPES, SPECS, SamplerSpec, resolve_sampler
+from runtime.samplers.registry import A1111_OPTIONS, SAMPLER_NAMES, SCHEDULE_TYPES, SPECS, SamplerSpec, resolve_sampler
 from runtime.samplers.schedule import Schedule
 from runtime.samplers.schedules import build_schedule
 
 __all__ = [
+    "A1111_OPTIONS",
     "SAMPLER_NAMES",
     "SCHEDULE_TYPES",
     "SPECS",

@@ -3,6 +3,9 @@
 `noise()` is called exactly where the matching diffusers scheduler draws `randn_tensor` (also where the draw is
 multiplied by 0, e.g. the last step of Euler a), so seeded runs consume the generator stream identically. DPM++ 2S a
 (k-diffusion only) and DPM++ SDE (a torchsde Brownian tree in diffusers) document their own draws.
+
+Each takes A1111's (k-diffusion's) `s_noise`, the multiplier of the fresh noise: x += noise() * s_noise * sigma_up.
+The default 1 skips the multiplication, so the result is bit for bit the one without the option.
 """
 
 from __future__ import annotations
@@ -23,12 +26,25 @@ def ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tupl
     return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
 
 
+def _scaled(noise: Noise, s_noise: float) -> Noise:
+    """noise() times s_noise (k-diffusion's order: draw * s_noise, then * sigma_up); noise itself for 1."""
+    if s_noise == 1.0:
+        return noise
+    return lambda: noise() * s_noise
+
+
 def sample_euler_ancestral(
-    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    s_noise: float = 1.0,
 ) -> np.ndarray:
     """Euler ancestral (k-diffusion's sample_euler_ancestral, eta 1): Euler to sigma_down, noise of sigma_up."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    noise = _scaled(noise, s_noise)
     for i, (sigma_down, sigma_up) in enumerate(steps):
         denoised = model(x, sigmas[i], timesteps[i])
         d = (x - denoised) / sigmas[i]
@@ -40,7 +56,12 @@ def sample_euler_ancestral(
 
 
 def sample_dpm_2_ancestral(
-    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    s_noise: float = 1.0,
 ) -> np.ndarray:
     """DPM-Solver-2 to sigma_down plus noise of sigma_up (k-diffusion's sample_dpm_2_ancestral, eta 1).
     One callback per full step: diffusers' scheduler takes two step() calls here (interleaved timesteps), so its
@@ -48,6 +69,7 @@ def sample_dpm_2_ancestral(
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
     steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    noise = _scaled(noise, s_noise)
     for i, (sigma_down, sigma_up) in enumerate(steps):
         denoised = model(x, sigmas[i], timesteps[i])
         d = (x - denoised) / sigmas[i]
@@ -65,13 +87,19 @@ def sample_dpm_2_ancestral(
 
 
 def sample_dpmpp_2s_ancestral(
-    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    s_noise: float = 1.0,
 ) -> np.ndarray:
     """DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral (eta 1, r = 1/2): a two-stage
     exponential-integrator step to sigma_down (midpoint sqrt(sigma * sigma_down)), then noise of sigma_up."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
     steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    noise = _scaled(noise, s_noise)
     for i, (sigma_down, sigma_up) in enumerate(steps):
         denoised = model(x, sigmas[i], timesteps[i])
         if sigma_down == 0:
@@ -89,7 +117,12 @@ def sample_dpmpp_2s_ancestral(
 
 
 def sample_dpmpp_sde(
-    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    s_noise: float = 1.0,
 ) -> np.ndarray:
     """DPM-Solver++ SDE, k-diffusion's sample_dpmpp_sde (eta 1, r = 1/2), as diffusers' DPMSolverSDEScheduler.
 
@@ -110,14 +143,14 @@ def sample_dpmpp_sde(
             continue
         down_1, up_1 = ancestral_step(sigma, sigma_mid)
         z1 = noise()
-        x_2 = (down_1 / sigma) * x + (1 - down_1 / sigma) * denoised + z1 * up_1
+        x_2 = (down_1 / sigma) * x + (1 - down_1 / sigma) * denoised + (z1 * s_noise if s_noise != 1 else z1) * up_1
         denoised_2 = model(x_2, sigma_mid, timesteps_mid[i])
         down_2, up_2 = ancestral_step(sigma, sigma_next)
         z2 = noise()
         w = (math.sqrt(sigma - sigma_mid) * z1 + math.sqrt(sigma_mid - sigma_next) * z2) / math.sqrt(
             sigma - sigma_next
         )
-        x = (down_2 / sigma) * x + (1 - down_2 / sigma) * denoised_2 + w * up_2
+        x = (down_2 / sigma) * x + (1 - down_2 / sigma) * denoised_2 + (w * s_noise if s_noise != 1 else w) * up_2
         if callback is not None:
             x = callback(i, x)
     return x

@@ -56,10 +56,16 @@ def sample_dpmpp_2m(
 
 
 def sample_dpmpp_2m_sde(
-    model: Model, x: np.ndarray, schedule: Schedule, noise: Noise, callback: Callback | None = None
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    s_noise: float = 1.0,
 ) -> np.ndarray:
     """DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", SDE variant, eta 1), as diffusers'
-    sde-dpmsolver++: x_t = (sigma_t / sigma_s) e^-h x + (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z, noise every step."""
+    sde-dpmsolver++: x_t = (sigma_t / sigma_s) e^-h x + (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) s_noise z, noise
+    every step (s_noise: A1111's, k-diffusion's noise multiplier; 1 by default)."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     hs, ratios = _log_snr_steps(sigmas)
     heun = schedule.options.get("solver_type") == "heun"
@@ -68,7 +74,7 @@ def sample_dpmpp_2m_sde(
         phi = -math.expm1(-2 * h)  # 1 - e^-2h; 1 at sigma_next = 0
         w_x.append(ratios[i] * math.exp(-h))
         w_denoised.append(phi)
-        w_noise.append(sigmas[i + 1] * math.sqrt(phi))
+        w_noise.append(sigmas[i + 1] * math.sqrt(phi) * s_noise)
         r = hs[i - 1] / h if order > 1 else 1.0  # D1 = (denoised - old_denoised) / r
         w_diff.append(0.0 if order == 1 else (1 - phi / (2 * h) if heun else 0.5 * phi) / r)
     old_denoised = None

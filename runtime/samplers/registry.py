@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,6 +23,25 @@ _SCHEDULE_OVERRIDES: dict[str, dict] = {
 _SPACING_ONLY = ("default", "SGM Uniform")
 _ALL = SCHEDULE_TYPES
 
+# A1111's sampler options (its k-diffusion samplers' keyword arguments), with A1111's defaults.
+A1111_OPTIONS: tuple[str, ...] = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+# Euler, Heun, DPM2; s_tmax None: no upper bound (inf, which JSON listings of the options cannot hold)
+_CHURN = (("s_churn", 0.0), ("s_tmin", 0.0), ("s_tmax", None), ("s_noise", 1.0))
+_S_NOISE = (("s_noise", 1.0),)  # ancestral and SDE samplers: the fresh noise's multiplier
+
+
+def _check_option(sampler: str, name: str, value: object) -> float | None:
+    """A number >= 0 (s_tmax may be inf or None, no bound); eta at most 1."""
+    if name == "s_tmax" and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequestError(f"{sampler} option {name} must be a number, not {value!r}")
+    value = float(value)
+    if not value >= 0 or (math.isinf(value) and name != "s_tmax") or (name == "eta" and value > 1):
+        bound = "between 0 and 1" if name == "eta" else "finite and >= 0" if name != "s_tmax" else ">= 0"
+        raise InvalidRequestError(f"{sampler} option {name} must be {bound}, not {value!r}")
+    return value
+
 
 @dataclass(frozen=True)
 class SamplerSpec:
@@ -36,14 +56,23 @@ class SamplerSpec:
     matches_diffusers: bool = True  # False: no exact diffusers counterpart (see description)
     schedule_variant: str | None = None  # sdrt's own schedule builder on top of diffusers_class's config
 
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        """The options with_options accepts (e.g. ("s_churn", "s_tmin", "s_tmax", "s_noise") for Euler)."""
+        return tuple(name for name, _ in self.options)
+
     def with_options(self, **options: object) -> SamplerSpec:
         """A copy with sample_fn keyword options changed, e.g. SPECS["DDIM"].with_options(eta=0.5) (then stochastic:
-        DDIM draws noise() at every step, as diffusers' DDIMScheduler.step(eta=...) does)."""
-        unknown = set(options) - {k for k, _ in self.options}
+        DDIM draws noise() at every step, as diffusers' DDIMScheduler.step(eta=...) does), or A1111's
+        SPECS["Euler"].with_options(s_churn=1.0) (then stochastic: churned steps draw noise()). An option the sampler
+        does not take, or a value out of range, raises InvalidRequestError naming it."""
+        unknown = sorted(set(options) - set(self.option_names))
         if unknown:
-            raise InvalidRequestError(f"{self.name} has no option {sorted(unknown)[0]!r}")
-        merged = {**dict(self.options), **options}
-        stochastic = self.stochastic or bool(merged.get("eta"))
+            takes = ", ".join(self.option_names) or "none"
+            raise InvalidRequestError(f"{self.name} has no option {unknown[0]!r} (it takes: {takes})")
+        checked = {name: _check_option(self.name, name, value) for name, value in options.items()}
+        merged = {**dict(self.options), **checked}
+        stochastic = self.stochastic or bool(merged.get("eta")) or bool(merged.get("s_churn"))
         return dataclasses.replace(self, options=tuple(merged.items()), stochastic=stochastic)
 
     def diffusers_kwargs(self, schedule_type: str) -> dict:
@@ -79,6 +108,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "Euler method on the probability-flow ODE (Karras et al. 2022, 'Elucidating the design space')",
         "EulerDiscreteScheduler",
         ode.sample_euler,
+        options=_CHURN,
     ),
     SamplerSpec(
         "Euler a",
@@ -86,6 +116,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "EulerAncestralDiscreteScheduler",
         ancestral.sample_euler_ancestral,
         schedule_types=_SPACING_ONLY,
+        options=_S_NOISE,
         stochastic=True,
     ),
     SamplerSpec(
@@ -93,6 +124,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1)",
         "HeunDiscreteScheduler",
         ode.sample_heun,
+        options=_CHURN,
     ),
     SamplerSpec(
         "LMS",
@@ -105,12 +137,14 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPM-Solver-2, midpoint in log sigma (Lu et al. 2022; k-diffusion's sample_dpm_2)",
         "KDPM2DiscreteScheduler",
         ode.sample_dpm_2,
+        options=_CHURN,
     ),
     SamplerSpec(
         "DPM2 a",
         "DPM-Solver-2 ancestral: DPM-Solver-2 to sigma_down plus fresh noise (k-diffusion's sample_dpm_2_ancestral)",
         "KDPM2AncestralDiscreteScheduler",
         ancestral.sample_dpm_2_ancestral,
+        options=_S_NOISE,
         stochastic=True,
     ),
     SamplerSpec(
@@ -126,6 +160,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPMSolverMultistepScheduler",
         multistep.sample_dpmpp_2m_sde,
         config_overrides=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
+        options=_S_NOISE,
         stochastic=True,
     ),
     SamplerSpec(
@@ -134,6 +169,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "(no exact diffusers counterpart; DPMSolverSinglestepScheduler is closest)",
         "EulerDiscreteScheduler",
         ancestral.sample_dpmpp_2s_ancestral,
+        options=_S_NOISE,
         stochastic=True,
         matches_diffusers=False,
         schedule_variant="dpmpp_2s",
@@ -144,6 +180,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "from two seeded draws per step instead of a torchsde Brownian tree",
         "DPMSolverSDEScheduler",
         ancestral.sample_dpmpp_sde,
+        options=_S_NOISE,
         stochastic=True,
         matches_diffusers=False,
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,8 @@ class Schedule:
     options: dict = field(default_factory=dict)  # per-scheduler constants (solver variant, LCM scalings ...)
     vp_output: bool = True  # diffusers returns x / sqrt(1 + sigmas[-1]^2); False: the VE x itself (see latents)
     vp_samples: bool = False  # diffusers' scheduler keeps x / sqrt(1 + sigma^2) between steps (DDIM, DPM-Solver ...)
+    # [k] levels -> [k] UNet timesteps by the model's training levels (k-diffusion-style classes): churned levels
+    sigma_to_t: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def steps(self) -> int:

@@ -8,6 +8,7 @@ and the dispatch; schedules_vp.py the VP-native ones. Each builder mirrors its c
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -46,9 +47,15 @@ def _kdiffusion(
     return sigmas, timesteps, _init_noise_sigma(cfg, sigmas.astype(np.float32))
 
 
+def _sigma_to_t(cfg: dict) -> Callable[[np.ndarray], np.ndarray]:
+    """Timesteps of arbitrary levels (churn's sigma_hat), by log-sigma interpolation of the training levels."""
+    return functools.partial(spacing.sigma_to_t, log_sigmas=np.log(training_sigmas(cfg)))
+
+
 def _euler(cfg: dict, steps: int) -> Schedule:
     sigmas, timesteps, init = _kdiffusion(cfg, steps)
-    return Schedule(f32(sigmas), f32(timesteps), init, vp_output=cfg.get("final_sigmas_type", "zero") == "zero")
+    vp_output = cfg.get("final_sigmas_type", "zero") == "zero"
+    return Schedule(f32(sigmas), f32(timesteps), init, vp_output=vp_output, sigma_to_t=_sigma_to_t(cfg))
 
 
 def _heun(cfg: dict, steps: int) -> Schedule:
@@ -56,7 +63,8 @@ def _heun(cfg: dict, steps: int) -> Schedule:
     sigmas, timesteps, init = _kdiffusion(cfg, steps)
     sigmas, timesteps = f32(sigmas), f32(timesteps)
     mid_t = np.append(timesteps[1:], 0.0)
-    return Schedule(sigmas, timesteps, init, sigmas_mid=sigmas[1:], timesteps_mid=mid_t, clip_denoised=clip_range(cfg))
+    mid = {"sigmas_mid": sigmas[1:], "timesteps_mid": mid_t}
+    return Schedule(sigmas, timesteps, init, **mid, clip_denoised=clip_range(cfg), sigma_to_t=_sigma_to_t(cfg))
 
 
 def _mid_timesteps(cfg: dict, sigmas_mid: np.ndarray) -> np.ndarray:
@@ -83,7 +91,8 @@ def _with_midpoints(cfg: dict, sigmas32: np.ndarray, timesteps: np.ndarray, init
     mid_t[-1] = 0.0
     if timesteps.dtype == np.float32:
         mid_t = f32(mid_t)
-    return Schedule(f32(sigmas32), timesteps.astype(np.float64), init, sigmas_mid=mid, timesteps_mid=mid_t)
+    sigmas, timesteps = f32(sigmas32), timesteps.astype(np.float64)
+    return Schedule(sigmas, timesteps, init, sigmas_mid=mid, timesteps_mid=mid_t, sigma_to_t=_sigma_to_t(cfg))
 
 
 def _kdpm2_ancestral(cfg: dict, steps: int) -> Schedule:
