@@ -212,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import runtime
     from runtime.server import serve
     from runtime.server.a1111 import Limits
+    from runtime.server.options import ServerOptions
     from runtime.serving import Service, ServiceConfig
 
     if args.request_timeout is not None and args.request_timeout <= 0:
@@ -226,7 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
     with Service(sd, config) as service:
         print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
-        serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info")
+        options = ServerOptions(args.cors_allow_origins or (), args.cors_allow_origins_regex, args.read_timeout)
+        serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info", options=options)
     return 0
 
 
@@ -252,6 +254,10 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-steps", type=int, default=150, help="most steps accepted (default 150)")
     p.add_argument("--max-images", type=int, default=16, help="most batch_size * n_iter accepted (default 16)")
     p.add_argument("--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall before a 408 (default 30)")  # fmt: skip
+    p.add_argument("--cors-allow-origins", default=None, help="allowed CORS origins, comma-separated (as A1111)")
+    p.add_argument("--cors-allow-origins-regex", default=None, help="allowed CORS origins as a regular expression")
     p.set_defaults(func=cmd_serve)
 
 

@@ -246,6 +246,7 @@ class StableDiffusion:
             "Seed": request.seed,
             "Size": f"{request.width}x{request.height}",
             **self._model_parameters(),
+            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,  # A1111 writes it from 2 on
             "Backend": self.backend.name,
             "Version": f"sdrt {__version__}",
         }

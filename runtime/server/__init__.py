@@ -22,14 +22,18 @@ def _require_packages() -> None:
         raise BackendUnavailableError(message) from None
 
 
-def serve(service, host: str = "127.0.0.1", port: int = 7860, limits=None, log_level: str = "info") -> None:
-    """Serve `service` (a runtime.serving.Service) until interrupted; shutdown cancels what is still running."""
+def serve(
+    service, host: str = "127.0.0.1", port: int = 7860, limits=None, log_level: str = "info", options=None
+) -> None:
+    """Serve `service` (a runtime.serving.Service) until interrupted; shutdown cancels what is still running.
+    `limits`: a1111.Limits; `options`: options.ServerOptions (CORS, read timeout, prompt styles)."""
     _require_packages()
     import uvicorn
 
     from .app import create_app
 
-    uvicorn.run(create_app(service, limits), host=host, port=port, log_level=log_level)
+    flags = {"listen": host not in ("127.0.0.1", "localhost", "::1"), "port": port, "server_name": host}
+    uvicorn.run(create_app(service, limits, options=options, flags=flags), host=host, port=port, log_level=log_level)
 
 
 class ServerThread:

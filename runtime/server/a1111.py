@@ -175,8 +175,11 @@ def encode_png(image, infotext: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def response(body: GenerationBody, results: list, model, extra_keys: dict | None = None) -> dict:
-    """A1111's {images, parameters, info} for the results of a body's calls (in n_iter order)."""
+def response(
+    body: GenerationBody, results: list, model, extra_keys: dict | None = None, job_timestamp: str | None = None
+) -> dict:
+    """A1111's {images, parameters, info} for the results of a body's calls (in n_iter order); `job_timestamp`: when
+    the first call started (as /progress showed it), by default now."""
     images = [encode_png(img, text) for r in results for img, text in zip(r.images, r.infotexts)]
     seeds = [s for r in results for s in r.seeds]
     infotexts = [t for r in results for t in r.infotexts]
@@ -184,6 +187,7 @@ def response(body: GenerationBody, results: list, model, extra_keys: dict | None
     parameters = body.model_dump()
     if isinstance(body, Img2ImgBody):  # as A1111 does: the request's images are not echoed back
         parameters.update(init_images=None, mask=None)
+    source = model.info.get("source") or {}
     info = {
         "prompt": body.prompt, "all_prompts": [body.prompt] * len(seeds),
         "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(seeds),
@@ -191,11 +195,12 @@ def response(body: GenerationBody, results: list, model, extra_keys: dict | None
         "subseed_strength": 0, "width": first.width, "height": first.height, "sampler_name": first.sampler,
         "cfg_scale": first.cfg_scale, "steps": first.steps, "batch_size": first.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model.name,
-        "sd_model_hash": model.key.rsplit("-", 1)[-1], "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_model_hash": model_hash(model), "sd_vae_name": source.get("vae"), "sd_vae_hash": source.get("vae_hash"),
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": getattr(first, "strength", None), "extra_generation_params": extra_keys or {},
+        "denoising_strength": results[0].parameters.get("Denoising strength"),  # img2img's, or hires fix's
+        "extra_generation_params": extra_keys or {},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": body.styles or [],
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": first.clip_skip,
+        "job_timestamp": job_timestamp or time.strftime("%Y%m%d%H%M%S"), "clip_skip": first.clip_skip,
         "is_using_inpainting_conditioning": model.info["unet_in_channels"] == 9, "version": f"sdrt {__version__}",
     }  # fmt: skip
     return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from .. import __version__
 from ..errors import (
@@ -30,17 +31,27 @@ from ..samplers import SAMPLER_NAMES, resolve_sampler
 from ..serving import Job, Service
 from . import a1111
 from .metrics import Guard, Metrics
+from .openapi import BODY_ERRORS, GENERATION_ERRORS, PLAIN_ERRORS, add_docs, error_responses, stated_openapi
+from .options import ServerOptions
 from .schemas import (
+    EmbeddingsResponse,
     GenerationResponse,
+    HealthResponse,
     Img2ImgBody,
+    LatentUpscaleModeItem,
+    LoraItem,
+    OptionsResponse,
     PngInfoBody,
     PngInfoResponse,
     ProgressResponse,
     SamplerItem,
     SchedulerItem,
     SDModelItem,
+    SDVaeItem,
     Txt2ImgBody,
+    UpscalerItem,
 )
+from .startup_routes import add_startup_routes
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +60,27 @@ STATUS_OF = {InvalidRequestError: 422, QueueFull: 429, RequestTimeout: 408, Requ
 ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
           "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/png-info", "/health",
           "/metrics", "/openapi.json", "/docs", "/sdapi/v1/options", "/sdapi/v1/loras", "/sdapi/v1/embeddings",
-          "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes", "/sdapi/v1/sd-vae"}  # fmt: skip
+          "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes", "/sdapi/v1/sd-vae", "/sdapi/v1/cmd-flags",
+          "/sdapi/v1/prompt-styles", "/sdapi/v1/memory", "/sdapi/v1/scripts", "/sdapi/v1/script-info",
+          "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/skip"}  # fmt: skip
+PLAIN, POSTED, GENERATION = (error_responses(c) for c in (PLAIN_ERRORS, BODY_ERRORS, GENERATION_ERRORS))
 
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its images were ready; its jobs were cancelled."""
 
 
-def create_app(service: Service, limits: a1111.Limits | None = None, close_on_shutdown: bool = True) -> FastAPI:
-    """The FastAPI app serving `service` (whose model it describes) within `limits`."""
+def create_app(
+    service: Service,
+    limits: a1111.Limits | None = None,
+    close_on_shutdown: bool = True,
+    options: ServerOptions | None = None,
+    flags: dict | None = None,
+) -> FastAPI:
+    """The FastAPI app serving `service` (whose model it describes) within `limits`; `flags`: what /cmd-flags adds
+    (the host and port serve was started with)."""
     limits = limits or a1111.Limits()
+    options = options or ServerOptions()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -66,17 +88,34 @@ def create_app(service: Service, limits: a1111.Limits | None = None, close_on_sh
         if close_on_shutdown:
             await asyncio.to_thread(service.close, False, 30.0)
 
-    app = FastAPI(title="sdrt", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="sdrt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Stable Diffusion inference; A1111-compatible /sdapi/v1 routes")  # fmt: skip
     app.state.service = service
     app.state.limits = limits
+    app.state.options = options
+    app.state.flags = dict(flags or {})
+    app.state.styles = [dict(style) for style in options.styles]
     metrics = Metrics(ROUTES, lambda: service.queue_depth, lambda: dict(service.counts))
     app.state.metrics = metrics
     _add_error_handlers(app)
     _add_generation_routes(app)
     _add_info_routes(app)
-    app.add_middleware(Guard, metrics=metrics, max_body=limits.max_body_bytes)
+    add_startup_routes(app)
+    add_docs(app)
+    app.openapi = stated_openapi(app, limits, _scheduler_names())
+    if options.cors_allow_origins or options.cors_allow_origins_regex:  # as A1111's webui.py sets it up
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(options.cors_allow_origins), allow_methods=["*"],
+                           allow_origin_regex=options.cors_allow_origins_regex, allow_credentials=True,
+                           allow_headers=["*"])  # fmt: skip
+    app.add_middleware(Guard, metrics=metrics, max_body=limits.max_body_bytes, read_timeout=options.read_timeout)
     return app
+
+
+def _scheduler_names() -> list[str]:
+    """The scheduler values a body may name: A1111's names and labels (a1111._schedule reads either)."""
+    return list(dict.fromkeys([*a1111.SCHEDULER_NAMES.values(), *a1111.SCHEDULER_LABELS.values()]))
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -96,12 +135,25 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail))
+        response = _error(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched it
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         logger.exception("unexpected error on %s", request.url.path)
         return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)  # a path that matches with another method is a partial match
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    return sorted(methods)
 
 
 def _plain(errors: list) -> list:
@@ -110,9 +162,10 @@ def _plain(errors: list) -> list:
             for e in errors]
 
 
-async def _run(request: Request, calls: list[a1111.Call]) -> list:
+async def _run(request: Request, calls: list[a1111.Call]) -> tuple[list, str | None]:
     """Submit every call and wait for all results; cancel them all if the client goes away or one fails. The calls
-    still queued when one is interrupted are skipped (Job.skipped) and left out (A1111 skips the remaining n_iter)."""
+    still queued when one is interrupted are skipped (Job.skipped) and left out (A1111 skips the remaining n_iter).
+    Returns the results and when the first call started (A1111's job_timestamp)."""
     service: Service = request.app.state.service
     timeout = request.app.state.limits.request_timeout
     jobs: list[Job] = []
@@ -130,54 +183,54 @@ async def _run(request: Request, calls: list[a1111.Call]) -> list:
                 job.check_deadline()
             if await request.is_disconnected():
                 raise ClientGone
-        return [f.result() for f, job in zip(waiting, jobs) if not job.skipped]
+        return [f.result() for f, job in zip(waiting, jobs) if not job.skipped], jobs[0].timestamp
     finally:
         for job in jobs:
             job.cancel("cancelled: its HTTP request ended")
 
 
 def _add_generation_routes(app: FastAPI) -> None:
-    @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse)
+    @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse, responses=GENERATION)
     async def txt2img(body: Txt2ImgBody, request: Request):
         return await _generate(request, body, a1111.txt2img_calls(body, request.app.state.limits))
 
-    @app.post("/sdapi/v1/img2img", response_model=GenerationResponse)
+    @app.post("/sdapi/v1/img2img", response_model=GenerationResponse, responses=GENERATION)
     async def img2img(body: Img2ImgBody, request: Request):
         calls = await asyncio.to_thread(a1111.img2img_calls, body, request.app.state.limits)
         return await _generate(request, body, calls)
 
-    @app.post("/sdapi/v1/interrupt")
+    @app.post("/sdapi/v1/interrupt", response_model=dict, responses=PLAIN)
     async def interrupt(request: Request):
         request.app.state.service.interrupt()
         return {}
 
-    @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse)
+    @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, responses=POSTED)
     async def png_info(body: PngInfoBody, request: Request):
         return await asyncio.to_thread(a1111.png_info, body.image, request.app.state.limits)
 
 
 async def _generate(request: Request, body, calls: list[a1111.Call]):
     try:
-        results = await _run(request, calls)
+        results, timestamp = await _run(request, calls)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
     service: Service = request.app.state.service
-    return await asyncio.to_thread(a1111.response, body, results, service.model)
+    return await asyncio.to_thread(a1111.response, body, results, service.model, job_timestamp=timestamp)
 
 
 def _add_info_routes(app: FastAPI) -> None:
-    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem])
+    @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], responses=PLAIN)
     async def samplers():
         specs = [resolve_sampler(name)[0] for name in SAMPLER_NAMES]
         return [{"name": s.name, "aliases": [s.diffusers_class], "options": dict(s.options)} for s in specs]
 
-    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem])
+    @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem], responses=PLAIN)
     async def schedulers():
         names, labels = a1111.SCHEDULER_NAMES, a1111.SCHEDULER_LABELS
         return [{"name": names[t], "label": labels[t], "aliases": None, "default_rho": None,
                  "need_inner_model": False} for t in names]  # fmt: skip
 
-    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem])
+    @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], responses=PLAIN)
     async def sd_models(request: Request):
         model = request.app.state.service.model
         return [{"title": a1111.model_title(model), "model_name": model.name, "hash": a1111.model_hash(model),
@@ -185,25 +238,25 @@ def _add_info_routes(app: FastAPI) -> None:
 
     _add_listing_routes(app)
 
-    @app.get("/sdapi/v1/progress", response_model=ProgressResponse)
+    @app.get("/sdapi/v1/progress", response_model=ProgressResponse, responses=POSTED)
     async def progress(request: Request, skip_current_image: bool = False):
         status = request.app.state.service.status()
         fraction = status["step"] / status["steps"] if status["steps"] else 0.0
         elapsed = time.monotonic() - status["started"] if status["started"] else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
-        state = {"skipped": False, "interrupted": False, "stopping_generation": False,
+        state = {"skipped": status["skipped"], "interrupted": status["interrupted"], "stopping_generation": False,
                  "job": "generating" if status["running"] else "", "job_count": status["running"] + status["queued"],
-                 "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "job_no": 0, "sampling_step": status["step"],
+                 "job_timestamp": status["job_timestamp"], "job_no": 0, "sampling_step": status["step"],
                  "sampling_steps": status["steps"]}  # fmt: skip
         return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
 
-    @app.get("/health")
+    @app.get("/health", response_model=HealthResponse, responses=PLAIN)
     async def health(request: Request):
         service: Service = request.app.state.service
         return {"status": "ok", "model": service.model.name, "backend": service.model.backend.name,
                 "queue_depth": service.queue_depth, "batching": service.config.batching}  # fmt: skip
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=PLAIN)
     async def prometheus_metrics(request: Request):
         return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
@@ -212,33 +265,33 @@ def _add_listing_routes(app: FastAPI) -> None:
     """What A1111 clients read before generating: settings, LoRAs, embeddings, upscalers, VAEs. One model is served;
     POST /sdapi/v1/options accepts settings that change nothing here and refuses a different checkpoint."""
 
-    @app.get("/sdapi/v1/options")
+    @app.get("/sdapi/v1/options", response_model=OptionsResponse, responses=PLAIN)
     async def options(request: Request):
         return a1111.options(request.app.state.service.model)
 
-    @app.post("/sdapi/v1/options")
+    @app.post("/sdapi/v1/options", response_model=None, responses=error_responses(BODY_ERRORS, True))
     async def set_options(body: dict, request: Request):
         a1111.check_options(body, request.app.state.service.model)
         return None
 
-    @app.get("/sdapi/v1/loras")
+    @app.get("/sdapi/v1/loras", response_model=list[LoraItem], responses=PLAIN)
     async def loras(request: Request):
         return await asyncio.to_thread(a1111.loras, request.app.state.service.model)
 
-    @app.get("/sdapi/v1/embeddings")
+    @app.get("/sdapi/v1/embeddings", response_model=EmbeddingsResponse, responses=PLAIN)
     async def embeddings(request: Request):
         return a1111.embeddings(request.app.state.service.model)
 
-    @app.get("/sdapi/v1/upscalers")
+    @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem], responses=PLAIN)
     async def upscalers():
         return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
                 for name in a1111.IMAGE_UPSCALERS]  # fmt: skip
 
-    @app.get("/sdapi/v1/latent-upscale-modes")
+    @app.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscaleModeItem], responses=PLAIN)
     async def latent_upscale_modes():
         return [{"name": name} for name in a1111.LATENT_UPSCALERS]
 
-    @app.get("/sdapi/v1/sd-vae")
+    @app.get("/sdapi/v1/sd-vae", response_model=list[SDVaeItem], responses=PLAIN)
     async def sd_vae(request: Request):
         source = request.app.state.service.model.info.get("source") or {}
         return [{"model_name": source["vae"], "filename": source["vae"]}] if source.get("vae") else []

@@ -1,8 +1,9 @@
 """Prometheus metrics in the text exposition format (no client library needed), and the ASGI guard that feeds them
-and enforces the request body limit."""
+and enforces the request body limit and the body read timeout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -11,6 +12,7 @@ from collections import Counter
 from starlette.exceptions import HTTPException
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # any other method: "other"
 
 
 class Metrics:
@@ -31,6 +33,7 @@ class Metrics:
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
         route = self.route(path)
+        method = method if method in METHODS else "other"  # a client picks the method: the label set stays bounded
         with self._lock:
             self.requests[(method, route, status)] += 1
             counts = self.buckets.setdefault(route, [0] * (len(LATENCY_BUCKETS) + 1))
@@ -75,12 +78,14 @@ class Metrics:
 
 class Guard:
     """Pure ASGI middleware: rejects bodies over `max_body` bytes with 413 (by Content-Length, and while reading a
-    chunked body), and records every HTTP request in `metrics`."""
+    chunked body), answers 408 when a body stalls for `read_timeout` seconds between two chunks, and records every
+    HTTP request in `metrics`."""
 
-    def __init__(self, app, metrics: Metrics, max_body: int):
+    def __init__(self, app, metrics: Metrics, max_body: int, read_timeout: float = 30.0):
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -113,15 +118,24 @@ class Guard:
         return 0
 
     def _limited(self, receive):
-        received = 0
+        received, complete = 0, False
 
         async def receive_limited():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, receive waits for a disconnect as long as the response takes: no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except asyncio.TimeoutError:
+                message = f"the request body stalled for more than {self.read_timeout:g} s"
+                raise HTTPException(408, message, headers={"Connection": "close"}) from None  # frees the connection
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
                     raise HTTPException(413, f"request body larger than {self.max_body} bytes")
+                complete = not message.get("more_body", False)
+            else:
+                complete = True
             return message
 
         return receive_limited

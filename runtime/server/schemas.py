@@ -147,3 +147,93 @@ class SDModelItem(_Body):
     sha256: str | None = None
     filename: str
     config: str | None = None
+
+
+class ErrorResponse(_Body):
+    """Every 4xx/5xx answer: one line in `detail`; validation errors also list each problem."""
+
+    detail: str = Field(description="what is wrong, in one line")
+    errors: list[dict[str, Any]] | None = Field(default=None, description="422 only: [{loc, msg, type}]")
+
+
+class HealthResponse(_Body):
+    status: str
+    model: str
+    backend: str
+    queue_depth: int
+    batching: bool
+
+
+class OptionsResponse(BaseModel):
+    """GET /sdapi/v1/options: the settings A1111 clients read, as this server applies them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sd_model_checkpoint: str
+    sd_checkpoint_hash: str
+    sd_vae: str
+    CLIP_stop_at_last_layers: int
+    eta_ddim: float
+    samples_format: str
+    sd_lora: str
+    live_previews_enable: bool
+
+
+class LoraItem(_Body):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
+class EmbeddingItem(_Body):
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+    shape: int
+    vectors: int
+
+
+class EmbeddingsResponse(_Body):
+    loaded: dict[str, EmbeddingItem]
+    skipped: dict[str, EmbeddingItem]
+
+
+class UpscalerItem(_Body):
+    name: str
+    model_name: str | None = None
+    model_path: str | None = None
+    model_url: str | None = None
+    scale: float | None = None
+
+
+class LatentUpscaleModeItem(_Body):
+    name: str
+
+
+class SDVaeItem(_Body):
+    model_name: str
+    filename: str
+
+
+class PromptStyleItem(_Body):
+    name: str
+    prompt: str | None = None
+    negative_prompt: str | None = None
+
+
+class MemoryResponse(_Body):
+    ram: dict[str, Any] = Field(description="system memory in bytes: free, used (this process), total")
+    cuda: dict[str, Any] = Field(description="device memory in bytes, or {error} where the backend has no device")
+
+
+class ScriptsList(_Body):
+    txt2img: list[str]
+    img2img: list[str]
+
+
+class ScriptInfo(_Body):
+    name: str | None = None
+    is_alwayson: bool | None = None
+    is_img2img: bool | None = None
+    args: list[dict[str, Any]]

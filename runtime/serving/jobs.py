@@ -60,6 +60,7 @@ class Job:
         self.deadline = None if timeout is None else self.submitted + timeout
         self.timeout = timeout
         self.started: float | None = None
+        self.timestamp: str | None = None  # when it started, "%Y%m%d%H%M%S" local time (A1111's job_timestamp)
         self.step = 0
         self.steps = 0
         self.group = group  # requests submitted together (A1111's n_iter): an interrupt skips the queued ones

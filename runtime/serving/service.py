@@ -70,6 +70,8 @@ class Service:
         self._running: list[Job] = []
         self._closed = False
         self.counts = collections.Counter()  # completed, failed, cancelled, batches, batched_requests
+        self.job_timestamp = "0"  # when the latest group started, "%Y%m%d%H%M%S" local time (A1111's; "0": none yet)
+        self.stopped = {"interrupted": False, "skipped": False}  # of the latest group (A1111's state flags)
         self._thread = threading.Thread(target=self._work, name="sdrt-service", daemon=True)
         self._thread.start()
 
@@ -120,14 +122,17 @@ class Service:
     def inpaint(self, prompt: str, init_image, mask, **options):
         return self.generate("inpaint", prompt, init_image, mask, **options)
 
-    def interrupt(self) -> int:
+    def interrupt(self, rest_of_group: bool = True) -> int:
         """A1111's interrupt: the requests running now stop sampling after the current step and return the images
         of the steps done (their infotexts keep the requested Steps); queued ones stay. The running batch stops as a
         whole (every request in it is interrupted), so no request's images depend on another's interrupt. Queued
-        requests of an interrupted one's group are skipped (Job.skip). Returns how many requests were interrupted."""
+        requests of an interrupted one's group are skipped (Job.skip); `rest_of_group=False` is A1111's skip, which
+        lets them run. Returns how many requests were interrupted."""
         with self._cond:
             interrupted = [job for job in self._running if job.interrupt()]
-            groups = {id(job.group) for job in interrupted if job.group is not None}
+            if interrupted:
+                self.stopped["interrupted" if rest_of_group else "skipped"] = True
+            groups = {id(job.group) for job in interrupted if job.group is not None and rest_of_group}
             for job in list(self._queue):
                 if job.group is not None and id(job.group) in groups:
                     job.skip()
@@ -162,7 +167,8 @@ class Service:
         steps = max((job.steps for job in running), default=0)
         step = min((job.step for job in running), default=0)
         started = min((job.started for job in running if job.started), default=None)
-        return {"running": len(running), "queued": queued, "step": step, "steps": steps, "started": started}
+        return {"running": len(running), "queued": queued, "step": step, "steps": steps, "started": started,
+                "job_timestamp": self.job_timestamp, **self.stopped}  # fmt: skip
 
     def _prepare_txt2img(self, args: tuple, options: dict) -> tuple[dict, tuple | None]:
         """Validate a txt2img request; return the worker's options and the batch key (None: runs alone)."""
@@ -217,9 +223,10 @@ class Service:
                         self._queue.remove(job)
                         group.append(job)
                         rows += job.rows
-            now = time.monotonic()
+            now, self.job_timestamp = time.monotonic(), time.strftime("%Y%m%d%H%M%S")
+            self.stopped = {"interrupted": False, "skipped": False}
             for job in group:
-                job.started = now
+                job.started, job.timestamp = now, self.job_timestamp
             self._running = group
             return group
 
