@@ -26,6 +26,7 @@ from pathlib import Path
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 SAMPLER = "Euler"
+DIFFUSERS = "diffusers fp16 SDPA"
 
 
 def require_cuda() -> dict:
@@ -59,52 +60,81 @@ def _median_ms(values: list[float]) -> float:
     return round(1000 * statistics.median(values), 3)
 
 
-def _timed(session, log: list[float]):
-    """A proxy of `session` whose run() appends its wall time (s) to log."""
+class Timed:
+    """A proxy of a session whose run() logs its wall time (s) and, where torch sees the GPU, a CUDA event pair
+    around it on torch's current stream (the GPU time of torch-cuda sessions; other backends use their own
+    streams, so their GPU time is not read this way)."""
 
-    class Timed:
-        def run(self, feeds, outputs=None):
-            start = time.perf_counter()
-            result = session.run(feeds, outputs)
-            log.append(time.perf_counter() - start)
-            return result
+    def __init__(self, session, events: bool):
+        self.session, self.events = session, events
+        self.wall: list[float] = []
+        self.pairs: list = []
 
-        def __getattr__(self, name):
-            return getattr(session, name)
+    def run(self, feeds, outputs=None):
+        pair = None
+        if self.events:
+            import torch
 
-    return Timed()
+            pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            pair[0].record()
+        start = time.perf_counter()
+        result = self.session.run(feeds, outputs)
+        self.wall.append(time.perf_counter() - start)
+        if pair is not None:
+            pair[1].record()
+            self.pairs.append(pair)
+        return result
+
+    def gpu_seconds(self) -> float | None:
+        """The GPU time of the calls logged since the last clear (None without events)."""
+        if not self.events:
+            return None
+        import torch
+
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.pairs) / 1000
+
+    def clear(self) -> None:
+        self.wall.clear()
+        self.pairs.clear()
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
 
 
 def bench_sdrt(load, label: str, size: int, steps: int, runs: int) -> dict:
     """End to end and per stage for the StableDiffusion `load()` returns (its backend already chosen); memory is
-    measured from before the load, as for diffusers."""
+    measured from before the load, as for diffusers. Host time per step: end-to-end wall time less the GPU time of
+    every session call (CUDA events), over the steps, where the GPU time can be read (torch-cuda)."""
     _release_memory()
     watch = MemoryWatch()
     sd = load()
     options = dict(steps=steps, seed=1, width=size, height=size, sampler=SAMPLER, cfg_scale=7.5)
-    logs = {"text_encoder": [], "unet": [], "vae_decoder": []}
-    originals = {name: sd.backend.session(name) for name in logs}
-    sessions = {name: _timed(session, logs[name]) for name, session in originals.items()}
+    events = sd.backend.name == "torch-cuda"
+    names = ("text_encoder", "unet", "vae_decoder")
+    sessions = {name: Timed(sd.backend.session(name), events) for name in names}
     sd.backend.session = lambda name, _o=sd.backend.session: sessions.get(name) or _o(name)
     sd.txt2img(PROMPT, **options)  # warm-up (engine activation, graph capture)
     totals, host, text = [], [], []
     for _ in range(runs):
-        for log in logs.values():
-            log.clear()
+        for timed in sessions.values():
+            timed.clear()
         start = time.perf_counter()
         sd.txt2img(PROMPT, **options)
         total = time.perf_counter() - start
         totals.append(total)
-        text.append(sum(logs["text_encoder"]))  # every text-encoder call of one generation
-        host.append((total - sum(logs["text_encoder"]) - sum(logs["unet"]) - sum(logs["vae_decoder"])) / steps)
+        text.append(sum(sessions["text_encoder"].wall))  # every text-encoder call of one generation
+        gpu = [timed.gpu_seconds() for timed in sessions.values()]
+        if None not in gpu:
+            host.append((total - sum(gpu)) / steps)
         watch.sample()
     return {
         "system": label,
         "end_to_end_ms": _median_ms(totals),
-        "unet_step_ms": _median_ms(logs["unet"]),
+        "unet_step_ms": _median_ms(sessions["unet"].wall),
         "text_encoder_ms": _median_ms(text),
-        "vae_decode_ms": _median_ms(logs["vae_decoder"]),
-        "host_per_step_ms": _median_ms(host),
+        "vae_decode_ms": _median_ms(sessions["vae_decoder"].wall),
+        "host_per_step_ms": _median_ms(host) if host else None,
         "device_memory_mib": round(watch.peak / 2**20, 1),
     }
 
@@ -167,7 +197,7 @@ def bench_diffusers(checkpoint: Path, size: int, steps: int, runs: int) -> dict:
         text = [_cuda_ms(lambda: pipe.text_encoder(ids)) for _ in range(runs)]
         vae = [_cuda_ms(lambda: pipe.vae.decode(latents)) for _ in range(runs)]
     return {
-        "system": "diffusers fp16 SDPA",
+        "system": DIFFUSERS,
         "end_to_end_ms": _median_ms(totals),
         "unet_step_ms": _median_ms(unet_times),
         "text_encoder_ms": _median_ms(text),
@@ -188,22 +218,22 @@ def _cuda_ms(fn) -> float:
     return start.elapsed_time(end) / 1000
 
 
-def sdrt_variants(checkpoint: Path, engines: Path, size: int):
-    """(label, loader) for every sdrt backend available here, eager and graphed; a loader returns a model."""
+def sdrt_variants(checkpoint: Path, engines: Path, size: int, backends: tuple[str, ...]):
+    """(label, loader or the reason it cannot run) for every requested sdrt backend, eager and graphed."""
     from runtime.backends import check_backend
-    from runtime.errors import BackendUnavailableError
+    from runtime.errors import SdrtError
 
     variants = []
-    for backend, graphs in (("onnxruntime-cuda", (False, True)), ("torch-cuda", (False, True)),
-                            ("tensorrt", (False, True))):  # fmt: skip
+    for backend in backends:
         try:
             check_backend(backend)
-        except BackendUnavailableError as exc:
-            print(f"skipping {backend}: {exc}", file=sys.stderr)
-            continue
-        for graph in graphs:
+            reason = None
+        except SdrtError as exc:
+            reason = f"unavailable: {exc}"
+        for graph in (False, True):
             label = f"sdrt {backend} {'graphed' if graph else 'eager'}"
-            variants.append((label, lambda b=backend, g=graph: _load_variant(checkpoint, engines, b, g, size)))
+            load = reason or (lambda b=backend, g=graph: _load_variant(checkpoint, engines, b, g, size))
+            variants.append((label, load))
     return variants
 
 
@@ -244,11 +274,14 @@ def versions() -> dict:
 def markdown(result: dict) -> str:
     rows = ["| system | end to end ms | UNet step ms | text encoder ms | VAE ms | host/step ms | memory MiB |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    keys = ("end_to_end_ms", "unet_step_ms", "text_encoder_ms", "vae_decode_ms", "host_per_step_ms",
+            "device_memory_mib")  # fmt: skip
     for r in result["systems"]:
-        cells = [r["system"], r["end_to_end_ms"], r["unet_step_ms"], r["text_encoder_ms"], r["vae_decode_ms"],
-                 r["host_per_step_ms"], r["device_memory_mib"]]  # fmt: skip
-        rows.append("| " + " | ".join("-" if c is None else str(c) for c in cells) + " |")
-    speedup = result["speedup_vs_diffusers"]
+        if "error" in r:
+            rows.append(f"| {r['system']} | failed: {r['error'][:160]} | | | | | |")
+            continue
+        rows.append("| " + " | ".join([r["system"], *("-" if r[k] is None else str(r[k]) for k in keys)]) + " |")
+    speedup = result.get("speedup_vs_diffusers")
     rows.append(f"\n{result['device']}, {result['steps']} steps, {result['size']}x{result['size']}, batch 1, CFG 7.5; "
                 f"best sdrt speedup over diffusers end to end: {speedup}")  # fmt: skip
     return "\n".join(rows) + "\n"
@@ -259,49 +292,124 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--backends", default="torch-cuda,onnxruntime-cuda,tensorrt", help="sdrt backends, in order")
     parser.add_argument("--work", default="benchmarks/.work", help="checkpoint and engines (reused across runs)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--stem", help="result file names without suffix (default: <date>-<device>)")
+    parser.add_argument("--dry-run", action="store_true", help="check arguments, imports and the writer; no GPU")
     args = parser.parse_args(argv)
     from runtime.errors import SdrtError
 
+    if args.steps < 1 or args.runs < 1 or args.size < 64 or args.size % 8:
+        print("error: --steps and --runs must be positive, --size a multiple of 8 of at least 64", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        return dry_run(args)
     try:
         device = require_cuda()
     except SdrtError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run(args, device)
-    stem = f"{datetime.date.today().isoformat()}-{device['device'].replace(' ', '-').lower()}"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (out / f"{stem}.md").write_text(markdown(result), encoding="utf-8")
+    stem = args.stem or f"{datetime.date.today().isoformat()}-{device['device'].replace(' ', '-').lower()}"
+    result = run(args, device, Writer(Path(args.out), stem))
     print(markdown(result))
     return 0
 
 
-def run(args: argparse.Namespace, device: dict) -> dict:
+class Writer:
+    """Writes the result (JSON and Markdown, atomically) after every system, so a later failure or timeout keeps
+    what finished."""
+
+    def __init__(self, folder: Path, stem: str):
+        self.folder, self.stem = folder, stem
+
+    def __call__(self, result: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown(result))):
+            path = self.folder / f"{self.stem}{suffix}"
+            scratch = path.with_name(f".{path.name}.tmp")
+            scratch.write_text(text, encoding="utf-8")
+            scratch.replace(path)
+
+
+def dry_run(args: argparse.Namespace) -> int:
+    """What a GPU run would do, without one: the imports the run needs, the variants, and the writer."""
+    import export.tiny  # noqa: F401  (the checkpoint maker the run uses)
+    import runtime  # noqa: F401
+
+    variants = sdrt_variants(Path(args.work) / "sd15-shaped", Path(args.work) / "engines", args.size,
+                             tuple(b for b in args.backends.split(",") if b))  # fmt: skip
+    result = header(args, {"device": "dry run (no GPU)"})
+    result["systems"] = [{"system": label, "error": load if isinstance(load, str) else "not run (dry run)"}
+                         for label, load in variants]  # fmt: skip
+    Writer(Path(args.out), args.stem or "dry-run")(result)
+    print(f"dry run: {len(variants)} sdrt variants planned; diffusers {'present' if _has_diffusers() else 'absent'}")
+    return 0
+
+
+def _has_diffusers() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def header(args: argparse.Namespace, device: dict) -> dict:
+    return {
+        **device,
+        "python": platform.python_version(),
+        "versions": versions(),
+        "command": " ".join(["python -m benchmarks.gpu", *(sys.argv[1:] if sys.argv[0].endswith("gpu.py") else [])]),
+        "size": args.size,
+        "steps": args.steps,
+        "runs": args.runs,
+        "systems": [],
+        "speedup_vs_diffusers": None,
+    }
+
+
+def _attempt(label: str, bench) -> dict:
+    """One system's result, or its error (one line) so that the other systems still run."""
+    try:
+        return bench()
+    except Exception as exc:  # any failure of one variant is data, not the end of the run
+        print(f"{label} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        return {"system": label, "error": f"{type(exc).__name__}: {reason}"}
+    finally:
+        _release_memory()
+
+
+def run(args: argparse.Namespace, device: dict, write) -> dict:
     from export.tiny import TinyConfig, make_tiny_checkpoint
 
     work = Path(args.work)
     checkpoint = work / "sd15-shaped"
     if not (checkpoint / "model_index.json").is_file():
         make_tiny_checkpoint(checkpoint, TinyConfig(variant="sd15-shaped"))
-    systems = [bench_diffusers(checkpoint, args.size, args.steps, args.runs)]
-    for label, load in sdrt_variants(checkpoint, work / "engines", args.size):
-        systems.append(bench_sdrt(load, label, args.size, args.steps, args.runs))
-    peer = systems[0]["end_to_end_ms"]
-    best = min((s["end_to_end_ms"] for s in systems[1:]), default=None)
-    return {
-        **device,
-        "python": platform.python_version(),
-        "versions": versions(),
-        "command": " ".join(["python -m benchmarks.gpu", *sys.argv[1:]]),
-        "size": args.size,
-        "steps": args.steps,
-        "runs": args.runs,
-        "systems": systems,
-        "speedup_vs_diffusers": round(peer / best, 3) if best else None,
-    }
+    result = header(args, device)
+    systems = result["systems"]
+    if _has_diffusers():
+        systems.append(_attempt(DIFFUSERS, lambda: bench_diffusers(checkpoint, args.size, args.steps, args.runs)))
+    else:
+        systems.append({"system": DIFFUSERS, "error": "diffusers is not installed"})
+    write(result)
+    backends = tuple(b for b in args.backends.split(",") if b)
+    for label, load in sdrt_variants(checkpoint, work / "engines", args.size, backends):
+        if isinstance(load, str):
+            systems.append({"system": label, "error": load})
+        else:
+            bench = lambda load=load, label=label: bench_sdrt(load, label, args.size, args.steps, args.runs)  # noqa: E731
+            systems.append(_attempt(label, bench))
+        result["speedup_vs_diffusers"] = speedup(systems)
+        write(result)
+    return result
+
+
+def speedup(systems: list[dict]) -> float | None:
+    """diffusers' end-to-end time over the fastest sdrt system's (None where either is missing)."""
+    peer = next((s["end_to_end_ms"] for s in systems if s["system"] == DIFFUSERS and "error" not in s), None)
+    best = min((s["end_to_end_ms"] for s in systems if s["system"] != DIFFUSERS and "error" not in s), default=None)
+    return round(peer / best, 3) if peer and best else None
 
 
 if __name__ == "__main__":

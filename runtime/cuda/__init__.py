@@ -16,6 +16,7 @@ from .api import (
     driver_version,
     mem_get_info,
     runtime_module,
+    runtime_version,
 )
 from .memory import DeviceBuffer, PinnedBuffer
 from .stream import CaptureError, CudaGraph, Event, Stream
@@ -35,4 +36,5 @@ __all__ = [
     "driver_version",
     "mem_get_info",
     "runtime_module",
+    "runtime_version",
 ]

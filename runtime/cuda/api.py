@@ -47,12 +47,42 @@ def check(result: Any, call: str) -> Any:
     err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
     if err != rt.cudaError_t.cudaSuccess:
         described = _error_name(rt, err)
+        if described.split(":")[0] == "cudaErrorInsufficientDriver":
+            raise BackendUnavailableError(insufficient_driver_message(rt, call))
         if described.split(":")[0] in _UNAVAILABLE:
             raise BackendUnavailableError(f"no usable NVIDIA GPU ({call}: {described})")
         raise CudaError(f"{call} failed: {described}", err)
     if not values:
         return None
     return values[0] if len(values) == 1 else values
+
+
+def _cuda_version(number: int) -> str:
+    """CUDA's integer version (12080) as text ("12.8")."""
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def insufficient_driver_message(rt, call: str) -> str:
+    """One line for cudaErrorInsufficientDriver: the driver's CUDA version, the one cuda-bindings was built for,
+    and what to install so that both agree (a driver is never too new, only too old)."""
+    err, driver = rt.cudaDriverGetVersion()  # answers even where the driver is too old for this runtime
+    err_rt, runtime = rt.cudaRuntimeGetVersion()
+    if err != rt.cudaError_t.cudaSuccess or not driver:
+        return f"no usable NVIDIA GPU ({call}: cudaErrorInsufficientDriver, and no NVIDIA driver answers)"
+    have = _cuda_version(int(driver))
+    need = _cuda_version(int(runtime)) if err_rt == rt.cudaError_t.cudaSuccess else "a newer CUDA"
+    major = int(driver) // 1000
+    return (
+        f"the NVIDIA driver supports CUDA {have}, but cuda-bindings needs CUDA {need} ({call}: "
+        f"cudaErrorInsufficientDriver): install the packages for CUDA {major} (pip install "
+        f"'cuda-bindings=={major}.*', tensorrt-cu{major}, an onnxruntime-gpu built for CUDA {major}), or update the "
+        "driver"
+    )
+
+
+def runtime_version() -> str:
+    """The CUDA version cuda-bindings' runtime was built for, e.g. "13.0"."""
+    return _cuda_version(int(check(runtime_module().cudaRuntimeGetVersion(), "cudaRuntimeGetVersion")))
 
 
 def device_count() -> int:
@@ -76,8 +106,7 @@ def device_name(device: int = 0) -> str:
 
 def driver_version() -> str:
     """The driver's CUDA version, e.g. "13.0" (cudaDriverGetVersion's 13000)."""
-    version = int(check(runtime_module().cudaDriverGetVersion(), "cudaDriverGetVersion"))
-    return f"{version // 1000}.{version % 1000 // 10}"
+    return _cuda_version(int(check(runtime_module().cudaDriverGetVersion(), "cudaDriverGetVersion")))
 
 
 def mem_get_info() -> tuple[int, int]:
