@@ -8,6 +8,13 @@
 * throughput: N concurrent requests (distinct prompts and seeds) with batching on and off: requests/s and
   p50/p99 latency per request.
 Writes JSON (default benchmarks/results/<date>-cpu-serving.json).
+
+    python -m benchmarks.serving --mixed              # the load record: mixed concurrent requests
+
+* mixed: txt2img (some batched together, some with a hires fix), img2img and inpaint at several sizes, samplers and
+  batch sizes, each sent alone first (the solo images), then all at once (--requests at a time) for --rounds rounds;
+  every image of the load must equal its solo image byte for byte, and the server process's RSS is read (psutil)
+  before and after each phase. Writes benchmarks/results/<date>-cpu-serving-mixed.json.
 """
 
 from __future__ import annotations
@@ -114,6 +121,127 @@ def run_server(model: Path, engines: Path, batching: bool, max_batch: int) -> It
             server.kill()
 
 
+def _png_b64(pixels) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def mixed_bodies(count: int, steps: int) -> list[tuple[str, dict]]:
+    """`count` (route, body) pairs cycling through the modes, sizes, samplers and batch sizes of the mixed load."""
+    import numpy as np
+
+    y, x = np.mgrid[0:64, 0:64]
+    init = _png_b64(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8))  # a gradient, 64x64
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 8:40] = 255  # white: repaint
+    mask_b64 = _png_b64(mask)
+    kinds = [
+        ("txt2img", dict(width=64, height=64)), ("txt2img", dict(width=32, height=48, batch_size=2)),
+        ("txt2img", dict(width=64, height=64, sampler_name="DPM++ 2M", scheduler="karras")),
+        ("img2img", dict(init_images=[init], width=64, height=64, denoising_strength=0.6)),
+        ("txt2img", dict(width=32, height=32, enable_hr=True, hr_scale=2, hr_second_pass_steps=2)),
+        ("img2img", dict(init_images=[init], mask=mask_b64, width=64, height=64, denoising_strength=0.9)),
+        ("img2img", dict(init_images=[init], width=32, height=32, sampler_name="Euler", n_iter=2)),
+    ]  # fmt: skip
+    bodies = []
+    for i in range(count):
+        route, extra = kinds[i % len(kinds)]
+        body = {"prompt": f"a photo of thing {i}", "seed": 7000 + 10 * i, "steps": steps, "sampler_name": "Euler a",
+                "cfg_scale": 7.0, **extra}  # fmt: skip
+        bodies.append((f"/sdapi/v1/{route}", body))
+    return bodies
+
+
+def measure_mixed(url: str, pid: int, count: int, steps: int, rounds: int) -> dict:
+    """Solo images first, then `rounds` rounds of all `count` requests at once; images compared, RSS recorded."""
+    import httpx
+    import psutil
+
+    server = psutil.Process(pid)
+    rss = {"start": server.memory_info().rss}
+    bodies = mixed_bodies(count, steps)
+    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=count)) as client:
+
+        def post(item: tuple[str, dict]) -> tuple[list[str], float]:
+            start = time.perf_counter()
+            response = client.post(item[0], json=item[1])
+            if response.status_code != 200:
+                raise RuntimeError(f"{item[0]} answered {response.status_code}: {response.text[:300]}")
+            return response.json()["images"], time.perf_counter() - start
+
+        solo = [post(item)[0] for item in bodies]
+        rss["after_solo"] = server.memory_info().rss
+        record: dict = {"requests": count, "images": sum(len(images) for images in solo), "rounds": []}
+        for k in range(rounds):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(count) as pool:
+                answers = list(pool.map(post, bodies))
+            wall = time.perf_counter() - start
+            latencies = [seconds for _, seconds in answers]
+            differing = sum(a != b for (images, _), expected in zip(answers, solo) for a, b in zip(images, expected))
+            rss[f"after_round_{k + 1}"] = server.memory_info().rss
+            record["rounds"].append({
+                "wall_s": wall, "requests_per_s": count / wall, "latency_p50_s": _percentile(latencies, 0.5),
+                "latency_p99_s": _percentile(latencies, 0.99), "images_differing_from_solo": differing,
+                "image_counts_equal": all(len(a[0]) == len(b) for a, b in zip(answers, solo)),
+            })  # fmt: skip
+    record["rss_bytes"] = rss
+    if rounds >= 2:  # a steady server holds its memory from one round of the same load to the next
+        record["rss_growth_last_round_bytes"] = rss[f"after_round_{rounds}"] - rss[f"after_round_{rounds - 1}"]
+    record["identical_to_solo"] = all(r["images_differing_from_solo"] == 0 and r["image_counts_equal"]
+                                      for r in record["rounds"])  # fmt: skip
+    hidden = ("init_images", "mask", "prompt")
+    record["mix"] = [
+        {"route": route, **{k: v for k, v in body.items() if k not in hidden}, "init_image": "init_images" in body,
+         "mask": "mask" in body} for route, body in bodies
+    ]  # fmt: skip
+    return record
+
+
+def _commit() -> str:
+    """The code measured: the checkout's commit, "+changes" when its tracked files differ from it."""
+    root = Path(__file__).resolve().parents[1]
+    run = dict(cwd=root, capture_output=True, text=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run).stdout.strip()
+    return commit + ("+changes" if dirty else "")
+
+
+def main_mixed(args, model: Path, engines: Path, record: dict) -> dict:
+    import os
+
+    record["commit"] = _commit()
+    record["load_average_before"] = os.getloadavg()  # other work on the machine slows every timing down
+    with run_server(model, engines, True, args.max_batch) as url:
+        pid = _server_pid(url)
+        record["mixed"] = measure_mixed(url, pid, args.requests, args.steps, args.rounds)
+    record["load_average_after"] = os.getloadavg()
+    out = Path(args.out or f"benchmarks/results/{record['date']}-cpu-serving-mixed.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    summary = {k: v for k, v in record["mixed"].items() if k != "mix"}
+    print(json.dumps(summary, indent=2))
+    return record
+
+
+def _server_pid(url: str) -> int:
+    """The pid of the `cli.py serve` child process serving on the URL's port."""
+    import psutil
+
+    port = url.rsplit(":", 1)[1]
+    for child in psutil.Process().children():
+        command = child.cmdline()
+        if "serve" in command and port in command:
+            return child.pid
+    raise RuntimeError(f"no server child process on port {port}")
+
+
 def main(argv: list[str] | None = None) -> dict:
     import httpx
 
@@ -129,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--overhead-steps", type=int, default=1)
     parser.add_argument("--workdir", default="/tmp/sdrt-bench")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--mixed", action="store_true", help="the mixed load record (--requests at once)")
+    parser.add_argument("--rounds", type=int, default=2, help="mixed: rounds of the concurrent load")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     model, engines = make_model("tiny", workdir), workdir / "engines"
@@ -140,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": "tiny", "size": args.size, "steps": args.steps, "sampler": "Euler a", "max_batch": args.max_batch,
         "versions": _versions(),
     }  # fmt: skip
+    if args.mixed:
+        return main_mixed(args, model, engines, record)
     for batching in (True, False):
         server = run_server(model, engines, batching, args.max_batch)
         with server as url, httpx.Client(base_url=url, timeout=600) as client:
