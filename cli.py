@@ -4,8 +4,11 @@
     python cli.py export --model models/tiny
     python cli.py txt2img --model models/tiny --prompt "a photo of a cat" --seed 42 --output cat.png
     python cli.py samplers
+    python cli.py cache list
 
-User mistakes print one line `error: ...` to stderr and exit with status 2.
+Artifacts go to the per-user cache ($SDRT_HOME/engines, default ~/.cache/sdrt/engines) unless --engines names a
+folder. Global options (--quiet) go before or after the subcommand. User mistakes print one line `error: ...` to
+stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -18,10 +21,27 @@ import time
 from pathlib import Path
 
 from export.tiny import VARIANTS as TINY_VARIANTS
+from runtime.cache import HOME_VARIABLE, engines_dir_or_default
 from runtime.errors import InvalidRequestError, SdrtError
 
 EXIT_USAGE = 2
 PICKLE_HELP = "also read .bin/.pt pickle files (checkpoint weights; embeddings as tensors only): trusted files only"
+ENGINES_HELP = f"artifact folder (default: ${HOME_VARIABLE}/engines, else ~/.cache/sdrt/engines)"
+QUIET_HELP = "no progress bars or log lines (before or after the subcommand)"
+MODEL_HELP = "diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)"
+BUDGET_HELP = "working memory a request may use, e.g. 6G or 512M (default: 80%% of the memory available at the start)"
+
+
+def memory_budget(args: argparse.Namespace) -> int | None:
+    """--memory-budget in bytes ("6G", "512M", "1.5GiB" or bytes); None: not given."""
+    from runtime.memory import parse_size
+
+    if args.memory_budget is None:
+        return None
+    try:
+        return parse_size(args.memory_budget)
+    except ValueError as exc:
+        raise InvalidRequestError(f"--memory-budget: {exc}") from None
 
 
 def cmd_tiny_model(args: argparse.Namespace) -> int:
@@ -40,8 +60,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     progress = not args.quiet
+    engines = engines_dir_or_default(args.engines)
     folder = export_with_precision(
-        _checkpoint_source(args), Path(args.engines), args.precision, force=args.force, progress=progress,
+        _checkpoint_source(args), engines, args.precision, force=args.force, progress=progress,
         allow_pickle=args.allow_pickle,
     )
     print(f"artifacts in {folder} ({time.perf_counter() - start:.1f} s)")
@@ -113,6 +134,7 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
 
     output = Path(args.output)
     check_output_path(output)  # fail before any work on a bad output path
+    budget = memory_budget(args)
     start = time.perf_counter()
     progress = not args.quiet
     sd = runtime.load(
@@ -121,6 +143,7 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     )  # fmt: skip
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
+    sd.memory_budget = budget  # None: the default, measured before the first request
     options = dict(
         negative_prompt=args.negative_prompt,
         steps=args.steps,
@@ -152,7 +175,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from runtime.errors import NumericalError
 
     reports = check_model(
-        args.model, args.backend, args.precision, Path(args.engines), args.batch_size, args.height, args.width,
+        args.model, args.backend, args.precision, args.engines, args.batch_size, args.height, args.width,
         progress=not args.quiet,
     )
     for report in reports:
@@ -169,9 +192,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from export.tensorrt_build import build_engines, build_request
 
     request = build_request(args.batch_size, args.width, args.height, args.dynamic, args.token_chunks,
-                            args.opt_level, args.refit)  # fmt: skip
+                            args.opt_level, args.refit, args.and_terms)  # fmt: skip
     start = time.perf_counter()
-    paths = build_engines(args.model, Path(args.engines), request, force=args.force, progress=not args.quiet)
+    engines = engines_dir_or_default(args.engines)
+    paths = build_engines(args.model, engines, request, force=args.force, progress=not args.quiet)
     for component, path in paths.items():
         print(f"{component}: {path}")
     print(f"engines ready ({time.perf_counter() - start:.1f} s)")
@@ -184,26 +208,28 @@ def _add_gpu_commands(sub) -> None:
 
     p = sub.add_parser("check", help="compare each component on a backend with the fp32 reference")
     p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
-    p.add_argument("--backend", default="onnxruntime", choices=[b for b in BACKENDS if b != "torch"])
-    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"))
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--backend", default="onnxruntime", choices=[b for b in BACKENDS if b != "torch"],
+                   help="the backend to check")  # fmt: skip
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16"), help="the models to check")
+    p.add_argument("--batch-size", type=int, default=1, help="images per check run")
     p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--engines", default="engines")
+    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("build", help="build fp16 TensorRT engines (static profile, or --dynamic)")
     p.add_argument("--model", required=True, help="diffusers folder, Hub id in the local cache, or artifact folder")
-    p.add_argument("--backend", default="tensorrt", choices=("tensorrt",))
+    p.add_argument("--backend", default="tensorrt", choices=("tensorrt",), help="the engines' backend")
     p.add_argument("--batch-size", type=int, default=1, help="images per request (the UNet runs 2x with CFG)")
     p.add_argument("--width", type=int, default=None, help="static profile width (default: the model's size)")
-    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="static profile height (default: the model's size)")
     p.add_argument("--dynamic", default=None, metavar="MIN..MAX", help="a dynamic profile, e.g. 256..1024 pixels")
-    p.add_argument("--token-chunks", type=int, default=1, help="prompt chunks of 77 tokens the engines take")
+    p.add_argument("--token-chunks", type=int, default=1, help="prompt chunks of 77 tokens the engines take (1..K)")
+    p.add_argument("--and-terms", type=int, default=1, help="AND terms of a prompt the UNet takes (1..m)")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
     p.add_argument("--refit", action="store_true", help="refittable engines (LoRA weights without a rebuild)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
-    p.add_argument("--engines", default="engines")
+    p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.set_defaults(func=cmd_build)
 
 
@@ -214,20 +240,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from runtime.server.a1111 import Limits
     from runtime.server.options import ServerOptions
     from runtime.serving import Service, ServiceConfig
+    from runtime.styles import read_styles_csv
 
     if args.request_timeout is not None and args.request_timeout <= 0:
         raise InvalidRequestError(f"--request-timeout must be positive, not {args.request_timeout}")
     limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
-                    max_body_bytes=int(args.max_body_mb * 2**20), request_timeout=args.request_timeout)  # fmt: skip
+                    max_body_bytes=int(args.max_body_mb * 2**20), request_timeout=args.request_timeout,
+                    max_prompt_chars=args.max_prompt_chars, max_prompt_chunks=args.max_prompt_chunks,
+                    max_and_terms=args.max_and_terms)  # fmt: skip
+    limits.prompt_limits()  # a bad prompt limit is an error before the model loads
+    styles = read_styles_csv(args.styles) if args.styles else ()  # an unreadable file too
+    budget = memory_budget(args)
     sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle,
                       **_checkpoint_options(args))  # fmt: skip
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     sd.set_lora_dir(args.lora_dir, allow_pickle=args.allow_pickle)
+    sd.memory_budget = budget
     config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
     with Service(sd, config) as service:
         print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
-        options = ServerOptions(args.cors_allow_origins or (), args.cors_allow_origins_regex, args.read_timeout)
+        options = ServerOptions(args.cors_allow_origins or (), args.cors_allow_origins_regex, args.read_timeout,
+                                styles)  # fmt: skip
         serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info", options=options)
     return 0
 
@@ -239,10 +273,10 @@ def _add_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="serve the A1111-compatible HTTP API (needs the serve extra)")
     p.add_argument("--model", required=True,
                    help="diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
-    p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (A1111's is 7860)")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="what runs the models")
+    p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     _add_checkpoint_options(p)
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:weight> prompt tags find their files")
@@ -254,11 +288,39 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-steps", type=int, default=150, help="most steps accepted (default 150)")
     p.add_argument("--max-images", type=int, default=16, help="most batch_size * n_iter accepted (default 16)")
     p.add_argument("--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE", help=BUDGET_HELP)
+    p.add_argument("--max-prompt-chars", type=int, default=20000, help="characters per prompt, checked first")
+    p.add_argument("--max-prompt-chunks", type=int, default=20, help="75-token chunks per prompt (20: 1500 tokens)")
+    p.add_argument("--max-and-terms", type=int, default=16, help="AND sub-prompts per prompt")
     p.add_argument("--read-timeout", type=float, default=30.0,
                    help="seconds a request body may stall before a 408 (default 30)")  # fmt: skip
     p.add_argument("--cors-allow-origins", default=None, help="allowed CORS origins, comma-separated (as A1111)")
     p.add_argument("--cors-allow-origins-regex", default=None, help="allowed CORS origins as a regular expression")
+    p.add_argument("--styles", default=None, metavar="CSV",
+                   help="prompt styles file in A1111's format (name,prompt,negative_prompt), used by request styles")
     p.set_defaults(func=cmd_serve)
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List the artifact cache's entries, or delete them (all, or those named)."""
+    from runtime.cache import cache_entries, clear_cache
+
+    engines = engines_dir_or_default(args.engines)
+    if args.action == "clear":
+        removed = clear_cache(engines, args.names)
+        print(f"removed {len(removed)} entries ({_mib(sum(e.size for e in removed))}) from {engines}")
+        return 0
+    if args.names:
+        raise InvalidRequestError("cache list takes no names (cache clear NAME ... deletes entries)")
+    entries = cache_entries(engines)
+    for entry in entries:
+        print(f"{_mib(entry.size):>11}  {entry.name}  ({entry.kind})")
+    print(f"{len(entries)} entries, {_mib(sum(e.size for e in entries))} in {engines}")
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 def cmd_samplers(args: argparse.Namespace) -> int:
@@ -311,25 +373,24 @@ def _checkpoint_source(args: argparse.Namespace):
     from runtime.single_file import prepare_checkpoint
 
     options = dict(_checkpoint_options(args), allow_pickle=args.allow_pickle)
-    return prepare_checkpoint(args.model, Path(args.engines), **options)
+    return prepare_checkpoint(args.model, engines_dir_or_default(args.engines), **options)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
     from runtime.backends import BACKENDS
     from runtime.request import DEFAULT_SAMPLER
 
-    model_help = "diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)"
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--prompt", required=True, help="what to generate, in A1111's syntax: (word:1.2), [a:b:5], BREAK")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (same syntax)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--cfg-scale", type=float, default=7.0, help="classifier-free guidance; <= 1 skips the uncond pass")
     p.add_argument("--seed", type=int, default=-1, help="-1 (default): random; image i of a batch uses seed + i")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help="A1111 name, e.g. 'Euler a', 'DPM++ 2M Karras'")
-    p.add_argument("--schedule", default=None, help="default, Karras, ... (overrides nothing a label suffix sets)")
+    p.add_argument("--batch-size", type=int, default=1, help="images generated together")
+    p.add_argument("--width", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    p.add_argument("--height", type=int, default=None, help="a multiple of 8 (default: the model's native size)")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, help="A1111 name, e.g. 'DPM++ 2M Karras' (cli.py samplers)")
+    p.add_argument("--schedule", default=None, help="schedule type: Karras, Exponential, ... (default: the sampler's)")
     p.add_argument("--emphasis", default="Original", help="Original (default), 'No norm', Ignore or None")
     p.add_argument("--clip-skip", type=int, default=1, help="1: last text-encoder layer (default); 2: the one before")
     p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
@@ -337,27 +398,42 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     _add_checkpoint_options(p)
     _add_lora_options(p)
     p.add_argument("--eta", type=float, default=None, help="DDIM noise multiplier in [0, 1] (default 0)")
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS)
-    p.add_argument("--engines", default="engines", help="artifact folder (default: engines/)")
-    p.add_argument("--output", default="sdrt-output.png", help=".png (default), .jpg, .webp or .npy")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="what runs the models")
+    p.add_argument("--engines", default=None, help=ENGINES_HELP)
+    p.add_argument("--memory-budget", default=None, metavar="SIZE", help=BUDGET_HELP)
+    p.add_argument("--output", default="sdrt-output.png", help="image file: .png, .jpg, .webp or .npy (float32 array)")
     p.add_argument("--watermark", nargs="?", const="StableDiffusionV1", default=None, metavar="TEXT",
                    help="embed an invisible DWT-DCT watermark (default text StableDiffusionV1)")  # fmt: skip
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help when it has a value worth showing and the help names none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default is argparse.SUPPRESS or default in ("", [])
+        if hidden or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cli.py", description="sdrt: Stable Diffusion inference engine")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    parser.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tiny-model", help="create a tiny random diffusers checkpoint (demos, tests)")
-    p.add_argument("path")
-    p.add_argument("--variant", default="sd1", choices=TINY_VARIANTS)  # export.tiny's, importable without torch
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("path", help="a new (or empty) folder to write the diffusers checkpoint to")
+    p.add_argument("--variant", default="sd1", choices=TINY_VARIANTS,  # export.tiny's, importable without torch
+                   help="sd1 / sd2-v: text to image (epsilon / v-prediction); sd15-shaped: SD 1.5's layer shapes; "
+                   "sd1-inpaint, sd2-depth, x4-upscaler: the inpaint, depth2img and upscale models")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_tiny_model)
 
     p = sub.add_parser("export", help="export a diffusers checkpoint to ONNX (+ manifest)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--engines", default="engines")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.add_argument("--force", action="store_true", help="rebuild even if up to date")
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     p.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
@@ -384,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inpaint", help="repaint the white part of a mask")
     _add_generation_options(p)
-    p.add_argument("--init-image", required=True)
+    p.add_argument("--init-image", required=True, help="the image to repaint")
     p.add_argument("--mask", required=True, help="white = repaint (an RGBA mask's alpha counts if it has any)")
     p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
     p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
@@ -395,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("outpaint", help="extend the canvas and fill the new area")
     _add_generation_options(p)
-    p.add_argument("--init-image", required=True)
+    p.add_argument("--init-image", required=True, help="the image to extend")
     p.add_argument("--extend", required=True, help="pixels to add: L,R,T,B (the new size must be a multiple of 8)")
     p.add_argument("--strength", type=float, default=1.0, help="denoising strength in [0, 1] (default 1)")
     p.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the new-area mask in pixels")
@@ -403,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("depth2img", help="img2img guided by depth (SD 2 depth checkpoints)")
     _add_generation_options(p)
-    p.add_argument("--init-image", required=True)
+    p.add_argument("--init-image", required=True, help="the image to start from")
     p.add_argument("--depth-map", default=None, help="a depth image (any scale); default: the model's estimator")
     p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
     p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
@@ -416,14 +492,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upscale)
 
     p = sub.add_parser("parse-prompt", help="show how a prompt is read: attention, schedule, chunks, tokens")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompt", required=True, help="the prompt, in A1111's syntax")
+    p.add_argument("--steps", type=int, default=20, help="steps the prompt-editing schedule spans")
     p.add_argument("--model", default=None, help="a model whose tokenizer counts tokens and chunks")
-    p.add_argument("--emphasis", default="Original")
+    p.add_argument("--emphasis", default="Original", help="Original, 'No norm', Ignore or None")
     p.set_defaults(func=cmd_parse_prompt)
 
     p = sub.add_parser("watermark-check", help="read the invisible watermark of an image (exit 1 if none)")
-    p.add_argument("image")
+    p.add_argument("image", help="the image file to read")
     p.add_argument("--length", type=int, default=None, help="the text's length in bytes, if known")
     p.set_defaults(func=cmd_watermark_check)
 
@@ -432,16 +508,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_command(sub)
 
     p = sub.add_parser("samplers", help="list the samplers and schedule types")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="as JSON (name, description, diffusers class)")
     p.set_defaults(func=cmd_samplers)
+
+    p = sub.add_parser("cache", help="list or delete exported artifacts (the per-user cache, or --engines)")
+    p.add_argument("action", choices=("list", "clear"), help="list: entries and sizes; clear: delete them")
+    p.add_argument("names", nargs="*", help="clear only these entries (names as listed)")
+    p.add_argument("--engines", default=None, help=ENGINES_HELP)
+    p.set_defaults(func=cmd_cache)
+
+    for command in sub.choices.values():  # global options also after the subcommand; defaults shown in --help
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+        command.formatter_class = DefaultsHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        return args.func(args)
+        with logging_redirect_tqdm():  # log lines above a running progress bar, not through it
+            return args.func(args)
     except SdrtError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -2,12 +2,15 @@
 
 Engines live in `<artifacts>/tensorrt/`. Each engine's file name is its cache key:
 
-    unet.fp16.b2-h64-w64-t1.o3.trt10.8.0.sm90.plan        (static profile: batch, latent h x w, token chunks)
-    unet.fp16.b2-dyn32-128-t1.o3.trt10.8.0.sm90.plan      (dynamic latent sides 32..128)
+    unet.fp16.r1-2-h64-w64-t1.o3.trt10.8.0.sm90.plan      (static image size: rows 1..2, latent h x w, chunks 1)
+    unet.fp16.r1-6-dyn32-128-t1-3.o3.trt10.8.0.sm90.plan  (dynamic latent sides 32..128, rows 1..6, chunks 1..3)
     text_encoder.fp16.b1-16.o3.trt10.8.0.sm90.plan        (rows per call 1..16, whatever the image size)
     vae_decoder.fp32.b1-h64-w64.o3.trt10.8.0.sm90.plan
 
-so a component's key holds only the dimensions it uses: changing the UNet's profile (token chunks) rebuilds the
+The UNet's profile spans the rows and token chunks of every request it can serve: 1 row (one image without
+guidance) up to (1 + m) x B rows (B images, m AND terms, the unconditional row), 1 up to K chunks of 77 tokens;
+its optimum is 2 x B rows of one chunk. The runtime captures one CUDA graph per shape actually used.
+So a component's key holds only the dimensions it uses: changing the UNet's profile (token chunks) rebuilds the
 UNet alone, and a new image size never rebuilds the text encoder. The TensorRT version and the GPU's compute
 capability are in every key (an engine runs only on the version and GPU family that built it). Beside each plan a
 `.json` sidecar records the tensor shapes the profile covers; the runtime reads those to pick an engine. Plans
@@ -38,6 +41,7 @@ ENGINE_DIR = "tensorrt"
 TEXT_ROWS = (1, 2, 16)  # min/opt/max rows per text-encoder call (prompt chunks x prompts share one call)
 ENGINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 MAX_TOKEN_CHUNKS = 8
+MAX_AND_TERMS = 8
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,11 @@ class BuildRequest:
     token_chunks: int = 1  # 77-token chunks of the longest prompt
     opt_level: int = 3  # builder optimisation level 0-5
     refit: bool = False  # refittable engines (LoRA)
+    and_terms: int = 1  # AND terms of the longest prompt (m): the UNet takes up to (1 + m) x batch_size rows
+
+    @property
+    def max_unet_rows(self) -> int:
+        return (1 + self.and_terms) * self.batch_size
 
 
 def build_request(
@@ -59,12 +68,15 @@ def build_request(
     token_chunks: int = 1,
     opt_level: int = 3,
     refit: bool = False,
+    and_terms: int = 1,
 ) -> BuildRequest:
     """A validated BuildRequest from the CLI's options (each mistake: one InvalidRequestError line)."""
     if not 1 <= batch_size <= 16:
         raise InvalidRequestError(f"--batch-size must be between 1 and 16, not {batch_size}")
     if not 1 <= token_chunks <= MAX_TOKEN_CHUNKS:
         raise InvalidRequestError(f"--token-chunks must be between 1 and {MAX_TOKEN_CHUNKS}, not {token_chunks}")
+    if not 1 <= and_terms <= MAX_AND_TERMS:
+        raise InvalidRequestError(f"--and-terms must be between 1 and {MAX_AND_TERMS}, not {and_terms}")
     if not 0 <= opt_level <= 5:
         raise InvalidRequestError(f"--opt-level must be between 0 and 5, not {opt_level}")
     if (width is None) != (height is None):
@@ -77,7 +89,7 @@ def build_request(
     for side in (width, height, *(span or ())):
         if side is not None and (side < 64 or side % 8):
             raise InvalidRequestError(f"image sides must be multiples of 8 and at least 64 pixels, not {side}")
-    return BuildRequest(batch_size, height, width, span, token_chunks, opt_level, refit)
+    return BuildRequest(batch_size, height, width, span, token_chunks, opt_level, refit, and_terms)
 
 
 def _parse_range(text: str) -> tuple[int, int]:
@@ -121,11 +133,10 @@ def engine_specs(model: dict, precisions: dict[str, str], request: BuildRequest)
         spec = specs[name]
         if name == "text_encoder":
             profile, shapes = f"b{TEXT_ROWS[0]}-{TEXT_ROWS[2]}", _text_shapes(spec)
+        elif name == "unet":
+            profile, shapes = _unet_profile(spec, height, width, request)
         else:
-            batch = 2 * request.batch_size if name == "unet" else request.batch_size
-            profile, shapes = _image_profile(spec, batch, height, width, request)
-        if name == "unet":
-            profile += f"-t{request.token_chunks}"
+            profile, shapes = _image_profile(spec, request.batch_size, height, width, request)
         result[name] = EngineSpec(name, precisions[name], profile, shapes, request.opt_level, request.refit)
     return result
 
@@ -152,6 +163,24 @@ def _image_profile(spec: ComponentSpec, batch: int, height: int, width: int, req
     lo, mid, hi = shapes_at(low, low), shapes_at(opt, opt), shapes_at(high, high)
     shapes = {t.name: [list(lo[t.name]), list(mid[t.name]), list(hi[t.name])] for t in spec.inputs}
     return f"b{batch}-dyn{low // f}-{high // f}", shapes
+
+
+def _unet_profile(spec: ComponentSpec, height: int, width: int, request: BuildRequest):
+    """(profile tag, shapes) of the UNet: rows 1 .. (1 + m)B (optimum 2B), chunks 1 .. K (optimum 1), and the image
+    size static or over the dynamic pixel range."""
+    f = spec.vae_scale_factor
+    rows, chunks = request.max_unet_rows, request.token_chunks
+    if request.dynamic is None:
+        sides, size_tag = [(height, width)] * 3, f"h{height // f}-w{width // f}"
+    else:
+        low, high = request.dynamic
+        opt = min(max(height, low), high)
+        sides, size_tag = [(low, low), (opt, opt), (high, high)], f"dyn{low // f}-{high // f}"
+    row_points = (1, 2 * request.batch_size, rows)  # min, opt (guided, one term), max
+    points = [spec.shapes(n, h, w, k) for n, (h, w), k in zip(row_points, sides, (1, 1, chunks))]
+    shapes = {t.name: [list(point[t.name]) for point in points] for t in spec.inputs}
+    chunk_tag = "t1" if chunks == 1 else f"t1-{chunks}"
+    return f"r1-{rows}-{size_tag}-{chunk_tag}", shapes
 
 
 class EngineBuilder(Protocol):

@@ -4,11 +4,17 @@ Lifecycle per engine (written against the TensorRT 10.x / 11.x Python API):
   load       deserialize once; an execution context with user-managed activation memory
   activate   every context points at one shared activation block, sized by the largest
              `device_memory_size_v2` of all engines (the stages run one after another on one stream)
-  bind       fixed device buffers per input/output shape; `set_input_shape` + `set_tensor_address`
-  infer      host -> device copies of the (small) inputs, `execute_async_v3`, device -> host of the outputs
-  graph      the UNet: after one eager warm-up per shape, `execute_async_v3` is captured as a CUDA graph and
-             replayed every step; any new shape, buffer, activation block or refit drops the graph and the next
-             call captures again; a capture that fails falls back to eager for that shape, with one log line
+  bind       device buffers per input/output (grown, never shrunk); `set_input_shape` + `set_tensor_address`
+  infer      host -> device copies through pinned staging buffers, `execute_async_v3`, device -> host into pinned
+             buffers, one synchronisation per call; an input that is the same read-only array object as the one
+             last uploaded to its buffer (the per-generation text conditioning) is not uploaded again
+  graph      the UNet: after one eager warm-up per shape, `execute_async_v3` is captured as a CUDA graph per shape
+             and replayed every step; graphs of other shapes stay valid while no buffer moves; a moved buffer, a
+             new activation block or a refit drops them all; a capture that fails falls back to eager for that
+             shape, with one log line
+A request whose UNet shape (rows, token chunks, size) no engine covers is refused before any work by
+`check_request`, naming the `cli.py build` options that cover it. depth2img's depth estimator (one call per
+request) runs as its fp32 ONNX model on ONNX Runtime.
 `apply_weights` refits a refittable engine (`build --refit`) from base + patch values, every call from base.
 """
 
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ModelError
+from ..errors import BackendUnavailableError, InvalidRequestError, ModelError
 from ..manifest import read_manifest
 from .gpu import NanGuard, fp32_fallback_session
 
@@ -72,52 +78,75 @@ class Engine:
             size = self.engine.device_memory_size
         shared.reserve(int(size))
         self.buffers: dict = {}  # name -> DeviceBuffer
+        self.staging: dict = {}  # name -> PinnedBuffer of the same size (host side of every copy)
+        self.uploaded: dict = {}  # input name -> the read-only array whose values its device buffer holds
         self.bound: dict[str, tuple[int, ...]] = {}
-        self.host_out: dict[str, np.ndarray] = {}
+        self.host_out: dict[str, np.ndarray] = {}  # output name -> pinned view of the bound shape
         self.memory_generation = 0
         self.graphs: dict = {}  # input shapes -> CudaGraph, or None after a failed capture (eager)
         self.warm: set = set()
 
     def covers(self, shapes: dict[str, tuple[int, ...]]) -> bool:
         """Whether the profile the engine was built for admits these input shapes."""
-        for name, (low, _, high) in self.profile["shapes"].items():
-            shape = shapes.get(name)
-            if shape is None or len(shape) != len(low):
-                return False
-            if any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
-                return False
-        return True
+        return _profile_covers(self.profile["shapes"], shapes)
 
     @property
     def static(self) -> bool:
         return all(low == high for low, _, high in self.profile["shapes"].values())
 
     def _bind(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Fixed device buffers for these input shapes; a change invalidates the captured graphs."""
-        from ..cuda import DeviceBuffer
-
+        """Device buffers for these input shapes. Graphs captured for other shapes survive unless a buffer or the
+        activation block moved (their kernels hold those addresses)."""
         if shapes == self.bound and self.memory_generation == self.shared.generation:
             return
-        self.invalidate_graphs()
         for name in self.inputs:
             if not self.context.set_input_shape(name, shapes[name]):
                 raise ModelError(f"{self.plan.name} rejects {name} of shape {shapes[name]}")
+        moved = self.memory_generation != self.shared.generation
         # after the shapes (TensorRT sizes user-managed activations for the current shapes), on every rebind
         if self.shared.buffer is not None:
             _set_device_memory(self.context, self.shared.buffer.ptr, self.shared.size)
         self.memory_generation = self.shared.generation
         for name in self.inputs + self.outputs:
             shape = tuple(shapes[name]) if name in shapes else tuple(self.context.get_tensor_shape(name))
-            nbytes = int(np.prod(shape)) * self.dtypes[name].itemsize
-            if name not in self.buffers or self.buffers[name].nbytes < nbytes:
-                if name in self.buffers:
-                    self.buffers[name].close()
-                self.buffers[name] = DeviceBuffer(nbytes)
+            moved |= self._ensure_buffer(name, int(np.prod(shape)) * self.dtypes[name].itemsize)
             if not self.context.set_tensor_address(name, self.buffers[name].ptr):
                 raise ModelError(f"{self.plan.name}: set_tensor_address({name}) failed")
             if name in self.outputs:
-                self.host_out[name] = np.empty(shape, self.dtypes[name])
+                self.host_out[name] = self._staged(name, shape)
+        if moved:
+            self.invalidate_graphs()
         self.bound = dict(shapes)
+
+    def _ensure_buffer(self, name: str, nbytes: int) -> bool:
+        """A device buffer and a pinned staging buffer of at least `nbytes` for `name`; True if they were (re)made."""
+        from ..cuda import DeviceBuffer, PinnedBuffer
+
+        if name in self.buffers and self.buffers[name].nbytes >= nbytes:
+            return False
+        if name in self.buffers:
+            self.buffers[name].close()
+            self.staging[name].close()
+        self.buffers[name] = DeviceBuffer(nbytes)
+        self.staging[name] = PinnedBuffer((nbytes,), np.uint8)
+        self.uploaded.pop(name, None)
+        return True
+
+    def _staged(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The pinned staging memory of `name` seen as an array of `shape` in the engine's dtype."""
+        dtype = self.dtypes[name]
+        count = int(np.prod(shape))
+        return self.staging[name].array[: count * dtype.itemsize].view(dtype).reshape(shape)
+
+    def _upload(self, name: str, value: np.ndarray, stream) -> None:
+        """Copy `value` to its device buffer (converted to the engine's dtype while staging), unless it is the
+        same read-only array object uploaded last (kept referenced, so its id cannot be reused)."""
+        if value is self.uploaded.get(name) and not value.flags.writeable:
+            return
+        staged = self._staged(name, value.shape)
+        np.copyto(staged, value, casting="unsafe")  # the cast astype would do, without its copy
+        self.buffers[name].copy_from_host(staged, stream)
+        self.uploaded[name] = value if not value.flags.writeable else None
 
     def _enqueue(self, stream) -> None:
         if not self.context.execute_async_v3(stream.ptr):
@@ -127,7 +156,7 @@ class Engine:
         shapes = {n: tuple(feeds[n].shape) for n in self.inputs}
         self._bind(shapes)
         for name in self.inputs:
-            self.buffers[name].copy_from_host(np.ascontiguousarray(feeds[name], self.dtypes[name]), stream)
+            self._upload(name, np.asarray(feeds[name]), stream)
         self._execute(stream, tuple(sorted(shapes.items())))
         for name in self.outputs:
             self.buffers[name].copy_to_host(self.host_out[name], stream)
@@ -175,6 +204,15 @@ def _set_device_memory(context, ptr: int, size: int) -> None:
         context.device_memory = ptr
 
 
+def _profile_covers(profile: dict, shapes: dict) -> bool:
+    """Whether a sidecar's {input: [min, opt, max]} admits these input shapes."""
+    for name, (low, _, high) in profile.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) != len(low) or any(not lo <= s <= hi for s, lo, hi in zip(shape, low, high)):
+            return False
+    return True
+
+
 class TensorRTSession:
     """One component: every engine built for it, the best one picked per call by its input shapes."""
 
@@ -193,8 +231,8 @@ class TensorRTSession:
             built = ", ".join(e.profile["profile"] for e in self.engines) or "none"
             wanted = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
             raise ModelError(
-                f"no TensorRT engine of {self.component} takes {wanted} (built: {built}); "
-                "build one with python cli.py build (--width/--height/--batch-size, or --dynamic)"
+                f"no TensorRT engine of {self.component} takes {wanted} (built: {built}); build one with python "
+                "cli.py build (--width/--height or --dynamic, --batch-size, --and-terms, --token-chunks)"
             )
         return min(fitting, key=lambda e: not e.static)  # a static profile (graph-friendly) first
 
@@ -231,7 +269,32 @@ class TensorRTBackend:
         folder = self.folder / "tensorrt"
         return sorted(p for p in folder.glob(f"*{self.key_suffix}") if p.with_suffix(".json").is_file())
 
+    def check_request(self, admission) -> None:
+        """InvalidRequestError, before any work, when no UNet engine takes the request `admission` measured (its
+        rows, token chunks and every pass's size); the message is the build command that covers it."""
+        if admission.mode == "upscale":
+            return  # the x4 upscaler's UNet runs at the input size, not the output's
+        from export.specs import component_specs
+
+        spec = component_specs(self.manifest.model)["unet"]
+        profiles = [json.loads(p.with_suffix(".json").read_text(encoding="utf-8"))
+                    for p in self._plans() if p.name.startswith("unet.")]  # fmt: skip
+        rows, chunks = admission.batch * admission.rows, admission.prompt.chunks
+        for width, height in admission.sizes:
+            shapes = {t.name: spec.shapes(rows, height, width, chunks)[t.name] for t in spec.inputs}
+            if not any(_profile_covers(p["shapes"], shapes) for p in profiles):
+                built = ", ".join(p["profile"] for p in profiles) or "none"
+                raise InvalidRequestError(
+                    f"no TensorRT UNet engine takes {admission.batch} image(s) of {width}x{height} with "
+                    f"{admission.prompt.terms} AND term(s) and {chunks} token chunk(s) ({rows} rows; built: {built}): "
+                    f"python cli.py build --batch-size {admission.batch} --and-terms {admission.prompt.terms} "
+                    f"--token-chunks {chunks} --width {width} --height {height} (or --dynamic MIN..MAX)"
+                )
+
     def session(self, component: str):
+        if component == "depth_estimator" and component not in self._sessions:
+            # one call per depth2img request, outside the denoising loop: its fp32 ONNX model is enough
+            self._sessions[component] = fp32_fallback_session(self.folder, component)
         if component not in self._sessions:
             plans = [p for p in self._plans() if p.name.split(".", 1)[0] == component]
             if not plans:

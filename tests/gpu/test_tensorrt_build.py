@@ -57,15 +57,15 @@ def test_engine_names_carry_component_precision_profile_version_and_gpu(artifact
     # tiny SD1: VAE scale factor 2 (64 px -> 32 latent), force_upcast VAE kept fp32
     assert names == {
         "text_encoder": "text_encoder.fp16.b1-16.o3.trt10.99.0.sm90.plan",
-        "unet": "unet.fp16.b2-h32-w32-t1.o3.trt10.99.0.sm90.plan",
+        "unet": "unet.fp16.r1-2-h32-w32-t1.o3.trt10.99.0.sm90.plan",
         "vae_decoder": "vae_decoder.fp32.b1-h32-w32.o3.trt10.99.0.sm90.plan",
         "vae_encoder": "vae_encoder.fp32.b1-h32-w32.o3.trt10.99.0.sm90.plan",
     }
     sidecar = json.loads(plans["unet"].with_suffix(".json").read_text())
-    # [2 x batch, 4, 32, 32] latents, 77 tokens x 32 features (tiny CLIP width), all three profile points equal
-    assert sidecar["shapes"]["sample"] == [[2, 4, 32, 32]] * 3
-    assert sidecar["shapes"]["encoder_hidden_states"] == [[2, 77, 32]] * 3
-    assert sidecar["shapes"]["timestep"] == [[2]] * 3
+    # rows: 1 (one image, cfg <= 1) .. 2 (uncond + cond), optimum 2; [*, 4, 32, 32] latents; 77 tokens x 32 features
+    assert sidecar["shapes"]["sample"] == [[1, 4, 32, 32], [2, 4, 32, 32], [2, 4, 32, 32]]
+    assert sidecar["shapes"]["encoder_hidden_states"] == [[1, 77, 32], [2, 77, 32], [2, 77, 32]]
+    assert sidecar["shapes"]["timestep"] == [[1], [2], [2]]
     text = json.loads(plans["text_encoder"].with_suffix(".json").read_text())
     assert text["shapes"]["inputs_embeds"] == [[1, 77, 32], [2, 77, 32], [16, 77, 32]]
     assert sorted(builder.built) == ["text_encoder", "unet", "vae_decoder", "vae_encoder"]
@@ -114,9 +114,19 @@ def test_failed_build_leaves_no_plan_behind(artifacts):
 
 def test_dynamic_profile_spans_the_pixel_range(artifacts):
     plans = _ensure(*artifacts, StandInBuilder(), dynamic="64..128", width=None, height=None)
-    assert plans["unet"].name == "unet.fp16.b2-dyn32-64-t1.o3.trt10.99.0.sm90.plan"
+    assert plans["unet"].name == "unet.fp16.r1-2-dyn32-64-t1.o3.trt10.99.0.sm90.plan"
     shapes = json.loads(plans["unet"].with_suffix(".json").read_text())["shapes"]["sample"]
-    assert shapes == [[2, 4, 32, 32], [2, 4, 32, 32], [2, 4, 64, 64]]  # min, opt (the native 64 px), max
+    assert shapes == [[1, 4, 32, 32], [2, 4, 32, 32], [2, 4, 64, 64]]  # min, opt (the native 64 px), max
+
+
+def test_unet_profile_covers_unguided_and_prompts_and_long_prompts(artifacts):
+    # B = 2 images, m = 3 AND terms, K = 3 chunks: rows 1 .. (1 + 3) x 2 = 8, sequence 77 .. 3 x 77 = 231 tokens
+    plans = _ensure(*artifacts, StandInBuilder(), batch_size=2, and_terms=3, token_chunks=3, width=64, height=64)
+    assert plans["unet"].name == "unet.fp16.r1-8-h32-w32-t1-3.o3.trt10.99.0.sm90.plan"
+    shapes = json.loads(plans["unet"].with_suffix(".json").read_text())["shapes"]
+    assert shapes["sample"] == [[1, 4, 32, 32], [4, 4, 32, 32], [8, 4, 32, 32]]
+    assert shapes["encoder_hidden_states"] == [[1, 77, 32], [4, 77, 32], [8, 231, 32]]
+    assert shapes["timestep"] == [[1], [4], [8]]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +134,7 @@ def test_dynamic_profile_spans_the_pixel_range(artifacts):
     [
         (dict(batch_size=0), "--batch-size"),
         (dict(token_chunks=9), "--token-chunks"),
+        (dict(and_terms=0), "--and-terms"),
         (dict(opt_level=6), "--opt-level"),
         (dict(width=512), "both --width and --height"),
         (dict(width=512, height=512, dynamic="256..1024"), "--dynamic replaces"),
@@ -137,3 +148,35 @@ def test_build_request_errors(options, message):
 
     with pytest.raises(InvalidRequestError, match=message):
         build_request(**options)
+
+
+def _admission(batch: int, rows: int, terms: int, chunks: int, sizes=((64, 64),), mode: str = "txt2img"):
+    from runtime.admission import Admission, PromptSize
+
+    return Admission(mode, sizes, batch, rows, PromptSize(terms, chunks, 1, 1), estimate=None, budget=None)
+
+
+def test_a_request_no_unet_engine_takes_is_refused_before_any_work_with_the_build_command(artifacts):
+    from runtime.backends.tensorrt import TensorRTBackend
+    from runtime.manifest import read_manifest
+
+    sd1_fp32, _ = artifacts
+    for plan in (sd1_fp32 / "tensorrt").glob("unet.*"):
+        plan.unlink()  # only the engines built below
+    _ensure(*artifacts, StandInBuilder(), batch_size=2, token_chunks=1, width=64, height=64)
+    backend = TensorRTBackend.__new__(TensorRTBackend)  # the profile check reads only the manifest and sidecars
+    backend.folder, backend.manifest = sd1_fp32, read_manifest(sd1_fp32)
+    backend.key_suffix = ".trt10.99.0.sm90.plan"
+    backend.check_request(_admission(batch=1, rows=1, terms=1, chunks=1))  # cfg <= 1: one row
+    backend.check_request(_admission(batch=2, rows=2, terms=1, chunks=1))  # guided: 4 rows = (1 + 1) x 2
+    refusals = {
+        "--and-terms 2 ": _admission(batch=2, rows=3, terms=2, chunks=1),  # 6 rows > 4
+        "--token-chunks 2 ": _admission(batch=1, rows=2, terms=1, chunks=2),  # 154 tokens > 77
+        "--width 96 --height 64": _admission(batch=1, rows=2, terms=1, chunks=1, sizes=((64, 64), (96, 64))),
+    }
+    for option, admission in refusals.items():
+        with pytest.raises(InvalidRequestError) as info:
+            backend.check_request(admission)
+        message = str(info.value)
+        assert "\n" not in message and option in message and "python cli.py build" in message, message
+    backend.check_request(_admission(batch=4, rows=2, terms=1, chunks=3, mode="upscale"))  # not a UNet-size check
