@@ -3,12 +3,37 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("diffusers") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch/diffusers not installed (export extras)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sdrt_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The per-user artifact cache ($SDRT_HOME) of the session: a temporary folder, never the real ~/.cache/sdrt.
+    Subprocesses (cli.py runs) inherit it."""
+    before = os.environ.get("SDRT_HOME")
+    home = tmp_path_factory.mktemp("sdrt-home")
+    os.environ["SDRT_HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("SDRT_HOME", None)
+    else:
+        os.environ["SDRT_HOME"] = before
+
+
+@pytest.fixture(scope="session")
+def shared_engines(sdrt_home: Path) -> Path:
+    """The session's artifact folder, $SDRT_HOME/engines (what runtime.load uses by default). Every test that only
+    reads exports of the tiny checkpoints uses it, so each checkpoint is exported once per session (per xdist
+    worker) instead of once per test module. A test that breaks, rewrites or counts artifacts works on a copy or
+    in its own folder."""
+    return sdrt_home / "engines"
 
 
 def single_torch_thread():

@@ -14,8 +14,8 @@ pytestmark = needs_torch
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return tmp_path_factory.mktemp("engines")
+def engines(shared_engines):
+    return shared_engines  # the session's exports of the tiny checkpoints (tests/conftest.py)
 
 
 def base_args(model, engines, out, *extra):

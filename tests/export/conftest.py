@@ -21,8 +21,8 @@ one_torch_thread = pytest.fixture(scope="session", autouse=True)(single_torch_th
 
 
 @pytest.fixture(scope="session")
-def engines_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("engines")
+def engines_dir(shared_engines: Path) -> Path:
+    return shared_engines  # the session's exports (tests/conftest.py): each tiny checkpoint is exported once
 
 
 def _export(source: Path, engines_dir: Path, variant: str) -> ExportCase:

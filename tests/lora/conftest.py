@@ -12,13 +12,12 @@ from .lora_files import attention_only, module_weights, write_kohya, write_old_d
 
 
 @pytest.fixture(scope="session")
-def lora_engines(tiny_sd1, tmp_path_factory) -> Path:
-    """The artifact root holding the tiny sd1 export (with its weight maps)."""
+def lora_engines(tiny_sd1, shared_engines) -> Path:
+    """The artifact root holding the tiny sd1 export (with its weight maps): the session's shared one."""
     from export import export_model
 
-    engines = tmp_path_factory.mktemp("lora-engines")
-    export_model(tiny_sd1, engines, progress=False)
-    return engines
+    export_model(tiny_sd1, shared_engines, progress=False)
+    return shared_engines
 
 
 @pytest.fixture(scope="session")

@@ -139,10 +139,10 @@ def test_lanczos_upscale_is_one_resize_for_whole_scales():
 
 
 @pytest.fixture(scope="module")
-def sd(tiny_sd1, tmp_path_factory):
+def sd(tiny_sd1, shared_engines):
     import runtime
 
-    return runtime.load(tiny_sd1, engines_dir=tmp_path_factory.mktemp("engines"))
+    return runtime.load(tiny_sd1, engines_dir=shared_engines)
 
 
 def base_request(sd, batch=2):

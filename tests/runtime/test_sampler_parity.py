@@ -37,8 +37,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return tmp_path_factory.mktemp("engines")
+def engines(shared_engines):
+    return shared_engines  # the session's exports of the tiny checkpoints (tests/conftest.py)
 
 
 def run_cli(folder, engines, out, sampler, schedule, steps, *extra):

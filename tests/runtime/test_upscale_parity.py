@@ -72,8 +72,8 @@ def assert_close(images, expected):
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return tmp_path_factory.mktemp("engines")
+def engines(shared_engines):
+    return shared_engines  # the session's exports of the tiny checkpoints (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ OPTIONS = dict(steps=3, width=SIZE, height=SIZE, sampler="Euler a", cfg_scale=6.
 
 
 @pytest.fixture(scope="session")
-def serving_engines(tmp_path_factory):
-    """The artifact folder of the serving tests (the CLI test reuses the export)."""
-    return tmp_path_factory.mktemp("serving-engines")
+def serving_engines(shared_engines):
+    """The artifact folder of the serving tests (the CLI test reuses the export): the session's shared one."""
+    return shared_engines
 
 
 @pytest.fixture(scope="session")
