@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.cache import engines_dir_or_default
 from runtime.checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
 from runtime.errors import BackendUnavailableError, ModelError
 from runtime.manifest import (
@@ -41,6 +42,7 @@ from runtime.manifest import (
     write_manifest,
 )
 
+from .quiet import quiet_hub_libraries
 from .specs import ComponentSpec, component_specs
 
 logger = logging.getLogger(__name__)
@@ -61,19 +63,20 @@ TORCH_PARTS = {
 
 def export_model(
     model: str | os.PathLike,
-    engines_dir: Path = Path("engines"),
+    engines_dir: Path | None = None,
     force: bool = False,
     progress: bool = True,
     allow_pickle: bool = False,
 ) -> Path:
-    """Export `model` (a diffusers folder or a cached Hub id) to ONNX; return its artifact folder.
+    """Export `model` (a diffusers folder or a cached Hub id) to ONNX under `engines_dir` (default: the per-user cache,
+    runtime.cache); return its artifact folder.
 
     An existing export of the same source files is reused unless `force`; a changed source gets a new folder.
     `allow_pickle` permits loading `.bin` (pickle) weights, which can run code: only for trusted checkpoints.
     """
     source = resolve_checkpoint(model).resolve()
     digest = fingerprint(source)
-    folder = Path(engines_dir) / model_key(source, digest)
+    folder = engines_dir_or_default(engines_dir) / model_key(source, digest)
     if not force and is_reusable(folder, digest):
         logger.info("reusing %s (its source is unchanged)", folder)
         return folder
@@ -107,7 +110,7 @@ def _export_components(
 
     components = {}
     bar = tqdm(list(specs), desc="export", unit="model", disable=not progress)
-    with _work_dir(folder) as work, _hub_progress_bars(progress), bar:
+    with _work_dir(folder) as work, quiet_hub_libraries(), bar:
         for name in bar:
             bar.set_postfix_str(name)
             started = time.perf_counter()
@@ -115,23 +118,6 @@ def _export_components(
             components[name] = export_component(specs[name], load, folder, work)
             logger.info("exported %s in %.1f s", name, time.perf_counter() - started)
     return components
-
-
-@contextlib.contextmanager
-def _hub_progress_bars(enabled: bool) -> Iterator[None]:
-    """Switch diffusers' and transformers' own progress bars (weight loading) on or off for the block; restored
-    afterwards."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
-    saved = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    for lib, _ in saved:
-        (lib.enable_progress_bar if enabled else lib.disable_progress_bar)()
-    try:
-        yield
-    finally:
-        for lib, was_enabled in saved:
-            (lib.enable_progress_bar if was_enabled else lib.disable_progress_bar)()
 
 
 def _loader(name: str, source: Path, use_safetensors: bool, folder: Path) -> Callable[[], Any]:
@@ -278,7 +264,7 @@ def write_component_weight_map(model_path: Path, component: str, fingerprints: d
     from runtime.lora.weight_map import build_weight_map
 
     mapping = build_weight_map(model_path, component, fingerprints)
-    logger.info("%s: %d initializers mapped to parameters", component, len(mapping))
+    logger.debug("%s: %d initializers mapped to parameters", component, len(mapping))
 
 
 def trace_to_onnx(spec: ComponentSpec, module, path: Path) -> None:

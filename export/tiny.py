@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .quiet import quiet_hub_libraries
+
 logger = logging.getLogger(__name__)
 
 BOS_TOKEN = "<|startoftext|>"
@@ -149,8 +151,9 @@ def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -
     build = _sd15_shaped_modules if config.variant == "sd15-shaped" else _tiny_modules
     text_encoder, unet, vae = build(config, vocab)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    pipe = _pipeline(config, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
-    pipe.save_pretrained(folder, safe_serialization=True)
+    with quiet_hub_libraries():  # no torchvision warnings, no bar per shard written
+        pipe = _pipeline(config, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+        pipe.save_pretrained(folder, safe_serialization=True)
     # save_pretrained rewrites the tokenizer and schedulers in its own format; keep them as the Hub publishes them
     (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     write_tiny_tokenizer(folder / "tokenizer", pad_token=pad_token)

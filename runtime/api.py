@@ -18,10 +18,11 @@ import numpy as np
 
 from . import __version__
 from .backends import Backend, check_backend, open_backend
+from .cache import engines_dir_or_default
 from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
-from .errors import InvalidRequestError, ModelError
+from .errors import ArtifactError, InvalidRequestError, ModelError
 from .lora.requests import with_loras
-from .manifest import MANIFEST_NAME, files_intact, read_manifest
+from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
 from .output import format_parameters
 from .pipelines.img2img import img2img
 from .pipelines.txt2img import txt2img
@@ -39,7 +40,6 @@ from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ENGINES_DIR = Path("engines")
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
@@ -265,7 +265,7 @@ class StableDiffusion:
 def load(
     model: str | Path,
     backend: str = "onnxruntime",
-    engines_dir: str | Path = DEFAULT_ENGINES_DIR,
+    engines_dir: str | Path | None = None,
     progress: bool = False,
     allow_pickle: bool = False,
     vae: str | Path | None = None,
@@ -278,7 +278,11 @@ def load(
     `allow_pickle` also reads .bin (pickle) weights of a checkpoint that has no .safetensors, and .ckpt single files
     (with a restricted unpickler that runs no code): only for checkpoints you trust. `vae`: a VAE file (LDM or
     diffusers layout) replacing the model's VAE. Single files only: `tokenizer`, a tokenizer folder (default: CLIP's
-    or SD 2's from the Hugging Face cache); `prediction_type` "epsilon"/"v_prediction" overrides the detection."""
+    or SD 2's from the Hugging Face cache); `prediction_type` "epsilon"/"v_prediction" overrides the detection.
+
+    Artifacts go to `engines_dir`, by default the per-user cache ($SDRT_HOME/engines, see runtime.cache). Progress
+    bars and export log lines show only with `progress=True`. A broken artifact of a checkpoint (ArtifactError) is
+    exported again with one warning; any other load failure (backend, device, engine) is raised as it is."""
     check_backend(backend)
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file():
@@ -288,18 +292,19 @@ def load(
         source = Path(manifest.source.get("path", ""))
         source = source if source.is_dir() else None
         return _open(manifest.model_key, manifest.model, path, source, backend, progress, allow_pickle)
-    checkpoint = prepare_checkpoint(model, Path(engines_dir), vae, tokenizer, prediction_type, allow_pickle)
+    engines = engines_dir_or_default(engines_dir)
+    checkpoint = prepare_checkpoint(model, engines, vae, tokenizer, prediction_type, allow_pickle)
     info = describe_checkpoint(checkpoint)
     key = model_key(checkpoint, fingerprint(checkpoint))
     if backend in ("torch", "torch-cuda"):  # the checkpoint's own modules: no export
         tokenizer_dir = checkpoint / "tokenizer"
         return _open(key, info, tokenizer_dir, checkpoint, backend, progress, allow_pickle, tokenizer_only=True)
-    artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, allow_pickle)
+    artifacts = ensure_exported(checkpoint, engines, key, progress, allow_pickle)
     try:
         return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle)
-    except ModelError as exc:
-        logger.warning("%s; exporting %s again", exc, checkpoint)
-        artifacts = ensure_exported(checkpoint, Path(engines_dir), key, progress, allow_pickle, force=True)
+    except ArtifactError as exc:  # only a broken artifact: a backend, device or engine failure is not fixed by this
+        logger.warning("%s; exporting %s again", str(exc).removesuffix(REEXPORT_HINT), checkpoint)
+        artifacts = ensure_exported(checkpoint, engines, key, progress, allow_pickle, force=True)
         return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle)
 
 
@@ -323,10 +328,17 @@ def load_tokenizer(model: str | Path) -> ClipTokenizer:
 def ensure_exported(
     checkpoint: Path, engines_dir: Path, key: str, progress: bool, allow_pickle: bool = False, force: bool = False
 ) -> Path:
-    """The artifact folder of `checkpoint`, exporting it first when it is missing, stale or `force`."""
+    """The artifact folder of `checkpoint`, exporting it first when it is missing, broken or `force`; a broken
+    one (a file missing or of another size than its manifest says) is reported in one warning line."""
     folder = engines_dir / key
-    if not force and _artifacts_complete(folder):
-        return folder
+    if not force:
+        problem = _artifact_problem(folder)
+        if problem is None:
+            return folder
+        if folder.exists():
+            logger.warning("%s; exporting %s again", problem, checkpoint)
+        else:
+            logger.info("exporting %s to %s (first use)", checkpoint, folder)
     try:
         from export import export_model
     except ImportError as exc:
@@ -337,11 +349,14 @@ def ensure_exported(
     return export_model(checkpoint, engines_dir, force=force, progress=progress, allow_pickle=allow_pickle)
 
 
-def _artifacts_complete(folder: Path) -> bool:
+def _artifact_problem(folder: Path) -> str | None:
+    """What is wrong with an artifact folder (runtime.manifest.artifact_problem), or None when it is complete."""
     try:
-        return files_intact(folder, read_manifest(folder))
-    except ModelError:
-        return False
+        return artifact_problem(folder, read_manifest(folder))
+    except ArtifactError as exc:
+        if not (folder / MANIFEST_NAME).exists():
+            return f"{folder} has no {MANIFEST_NAME} (an unfinished export)"
+        return str(exc).removesuffix(REEXPORT_HINT)
 
 
 def _open(

@@ -172,7 +172,7 @@ def check_model(
     model: str | Path,
     backend: str,
     precision: str = "fp16",
-    engines_dir: Path = Path("engines"),
+    engines_dir: Path | None = None,
     batch: int = 1,
     height: int | None = None,
     width: int | None = None,
@@ -180,13 +180,14 @@ def check_model(
 ) -> list[OutputReport]:
     """`cli.py check`: the per-output reports of `backend` at `precision` against the fp32 reference."""
     from .backends import check_backend, open_backend
+    from .cache import engines_dir_or_default
     from .errors import InvalidRequestError
     from .manifest import read_manifest
 
     if precision not in TOLERANCES:
         raise InvalidRequestError(f"unknown precision {precision!r}; choose one of: {', '.join(TOLERANCES)}")
     check_backend(backend)
-    fp32, folder = artifact_folders(model, Path(engines_dir), precision, progress)
+    fp32, folder = artifact_folders(model, engines_dir_or_default(engines_dir), precision, progress)
     source = Path(read_manifest(fp32).source.get("path", ""))
     artifacts = folder if backend == "onnxruntime" else fp32
     candidate = open_backend(backend, artifacts=artifacts, checkpoint=source if source.is_dir() else None)

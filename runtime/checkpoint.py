@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from .errors import ModelError
+from .memory import memory_facts
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEPTH_ESTIMATOR = "depth_estimator"  # SD 2 depth's DPT model (optional part)
@@ -21,6 +22,7 @@ DEPTH_PREPROCESSOR = "feature_extractor/preprocessor_config.json"  # its image p
 LOW_RES_SCHEDULER = "low_res_scheduler/scheduler_config.json"  # the x4 upscaler's noise schedule for the low-res image
 DEFAULT_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's default
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")  # what a missing path ending so was meant to be
 SOURCE_FILE = "sdrt_source.json"  # in folders converted from a single file: the source's names and hashes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAMPLE_BYTES = 1 << 20  # bytes read at each of 8 places of a large weight file for its fingerprint
@@ -38,22 +40,45 @@ def resolve_checkpoint(model: str | os.PathLike) -> Path:
             "checkpoint (.safetensors, or .ckpt with --allow-pickle)"
         )
     text = str(model)
-    if not _HUB_ID.match(text):
-        raise ModelError(f"model {text!r} not found: give a diffusers folder or a Hugging Face Hub id (owner/name)")
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        raise ModelError(f"single-file checkpoint {text} not found: there is no file {path.absolute()}")
+    if not _HUB_ID.match(text) or _looks_like_path(path):
+        raise ModelError(f"model {text!r} not found: there is no folder {path.absolute()}{_siblings(path)}")
     cached = _hub_cache_snapshot(text)
     if cached is None:
         raise ModelError(
-            f"{text!r} is not in the Hugging Face cache and sdrt does not download weights itself: run "
-            f"`huggingface-cli download {text}` (or save the model as a diffusers folder) and try again"
+            f"model {text!r} not found: there is no folder {path.absolute()}, and no Hub model {text} in the Hugging "
+            f"Face cache ({hub_cache_root()}); sdrt does not download weights: run `hf download {text}` first"
         )
     check_checkpoint_folder(cached)
     return cached
 
 
+def _looks_like_path(path: Path) -> bool:
+    """A name a Hub id cannot be: absolute, relative to `.`/`~`, or under a folder that exists here."""
+    text = str(path)
+    return path.is_absolute() or text.startswith((".", "~")) or (path.parent != Path(".") and path.parent.is_dir())
+
+
+def _siblings(path: Path) -> str:
+    """`(models/ holds: a, b)` when the missing folder's parent exists: the likely typo is in the last name."""
+    parent = path.parent
+    if parent == Path(".") or not parent.is_dir():
+        return ""
+    names = sorted(p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return f" ({parent.as_posix()}/ holds: {shown})" if names else f" ({parent.as_posix()}/ holds no folders)"
+
+
+def hub_cache_root() -> Path:
+    """The Hugging Face hub cache: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub."""
+    root = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
+    return Path(root).expanduser()
+
+
 def _hub_cache_snapshot(repo_id: str) -> Path | None:
     """The newest cached snapshot of a Hub model repository, without touching the network."""
-    root = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
-    repo = root.expanduser() / ("models--" + repo_id.replace("/", "--"))
+    repo = hub_cache_root() / ("models--" + repo_id.replace("/", "--"))
     ref = repo / "refs" / "main"
     if ref.is_file():
         snapshot = repo / "snapshots" / ref.read_text().strip()
@@ -120,6 +145,7 @@ def describe_checkpoint(folder: Path) -> dict:
         "text_hidden_size": text.get("hidden_size", 768),
         "text_num_layers": text.get("num_hidden_layers", 12),
         "text_max_length": text.get("max_position_embeddings", 77),
+        "memory": memory_facts(unet, vae, text),  # shapes for the memory estimate (runtime.memory)
         "unet_num_class_embeds": unet.get("num_class_embeds"),  # the x4 upscaler's noise-level labels, else None
         "depth_estimator": _depth_estimator(folder),
         "source": _source(folder),

@@ -16,10 +16,11 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+REEXPORT_HINT = "; re-export with --force"  # ends ArtifactError messages; api.load drops it when it re-exports
 # Every model's components; a depth checkpoint that ships a depth estimator adds "depth_estimator"
 # (export.specs.component_specs lists what a given model has).
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -82,20 +83,20 @@ class Manifest:
 
 
 def read_manifest(folder: Path) -> Manifest:
-    """Load `folder/manifest.json`; a missing, unreadable or older-format manifest raises ModelError."""
+    """Load `folder/manifest.json`; a missing, unreadable or older-format manifest raises ArtifactError."""
     path = Path(folder) / MANIFEST_NAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise ModelError(f"{folder} has no {MANIFEST_NAME}: export the model first (python cli.py export)") from exc
+        raise ArtifactError(f"{folder} has no {MANIFEST_NAME}: export the model first (python cli.py export)") from exc
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path} is unreadable ({exc}); re-export with --force") from exc
+        raise ArtifactError(f"{path} is unreadable ({exc}){REEXPORT_HINT}") from exc
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ModelError(f"{path} has an unknown format; re-export with --force")
+        raise ArtifactError(f"{path} has an unknown format{REEXPORT_HINT}")
     try:
         return Manifest.from_dict(data)
     except (KeyError, TypeError) as exc:
-        raise ModelError(f"{path} is incomplete ({exc}); re-export with --force") from exc
+        raise ArtifactError(f"{path} is incomplete ({exc}){REEXPORT_HINT}") from exc
 
 
 def component_files(folder: Path, info: ComponentInfo) -> list[Path]:
@@ -106,15 +107,26 @@ def component_files(folder: Path, info: ComponentInfo) -> list[Path]:
 
 
 def files_intact(folder: Path, manifest: Manifest) -> bool:
-    """Whether every component file exists with the size the manifest recorded, and the text tables exist.
+    """Whether every component file exists with the size the manifest recorded, and the text tables exist."""
+    return artifact_problem(folder, manifest) is None
+
+
+def artifact_problem(folder: Path, manifest: Manifest) -> str | None:
+    """What is wrong with an artifact folder's files (a missing file, a size the manifest did not record), or None.
 
     Cheap: nothing is re-hashed. An export older than the text tables is not intact, so it is exported again.
     """
     for info in manifest.components.values():
         files = component_files(folder, info)
-        if not files[0].is_file() or sum(p.stat().st_size for p in files) != info.size:
-            return False
-    return all((Path(folder) / name).is_file() for name in TEXT_TABLE_FILES)
+        if not files[0].is_file():
+            return f"{files[0]} is missing"
+        size = sum(p.stat().st_size for p in files)
+        if size != info.size:
+            return f"{files[0]} is {size} bytes where its manifest says {info.size} (truncated or overwritten)"
+    for name in TEXT_TABLE_FILES:
+        if not (Path(folder) / name).is_file():
+            return f"{Path(folder) / name} is missing"
+    return None
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:

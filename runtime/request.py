@@ -87,10 +87,12 @@ def validate_txt2img(request: Txt2ImgRequest, model: dict) -> Txt2ImgRequest:
     width = native if request.width is None else request.width
     height = native if request.height is None else request.height
     check_size(width, height, model)
-    seed = request.seed
+    seed, seed_max = request.seed, 2**64 - 1 - request.batch_size
+    if isinstance(seed, int) and not isinstance(seed, bool) and not -1 <= seed <= seed_max:
+        raise InvalidRequestError(f"seed must be -1 (random) or between 0 and {seed_max}, not {seed}")
     if seed is None or seed == -1:
         seed = random_seed()
-    _check_int("seed", seed, 0, 2**64 - 1 - request.batch_size)
+    _check_int("seed", seed, 0, seed_max)
     spec, schedule = sampler_of(request)
     return replace(request, width=width, height=height, seed=seed, sampler=spec.name, schedule=schedule)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ModelError
-from ..manifest import FINAL_NORM_FILE, TOKEN_EMBEDDING_FILE, read_manifest
+from ..errors import ArtifactError, ModelError
+from ..manifest import FINAL_NORM_FILE, REEXPORT_HINT, TOKEN_EMBEDDING_FILE, read_manifest
 from . import TextTables
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class OnnxRuntimeSession:
         """`overrides`: initializer name -> value replacing the model's (merged LoRA weights)."""
         self.component = component
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: its errors come back as exceptions, not as stderr lines
         # the session reads these while it lives (add_initializer keeps no reference): they stay on the session
         self._override_arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (overrides or {}).items()}
         self._override_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._override_arrays.items()}
@@ -34,8 +34,7 @@ class OnnxRuntimeSession:
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"cannot load {path} ({reason[:160]}); re-export with --force") from exc
+            raise _load_error(path, exc) from exc
         self.input_names = [i.name for i in self._session.get_inputs()]
         self.output_names = [o.name for o in self._session.get_outputs()]
 
@@ -49,6 +48,20 @@ class OnnxRuntimeSession:
         return dict(zip(names, values))
 
 
+# onnxruntime's exception types (by name) that mean the file itself is broken; others (a device, an allocation) do not
+_BROKEN_FILE_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoSuchFile", "NoModel")
+
+
+def _load_error(path: Path, exc: Exception) -> ModelError:
+    """The typed error of a session that failed to load: ArtifactError when the ONNX file is broken (exporting
+    again fixes it), ModelError otherwise."""
+    text = str(exc).strip()
+    reason = (text.splitlines()[0] if text else type(exc).__name__).split(" failed:")[-1].strip().rstrip(".")[:160]
+    if type(exc).__name__ in _BROKEN_FILE_ERRORS or "Load model from" in text:
+        return ArtifactError(f"{path} is not a loadable ONNX model ({reason}){REEXPORT_HINT}")
+    return ModelError(f"cannot load {path} ({reason})")
+
+
 class OnnxRuntimeTextEncoder(OnnxRuntimeSession):
     """The text encoder: takes `inputs_embeds` [B, 77, D]; `input_ids` [B, 77] are still accepted, looked up here."""
 
@@ -57,9 +70,7 @@ class OnnxRuntimeTextEncoder(OnnxRuntimeSession):
     ):
         super().__init__(path, "text_encoder", providers, overrides)
         if self.input_names != ["inputs_embeds"]:
-            raise ModelError(
-                f"{path} takes {self.input_names}, not inputs_embeds (an old export); re-export with --force"
-            )
+            raise ArtifactError(f"{path} takes {self.input_names}, not inputs_embeds (an old export){REEXPORT_HINT}")
         self.tables = tables
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -76,7 +87,7 @@ def read_text_tables(folder: Path, hidden_size: int) -> TextTables:
             weight, bias, eps = norm["weight"], norm["bias"], float(norm["eps"])
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot read the text tables of {folder} ({reason}); re-export with --force") from exc
+        raise ArtifactError(f"cannot read the text tables of {folder} ({reason}){REEXPORT_HINT}") from exc
     if (
         token_embedding.dtype != np.float32
         or token_embedding.ndim != 2
@@ -84,9 +95,9 @@ def read_text_tables(folder: Path, hidden_size: int) -> TextTables:
         or weight.shape != (hidden_size,)
         or bias.shape != (hidden_size,)
     ):
-        raise ModelError(
+        raise ArtifactError(
             f"the text tables of {folder} do not fit the text encoder's width {hidden_size} "
-            f"(token embedding {token_embedding.dtype} {token_embedding.shape}); re-export with --force"
+            f"(token embedding {token_embedding.dtype} {token_embedding.shape}){REEXPORT_HINT}"
         )
     return TextTables(token_embedding, weight.astype(np.float32), bias.astype(np.float32), eps)
 
@@ -105,10 +116,10 @@ class OnnxRuntimeBackend:
     def model_path(self, component: str) -> Path:
         info = self.manifest.components.get(component)
         if info is None:
-            raise ModelError(f"{self.folder} has no {component} model; re-export with --force")
+            raise ArtifactError(f"{self.folder} has no {component} model{REEXPORT_HINT}")
         path = self.folder / info.file
         if not path.is_file():
-            raise ModelError(f"{path} is missing; re-export with --force")
+            raise ArtifactError(f"{path} is missing{REEXPORT_HINT}")
         return path
 
     def session(self, component: str) -> OnnxRuntimeSession:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from export.modules import TextEncoder
+from export.quiet import quiet_hub_libraries
 
 from ..errors import ModelError
 from . import TextTables
@@ -36,7 +37,8 @@ def _load(checkpoint: Path, component: str, allow_pickle: bool) -> torch.nn.Modu
         )
     try:
         safetensors = None if allow_pickle else True  # None: safetensors when present, else the .bin pickle
-        module = loaders[component].from_pretrained(checkpoint, subfolder=component, use_safetensors=safetensors)
+        with quiet_hub_libraries():  # no weight-loading bar: the API and --quiet show none
+            module = loaders[component].from_pretrained(checkpoint, subfolder=component, use_safetensors=safetensors)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {component} from {checkpoint}: {str(exc).splitlines()[0][:160]}") from exc
     return module.eval().requires_grad_(False)
@@ -72,7 +74,8 @@ class TorchSession:
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         if self.component == "text_encoder" and "input_ids" in feeds:
             feeds = {"inputs_embeds": self.tables.embed(feeds["input_ids"])}  # [B, 77, D]
-        t = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
+        # writable C-contiguous views (a copy only of a read-only or strided feed): torch warns on read-only arrays
+        t = {name: torch.from_numpy(np.require(value, requirements=("C", "W"))) for name, value in feeds.items()}
         if self.component == "text_encoder":
             last_hidden_state, hidden_states = self.text_encoder(t["inputs_embeds"])
             result = {"last_hidden_state": last_hidden_state, "hidden_states": hidden_states}

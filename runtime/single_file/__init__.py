@@ -35,15 +35,16 @@ def prepare_checkpoint(
             f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, not {prediction_type!r}"
         )
     path = Path(model).expanduser()
+    # the model is looked for before the VAE: a user checks the model path first
+    folder = None if path.is_file() else resolve_checkpoint(model)
     vae_path = Path(vae).expanduser() if vae else None
     if vae_path is not None and not vae_path.is_file():
-        raise ModelError(f"VAE file {vae_path} does not exist")
-    if path.is_file():
+        raise ModelError(f"VAE file {vae_path} not found: there is no file {vae_path.absolute()}")
+    if folder is None:
         if not is_single_file(path):
             raise ModelError(f"{path} is not a checkpoint file (.safetensors, or .ckpt/.pt with --allow-pickle)")
         given_tokenizer = Path(tokenizer).expanduser() if tokenizer else None
         return convert_single_file(path, Path(engines_dir), vae_path, given_tokenizer, prediction_type, allow_pickle)
     if tokenizer or prediction_type:
         raise InvalidRequestError("--tokenizer and --prediction-type apply to single-file checkpoints only")
-    folder = resolve_checkpoint(model)
     return folder if vae_path is None else with_vae(folder, vae_path, Path(engines_dir), allow_pickle)
