@@ -14,10 +14,11 @@ pytestmark = needs_torch
 
 
 @pytest.fixture(scope="module")
-def artifacts(tiny_sd1, tmp_path_factory):
+def artifacts(tiny_sd1, shared_engines):
+    """The session's export of the tiny sd1 checkpoint (read only: tests that break it work on a copy)."""
     from export import export_model
 
-    return export_model(tiny_sd1, tmp_path_factory.mktemp("engines"), progress=False)
+    return export_model(tiny_sd1, shared_engines, progress=False)
 
 
 def run_cli(capsys, *argv):
@@ -56,6 +57,7 @@ def txt2img_args(model, out, *extra):
         (["--batch-size", "0"], "batch size must be between 1 and"),
         (["--cfg-scale", "nan"], "cfg scale must be a number"),
         (["--sampler", "Euler b"], "unknown sampler"),
+        (["--seed", "-2"], "seed must be -1 (random) or between 0 and"),
     ],
 )
 def test_bad_request(capsys, artifacts, tmp_path, extra, message):
@@ -89,7 +91,8 @@ def test_missing_model(capsys, tmp_path):
 def test_hub_id_not_cached(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     code, err = run_cli(capsys, *txt2img_args("someone/some-model", tmp_path / "x.png"))
-    assert code == 2 and "huggingface-cli download someone/some-model" in err
+    assert code == 2 and "`hf download someone/some-model`" in err and len(err.splitlines()) == 1
+    assert str(tmp_path / "hub") in err  # where it looked
 
 
 def test_corrupt_onnx_in_artifact_folder(capsys, artifacts, tmp_path):
