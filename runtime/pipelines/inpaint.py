@@ -33,6 +33,7 @@ def inpaint(
     image: np.ndarray,  # float32 [1, 3, H, W] in [-1, 1]
     masked_image: np.ndarray,  # float32 [1, 3, H, W]: image with the repainted pixels zeroed
     latent_mask: np.ndarray,  # float32 [1, 1, h, w] of 0/1: 1 = repaint
+    label: str = "inpaint",  # the progress bar's
 ) -> np.ndarray:
     """Images float32 [B, H, W, 3] in [0, 1] (not composited: the unmasked part is the model's too)."""
     info = model.info
@@ -66,7 +67,7 @@ def inpaint(
         denoiser.extra_channels = np.concatenate([extra] * denoiser.copies)  # [N, 5, h, w]
     else:
         callback = _blend_known(image_latents, noise, latent_mask, schedule.sigmas)
-    with model.progress(len(schedule.timesteps), "inpaint") as tick:
+    with model.progress(len(schedule.timesteps), label) as tick:
         denoiser.on_call = tick
         latents = run_sampler(spec, denoiser, x, schedule, generators, callback, model.interrupt_hook)
     if not nine_channels:  # diffusers' last blend uses the clean init latents, in latent space

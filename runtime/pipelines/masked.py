@@ -56,12 +56,12 @@ def run_inpaint(model: StableDiffusion, request: InpaintRequest, image: Image.Im
 
 
 def inpaint_at_size(
-    model: StableDiffusion, request: InpaintRequest, image: Image.Image, mask: Image.Image
+    model: StableDiffusion, request: InpaintRequest, image: Image.Image, mask: Image.Image, label: str = "inpaint"
 ) -> np.ndarray:
     """Inpaint an image and mask already at the generation size."""
     scale = model.info["vae_scale_factor"]
     latent_mask = mask_to_latent_mask(mask, image.width // scale, image.height // scale)  # [1, 1, h, w]
-    return inpaint(model, request, to_model_input(image), masked_image_input(image, mask), latent_mask)
+    return inpaint(model, request, to_model_input(image), masked_image_input(image, mask), latent_mask, label)
 
 
 def run_outpaint(
@@ -71,7 +71,7 @@ def run_outpaint(
     canvas, mask = extend_canvas(image, *extend)
     request = replace(request, width=canvas.width, height=canvas.height, mask=mask)
     generation_mask = load_mask(mask, canvas.width, canvas.height, "just resize", request.mask_blur)
-    images = inpaint_at_size(model, request, canvas, generation_mask)  # [B, H, W, 3]
+    images = inpaint_at_size(model, request, canvas, generation_mask, "outpaint")  # [B, H, W, 3]
     known = np.asarray(mask) == 0  # [H, W]: the original image's pixels
     images[:, known] = np.asarray(canvas, dtype=np.float32)[known] / 255
     return images

@@ -162,3 +162,15 @@ def test_unreadable_manifest_raises_artifact_error(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text("{not json")
     with pytest.raises(ArtifactError, match="unreadable"):
         read_manifest(tmp_path)
+
+
+@needs_torch
+def test_progress_bars_when_asked_are_labelled_by_mode(tiny_sd1, sd1_artifact, capfd):
+    import runtime
+    from PIL import Image
+
+    sd = runtime.load(tiny_sd1, progress=True)
+    capfd.readouterr()
+    sd.outpaint("a cat", Image.new("RGB", (32, 32), "gray"), extend=(8, 8, 0, 0), steps=2, seed=1)
+    err = capfd.readouterr().err
+    assert "outpaint:" in err and "inpaint:" not in err
