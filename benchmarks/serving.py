@@ -213,10 +213,21 @@ def _commit() -> str:
     return commit + ("+changes" if dirty else "")
 
 
+def _cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+
+
 def main_mixed(args, model: Path, engines: Path, record: dict) -> dict:
     import os
 
+    for key in ("size", "sampler"):  # the throughput run's; the mix names its own
+        record.pop(key)
     record["commit"] = _commit()
+    record["cpu_model"] = _cpu_model()
     record["load_average_before"] = os.getloadavg()  # other work on the machine slows every timing down
     with run_server(model, engines, True, args.max_batch) as url:
         pid = _server_pid(url)
