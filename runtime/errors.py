@@ -31,6 +31,11 @@ class ResourceError(SdrtError):
     names what fits. Raised before any work where it can be estimated, else when an allocation fails."""
 
 
+class AllocationError(ResourceError):
+    """An allocation failed while generating (the backend or numpy ran out of memory); the message names the size
+    that was asked for. The request is over what the machine can give now, not malformed."""
+
+
 class OutputError(SdrtError):
     """An output file cannot be written (missing folder, unknown format)."""
 
