@@ -48,6 +48,7 @@ from .specs import ComponentSpec, component_specs
 logger = logging.getLogger(__name__)
 
 OPSET = 17
+WORK_PREFIX = ".export-"  # scratch folders inside an artifact folder: .export-<pid>-<random>
 ONNX_DIR = "onnx"
 TOKENIZER_DIR = "tokenizer"
 EXPORT_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "polygraphy", "onnx_graphsurgeon")
@@ -77,6 +78,7 @@ def export_model(
     source = resolve_checkpoint(model).resolve()
     digest = fingerprint(source)
     folder = engines_dir_or_default(engines_dir) / model_key(source, digest)
+    remove_stale_work_dirs(folder.parent)
     if not force and is_reusable(folder, digest):
         logger.info("reusing %s (its source is unchanged)", folder)
         return folder
@@ -135,12 +137,36 @@ def _loader(name: str, source: Path, use_safetensors: bool, folder: Path) -> Cal
 
 @contextlib.contextmanager
 def _work_dir(folder: Path) -> Iterator[Path]:
-    """A private scratch folder inside `folder` (same file system, so results can be renamed), always removed."""
-    work = Path(tempfile.mkdtemp(dir=folder, prefix=".export-"))
+    """A private scratch folder inside `folder` (same file system, so results can be renamed), always removed; its
+    name carries this process's id, so a later export can tell one left by a killed export from a running one."""
+    work = Path(tempfile.mkdtemp(dir=folder, prefix=f"{WORK_PREFIX}{os.getpid()}-"))
     try:
         yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_stale_work_dirs(engines_dir: Path) -> list[Path]:
+    """Remove the scratch folders (`<artifacts>/.export-<pid>-*`) that exports killed before they could clean up left
+    under `engines_dir`; those of a process still running stay. Returns the folders removed."""
+    removed = []
+    for work in sorted(Path(engines_dir).glob(f"*/{WORK_PREFIX}*")):
+        pid = work.name[len(WORK_PREFIX) :].split("-", 1)[0]
+        if work.is_dir() and not (pid.isdigit() and _process_alive(int(pid))):
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(work)
+            logger.info("removed %s, left by an export that did not finish", work)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def require_export_extras() -> None:

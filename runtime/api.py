@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .admission import PromptLimits, admit, allocation_errors, txt2img_passes
 from .backends import Backend, check_backend, open_backend
 from .cache import engines_dir_or_default
 from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
@@ -74,6 +75,12 @@ class StableDiffusion:
         # Asked after every sampler step (runtime.serving's interrupt): True skips the remaining steps and decodes
         # the latents of the last one, as A1111's interrupt and diffusers' `pipe._interrupt` do; None: never.
         self.interrupt_hook: Callable[[], bool] | None = None
+        # Admission (runtime.admission): every request is checked against these before any work. memory_budget: bytes
+        # of working memory a request may use beyond the loaded weights (None: 80% of the memory available when the
+        # first request comes); admission: what the running request was measured as.
+        self.memory_budget: int | None = None
+        self.prompt_limits = PromptLimits()
+        self.admission = None
 
     def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
         """Load the textual-inversion embeddings of `folder` (usable by name in prompts); return their names."""
@@ -98,6 +105,7 @@ class StableDiffusion:
         with tqdm(total=total, desc=label, unit="step", leave=False) as bar:
             yield bar.update if hook is None else (lambda: (bar.update(), hook(total)))
 
+    @allocation_errors
     @with_loras
     def txt2img(
         self,
@@ -118,6 +126,7 @@ class StableDiffusion:
         size with hires_steps (0: the same steps) and hires_strength. `watermark`: embed this invisible text."""
         self._require_channels((4, 9), "txt2img")
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
+        admit(self, request, "txt2img", txt2img_passes(request, hires_scale, hires_width, hires_height))
         if not (hires_scale or hires_width or hires_height):
             return self._result(request, txt2img(self, request), {}, watermark)
         from .pipelines.hires import hires_fix, hires_parameters, hires_target
@@ -128,6 +137,7 @@ class StableDiffusion:
         extra = hires_parameters(*hires, hires_scale, hires_width, hires_height)
         return self._result(request, images, extra, watermark)
 
+    @allocation_errors
     @with_loras
     def img2img(self, prompt: str, init_image, watermark: str | None = None, **options) -> GenerationResult:
         """Generate from an init image (a path or a PIL image); options are the fields of Img2ImgRequest."""
@@ -136,11 +146,13 @@ class StableDiffusion:
         self._require_channels((4,), "img2img")
         image = _open_image(init_image)
         request = validate_img2img(Img2ImgRequest(prompt, init_image=image, **options), self.info, image.size)
+        admit(self, request, "img2img")
         resized = resize_image(image, request.width, request.height, request.resize_mode)
         images = img2img(self, request, to_model_input(resized))
         extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode}
         return self._result(request, images, extra, watermark)
 
+    @allocation_errors
     @with_loras
     def inpaint(self, prompt: str, init_image, mask, watermark: str | None = None, **options) -> GenerationResult:
         """Repaint the white part of `mask` (a path or a PIL image); options are the fields of InpaintRequest."""
@@ -150,11 +162,13 @@ class StableDiffusion:
         image = _open_image(init_image)
         request = InpaintRequest(prompt, init_image=image, mask=mask, **options)
         request = validate_inpaint(request, self.info, image.size)
+        admit(self, request, "inpaint")
         extra = {"Denoising strength": request.strength, "Mask blur": request.mask_blur}
         if request.inpaint_full_res:
             extra.update({"Inpaint area": "Only masked", "Masked area padding": request.inpaint_full_res_padding})
         return self._result(request, run_inpaint(self, request, image), extra, watermark)
 
+    @allocation_errors
     @with_loras
     def outpaint(
         self, prompt: str, init_image, extend: tuple[int, int, int, int], watermark: str | None = None, **options
@@ -171,9 +185,11 @@ class StableDiffusion:
         request = validate_inpaint(
             InpaintRequest(prompt, init_image=image, mask=mask, **options), self.info, canvas.size
         )
+        admit(self, request, "outpaint")
         extra = {"Denoising strength": request.strength, "Outpaint": "{},{},{},{}".format(*extend)}
         return self._result(request, run_outpaint(self, request, image, extend), extra, watermark)
 
+    @allocation_errors
     @with_loras
     def depth2img(
         self, prompt: str, init_image, depth_map=None, watermark: str | None = None, **options
@@ -188,6 +204,7 @@ class StableDiffusion:
         self._require_channels((5,), "depth2img")
         image = _open_image(init_image)
         request = validate_img2img(Img2ImgRequest(prompt, init_image=image, **options), self.info, image.size)
+        admit(self, request, "depth2img")
         resized = resize_image(image, request.width, request.height, request.resize_mode)
         depth = depth_map
         if isinstance(depth_map, Image.Image) or isinstance(depth_map, (str, Path)):
@@ -197,6 +214,7 @@ class StableDiffusion:
         extra = {"Denoising strength": request.strength, "Depth map": "given" if depth is not None else "estimated"}
         return self._result(request, images, extra, watermark)
 
+    @allocation_errors
     @with_loras
     def upscale(
         self, prompt: str, image, noise_level: int = 20, watermark: str | None = None, **options
@@ -213,6 +231,7 @@ class StableDiffusion:
         if (options.pop("width", None) or size[0], options.pop("height", None) or size[1]) != size:
             raise InvalidRequestError(f"the upscaler's output is {scale}x the input; leave width and height unset")
         request = validate_txt2img(Txt2ImgRequest(prompt, width=size[0], height=size[1], **options), self.info)
+        admit(self, request, "upscale")
         images = upscale(self, request, to_model_input(low_res), noise_level)
         return self._result(request, images, {"Noise level": noise_level}, watermark)
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ArtifactError, ModelError
+from ..errors import AllocationError, ArtifactError, ModelError
 from ..manifest import FINAL_NORM_FILE, REEXPORT_HINT, TOKEN_EMBEDDING_FILE, read_manifest
+from ..memory import format_bytes
 from . import TextTables
 
 logger = logging.getLogger(__name__)
@@ -24,6 +26,9 @@ class OnnxRuntimeSession:
         self.component = component
         options = ort.SessionOptions()
         options.log_severity_level = 4  # fatal only: its errors come back as exceptions, not as stderr lines
+        # no memory arena: a run's buffers go back to the system when it ends, so memory follows the current request
+        # instead of staying at the largest one served (runtime.memory; README "Serving")
+        options.enable_cpu_mem_arena = False
         # the session reads these while it lives (add_initializer keeps no reference): they stay on the session
         self._override_arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (overrides or {}).items()}
         self._override_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._override_arrays.items()}
@@ -43,9 +48,26 @@ class OnnxRuntimeSession:
         try:
             values = self._session.run(names, feeds)
         except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:200]
+            text = str(exc).strip()
+            if _is_allocation_failure(text):
+                raise AllocationError(f"{self.component} ran out of memory in onnxruntime ({_asked(text)})") from exc
+            reason = text.splitlines()[0][:200] if text else type(exc).__name__
             raise ModelError(f"{self.component} failed in onnxruntime: {reason}") from exc
         return dict(zip(names, values))
+
+
+def _is_allocation_failure(reason: str) -> bool:
+    """Whether an onnxruntime run error is an allocation that failed (its arena's message or std::bad_alloc)."""
+    text = reason.lower()
+    return "failed to allocate" in text or "bad_alloc" in text or "bad allocation" in text
+
+
+def _asked(text: str) -> str:
+    """'a buffer of 16.0 GiB' when the message gives the size, else the failing node's message."""
+    match = re.search(r"buffer of size (\d+)", text)
+    if match:
+        return f"a buffer of {format_bytes(int(match.group(1)))}"
+    return text.rsplit("Status Message:", 1)[-1].strip()[:160]
 
 
 # onnxruntime's exception types (by name) that mean the file itself is broken; others (a device, an allocation) do not

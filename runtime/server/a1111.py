@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, PngImagePlugin
 
 from .. import __version__
+from ..admission import PromptLimits, check_prompt_text
 from ..errors import InvalidRequestError
 from ..output import parse_parameters, read_parameters, to_uint8
 from ..rng import random_seed
@@ -28,7 +29,8 @@ LATENT_UPSCALERS = ("Latent", "Latent (nearest)", "Latent (nearest-exact)")  # A
 
 @dataclass
 class Limits:
-    """What the server accepts; anything beyond is a 422 (the body limit: 413)."""
+    """What the server accepts; anything beyond is a 422 (the body, prompt and memory limits: 413). The memory budget
+    is the model's (StableDiffusion.memory_budget); the prompt limits go to the model too (prompt_limits)."""
 
     max_side: int = 2048  # width and height
     max_steps: int = 150
@@ -37,6 +39,12 @@ class Limits:
     max_image_bytes: int = 16 * 2**20  # one decoded base64 image
     max_image_pixels: int = 4096 * 4096
     request_timeout: float | None = None  # seconds per request (None: no limit)
+    max_prompt_chars: int = PromptLimits.max_chars  # each of prompt and negative prompt, checked first
+    max_prompt_chunks: int = PromptLimits.max_chunks  # 75-token chunks per prompt text
+    max_and_terms: int = PromptLimits.max_and_terms  # AND sub-prompts of a prompt
+
+    def prompt_limits(self) -> PromptLimits:
+        return PromptLimits(self.max_prompt_chars, self.max_prompt_chunks, self.max_and_terms)
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ def check_limits(body: GenerationBody, limits: Limits) -> None:
         raise InvalidRequestError(
             f"batch_size * n_iter must be at most {limits.max_images}, not {body.batch_size * body.n_iter}"
         )
+    check_prompt_text(body.prompt or "", body.negative_prompt or "", limits.prompt_limits())  # tokens: on submit
 
 
 def _schedule(scheduler: str | None) -> str | None:

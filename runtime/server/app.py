@@ -20,10 +20,12 @@ from starlette.routing import Match
 
 from .. import __version__
 from ..errors import (
+    AllocationError,
     InvalidRequestError,
     QueueFull,
     RequestCancelled,
     RequestTimeout,
+    ResourceError,
     SdrtError,
     ServiceClosed,
 )
@@ -56,7 +58,8 @@ from .startup_routes import add_startup_routes
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting request checks its client and deadline
-STATUS_OF = {InvalidRequestError: 422, QueueFull: 429, RequestTimeout: 408, RequestCancelled: 409, ServiceClosed: 503}
+STATUS_OF = {InvalidRequestError: 422, QueueFull: 429, RequestTimeout: 408, RequestCancelled: 409, ServiceClosed: 503,
+             AllocationError: 507, ResourceError: 413}  # the first class that matches wins: AllocationError first
 ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
           "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/png-info", "/health",
           "/metrics", "/openapi.json", "/docs", "/sdapi/v1/options", "/sdapi/v1/loras", "/sdapi/v1/embeddings",
@@ -92,6 +95,7 @@ def create_app(
                   description="Stable Diffusion inference; A1111-compatible /sdapi/v1 routes")  # fmt: skip
     app.state.service = service
     app.state.limits = limits
+    service.model.prompt_limits = limits.prompt_limits()  # the model checks them when a request is submitted
     app.state.options = options
     app.state.flags = dict(flags or {})
     app.state.styles = [dict(style) for style in options.styles]
@@ -171,8 +175,7 @@ async def _run(request: Request, calls: list[a1111.Call]) -> tuple[list, str | N
     jobs: list[Job] = []
     group = object()  # the service skips the queued calls of an interrupted request
     try:
-        for call in calls:
-            jobs.append(service.submit(call.mode, *call.args, timeout=timeout, group=group, **call.options))
+        await asyncio.to_thread(_submit, service, calls, jobs, timeout, group)  # validating, tokenising: off the loop
         waiting = [asyncio.wrap_future(job.future) for job in jobs]
         while True:
             done, pending = await asyncio.wait(waiting, timeout=POLL_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
@@ -189,10 +192,17 @@ async def _run(request: Request, calls: list[a1111.Call]) -> tuple[list, str | N
             job.cancel("cancelled: its HTTP request ended")
 
 
+def _submit(service: Service, calls: list[a1111.Call], jobs: list[Job], timeout: float | None, group: object) -> None:
+    """Submit the calls in order, appending each job to `jobs` (the caller cancels them if a later one is refused)."""
+    for call in calls:
+        jobs.append(service.submit(call.mode, *call.args, timeout=timeout, group=group, **call.options))
+
+
 def _add_generation_routes(app: FastAPI) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse, responses=GENERATION)
     async def txt2img(body: Txt2ImgBody, request: Request):
-        return await _generate(request, body, a1111.txt2img_calls(body, request.app.state.limits))
+        calls = await asyncio.to_thread(a1111.txt2img_calls, body, request.app.state.limits)
+        return await _generate(request, body, calls)
 
     @app.post("/sdapi/v1/img2img", response_model=GenerationResponse, responses=GENERATION)
     async def img2img(body: Img2ImgBody, request: Request):

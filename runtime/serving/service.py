@@ -21,7 +21,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from ..admission import admit, batch_out_of_memory, fits_together, txt2img_passes
 from ..errors import (
+    AllocationError,
     InvalidRequestError,
     QueueFull,
     RequestCancelled,
@@ -183,6 +185,9 @@ class Service:
         if not isinstance(request.prompt, str) or not isinstance(request.negative_prompt, str):
             raise InvalidRequestError("prompt and negative prompt must be strings")
         request = validate_txt2img(request, self.model.info)
+        passes = txt2img_passes(request, extras.get("hires_scale"), extras.get("hires_width") or 0,
+                                extras.get("hires_height") or 0)  # fmt: skip
+        admission = admit(self.model, request, "txt2img", passes, record=False)  # ResourceError: refused here
         hires = extras.get("hires_scale") or extras.get("hires_width") or extras.get("hires_height")
         loras = extras.get("loras") or extras.get("lora_dir") is not None
         key = batch_key(request)
@@ -190,7 +195,7 @@ class Service:
             key = None
         else:
             key = (key, watermark)
-        return {"request": request, "extras": extras, "watermark": watermark}, key
+        return {"request": request, "extras": extras, "watermark": watermark, "admission": admission}, key
 
     # ------------------------------------------------------------------------------------------ worker
 
@@ -219,7 +224,9 @@ class Service:
             group, rows = [first], first.rows
             if self.config.batching and first.key is not None:
                 for job in list(self._queue):
-                    if job.key == first.key and rows + job.rows <= self.config.max_batch_images:
+                    if job.key == first.key and rows + job.rows <= self.config.max_batch_images and self._fits(
+                        group + [job], rows + job.rows
+                    ):
                         self._queue.remove(job)
                         group.append(job)
                         rows += job.rows
@@ -229,6 +236,10 @@ class Service:
                 job.started, job.timestamp = now, self.job_timestamp
             self._running = group
             return group
+
+    def _fits(self, jobs: list[Job], images: int) -> bool:
+        """Whether these txt2img jobs still fit the memory budget as one batch of `images` images."""
+        return fits_together(self.model.info, [job.options["admission"] for job in jobs], images)
 
     def _drop_settled(self) -> None:
         """Forget queued jobs already cancelled or past their deadline."""
@@ -248,6 +259,8 @@ class Service:
             pass
         except SdrtError as exc:
             self._fail(group, exc)
+        except MemoryError:  # outside a model method or a batch's sampling (each translates its own)
+            self._fail(group, AllocationError(f"out of memory running {len(group)} requests"))
         except Exception as exc:  # a bug or a backend failure: the callers get it, the worker lives on
             logger.exception("generation failed")
             self._fail(group, exc)
@@ -318,6 +331,9 @@ class Service:
                     self.model, [requests[i] for i in members], conditionings, self._stepper(jobs), interrupted
                 )
             except _Abandoned:
+                continue
+            except (AllocationError, MemoryError) as exc:  # named with the batch's size, as a request alone is
+                self._fail(jobs, AllocationError(batch_out_of_memory([j.options["admission"] for j in jobs], exc)))
                 continue
             except SdrtError as exc:
                 self._fail(jobs, exc)
