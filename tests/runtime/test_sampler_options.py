@@ -199,17 +199,32 @@ def test_churned_levels_get_diffusers_timesteps() -> None:
 
 
 def test_default_options_draw_nothing_and_change_no_bit() -> None:
-    """Explicit A1111 defaults are the sampler without options: same bits, no noise drawn by ODE samplers."""
+    """A1111's defaults (explicit or not) evaluate the model exactly at the scheduler's own levels and timesteps, draw
+    nothing for the ODE samplers, and give the same bits; s_churn with an empty [s_tmin, s_tmax] too."""
+    defaults = {"s_churn": 0, "s_tmin": 0, "s_tmax": math.inf, "s_noise": 1}
+    x = np.linspace(-3, 3, math.prod(SHAPE), dtype=np.float32).reshape(SHAPE) * np.float32(10)
     for name in ("Euler", "Heun", "DPM2", "Euler a", "DPM++ SDE", "DPM++ 2M SDE"):
         spec = SPECS[name]
-        defaults = {"s_churn": 0, "s_tmin": 0, "s_tmax": math.inf, "s_noise": 1}
-        explicit = spec.with_options(**{k: v for k, v in defaults.items() if k in spec.option_names})
+        variants = [spec.with_options(**{k: v for k, v in defaults.items() if k in spec.option_names})]
+        if "s_churn" in spec.option_names:
+            variants.append(spec.with_options(s_churn=5.0, s_tmin=100.0, s_tmax=200.0))  # no level in range
         schedule = make_schedule(spec, "default", SD15_SCHEDULER, 6)
-        x = np.linspace(-3, 3, math.prod(SHAPE), dtype=np.float32).reshape(SHAPE) * np.float32(10)
-        model = lambda x, s, t: (x / np.float32(1 + s * s) + np.float32(t / 5000)).astype(np.float32)  # noqa: E731
-        a, b = Noise(), Noise()
-        assert np.array_equal(sample(spec, model, x, schedule, a), sample(explicit, model, x, schedule, b))
-        assert len(a.drawn) == len(b.drawn) and (spec.stochastic or not a.drawn)
+        runs = []
+        for variant in [spec, *variants]:
+            calls, noise = [], Noise()
+
+            def model(x, s, t, calls=calls):
+                calls.append((s, t))
+                return (x / np.float32(1 + s * s) + np.float32(t / 5000)).astype(np.float32)
+
+            runs.append((sample(variant, model, x, schedule, noise), calls, len(noise.drawn)))
+        (expected, calls, draws), *others = runs
+        for result, other_calls, other_draws in others:
+            assert np.array_equal(result, expected) and other_calls == calls and other_draws == draws
+        if not spec.stochastic:
+            assert draws == 0
+            assert [s for s, _ in calls[:: 1 if name == "Euler" else 2]] == schedule.sigmas[:-1].tolist()
+            assert [t for _, t in calls[:: 1 if name == "Euler" else 2]] == schedule.timesteps.tolist()
 
 
 def test_options_each_sampler_accepts() -> None:
