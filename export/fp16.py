@@ -13,7 +13,9 @@ Inside the graph every float tensor becomes float16 except
   * shape arithmetic (floats made by Cast from integers, Resize scales and roi), left as it is.
 Softmax runs in fp16: every GPU implementation subtracts the row maximum and accumulates in fp32.
 Initializers are converted with their values clamped to the finite fp16 range (float32's lowest, used as an
-attention mask value, becomes -65504 and not -inf). The VAE stays fp32 when its config says `force_upcast`.
+attention mask value, becomes -65504 and not -inf). The VAE is fp16 for SD 1.x/2.x, as diffusers'
+StableDiffusionPipeline runs it whatever `force_upcast` says (runtime.backends.gpu.vae_runs_fp16; the backends
+retry an overflowing decode in fp32); the x4 upscaler's VAE stays fp32 where its config says `force_upcast`.
 """
 
 from __future__ import annotations
@@ -122,9 +124,11 @@ def translate_weight_map(fp32_model: Path, fp16_model: Path) -> None:
 
 
 def _keeps_fp32(component: str, model: dict) -> bool:
-    """The VAE stays fp32 where its config asks for an upcast (fp16 overflows there); the depth estimator too."""
+    """The VAE where its pipeline upcasts it (vae_runs_fp16), and the depth estimator, stay fp32."""
+    from runtime.backends.gpu import vae_runs_fp16
+
     if component.startswith("vae_"):
-        return bool(model.get("vae_force_upcast", True))
+        return not vae_runs_fp16(model)
     return component == "depth_estimator"
 
 

@@ -252,6 +252,8 @@ class StableDiffusion:
             images = embed_watermark(images, watermark)
         seeds = [request.seed + i for i in range(request.batch_size)]
         params = dict(self._parameters(request), **extra)
+        if self.__dict__.pop("vae_retried", False):  # set by decode_latents: the fp16 VAE overflowed (A1111 retries)
+            params["VAE precision"] = "fp32 retry after fp16 NaN"
         infotexts = [format_parameters(request.prompt, request.negative_prompt, dict(params, Seed=s)) for s in seeds]
         return GenerationResult(images, seeds, infotexts, request, params)
 

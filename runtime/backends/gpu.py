@@ -76,21 +76,33 @@ def open_gpu_backend(name: str, *, artifacts: Path | None, checkpoint: Path | No
     return OnnxRuntimeCudaBackend(artifacts)
 
 
+def vae_runs_fp16(model: dict) -> bool:
+    """Whether the VAE runs in fp16 on a GPU backend: yes for SD 1.x/2.x, as diffusers' StableDiffusionPipeline
+    decodes in the pipeline's dtype whatever the VAE config's `force_upcast` says (SD 1.5's says true); the x4
+    upscaler's pipeline honours force_upcast (upcast_vae), so its VAE follows the config. An fp16 decode that
+    overflows is computed again in fp32 (NanGuard), as A1111 does."""
+    return not (model.get("unet_num_class_embeds") and model.get("vae_force_upcast", True))
+
+
 class NanGuard:
     """A session whose NaN/Inf outputs are computed again by an fp32 session (the fp16 VAE's overflow), with one
-    warning; the fp32 session is opened on first need. The result is never a silently black image."""
+    warning; the fp32 session is opened on first need. The result is never a silently black image. `retried`
+    says whether the last run was the fp32 retry (the pipeline notes it in the infotext)."""
 
     def __init__(self, primary, make_fallback):
         self.primary = primary
         self.make_fallback = make_fallback
         self.fallback = None
+        self.retried = False
 
     def run(self, feeds: dict, outputs: list[str] | None = None) -> dict:
         import numpy as np
 
+        self.retried = False
         values = self.primary.run(feeds, outputs)
         if all(np.isfinite(v).all() for v in values.values()):
             return values
+        self.retried = True
         logger.warning("%s produced NaN/Inf values in fp16; computing it again in fp32", _name(self.primary))
         if self.fallback is None:
             self.fallback = self.make_fallback()

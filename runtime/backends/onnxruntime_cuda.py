@@ -8,8 +8,10 @@ The CPU provider cannot run those fused models; the fp16 export of export/fp16.p
 Running: the UNet is bound to fixed device buffers (IO binding) per input shape, and with `enable_cuda_graph`
 each shape gets its own `gpu_graph_id`: after one plain run (id -1) ONNX Runtime captures the id's first run and
 replays it afterwards.
-The other components run plainly on the CUDA provider. The VAE decoder's NaN/Inf outputs are computed again in
-fp32 (the fp16 VAE overflow).
+An input that is the same read-only array object as the one last copied into its bound buffer (the
+per-generation text conditioning) is not copied again.
+The other components run plainly on the CUDA provider; depth2img's depth estimator (once per request) runs as
+its fp32 export, unfused. The VAE decoder's NaN/Inf outputs are computed again in fp32 (the fp16 VAE overflow).
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelError
-from ..manifest import read_manifest
-from .gpu import NanGuard, fp32_fallback_session
+from ..errors import ArtifactError, ModelError
+from ..manifest import REEXPORT_HINT, read_manifest
+from .gpu import NanGuard, fp32_fallback_session, vae_runs_fp16
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,12 @@ def fused_fp16_model(folder: Path, component: str, keep_vae_fp32: bool) -> Path:
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    optimized = optimize_model(str(src), model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
-                               opt_level=0, use_gpu=True)  # fmt: skip
+    try:
+        optimized = optimize_model(str(src), model_type=MODEL_TYPES[component], num_heads=0, hidden_size=0,
+                                   opt_level=0, use_gpu=True)  # fmt: skip
+    except Exception as exc:  # onnx/protobuf decode errors: the exported fp32 model itself is broken
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ArtifactError(f"{src} cannot be read for ONNX Runtime's fusions ({reason}){REEXPORT_HINT}") from exc
     keep_fp32 = component.startswith("vae_") and keep_vae_fp32
     if not keep_fp32:
         blocked = timestep_path_nodes(optimized.model) if component == "unet" else []
@@ -80,10 +86,13 @@ class GraphedSession:
         self.output_names = [o.name for o in session.get_outputs()]
         self.dtypes = {i.name: _numpy_dtype(i.type) for i in session.get_inputs()}  # "tensor(float)" -> float32
         self.bindings: dict = {}  # input shapes -> (graph id, io binding, input values, output values)
+        self.uploaded: dict = {}  # (shapes key, input name) -> the read-only array its bound buffer holds
 
     def _binding(self, feeds: dict[str, np.ndarray]):
         key = tuple((n, feeds[n].shape) for n in self.input_names)
         if key not in self.bindings:
+            for name in self.input_names:
+                self.uploaded.pop((key, name), None)
             ort = self.ort
             io = self.session.io_binding()
             inputs = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(feeds[n], self.dtypes[n]), "cuda", 0)
@@ -101,7 +110,7 @@ class GraphedSession:
             for n, value in outputs.items():
                 io.bind_ortvalue_output(n, value)  # fixed output buffers from now on
             self.bindings[key] = (len(self.bindings) + 1, io, inputs, outputs)
-        return self.bindings[key]
+        return key, self.bindings[key]
 
     def _options(self, graph_id: int):
         options = self.ort.RunOptions()
@@ -109,10 +118,14 @@ class GraphedSession:
         return options
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        graph_id, io, inputs, values = self._binding(feeds)
+        key, (graph_id, io, inputs, values) = self._binding(feeds)
         for name, value in inputs.items():
+            feed = np.asarray(feeds[name])  # the same object for an array: identity is kept
+            if feed is self.uploaded.get((key, name)) and not feed.flags.writeable:
+                continue  # its values are on the device already
             # same dtype as the bound buffer (update_inplace copies raw bytes; class_labels are int64)
-            value.update_inplace(np.ascontiguousarray(feeds[name], dtype=self.dtypes[name]))
+            value.update_inplace(np.ascontiguousarray(feed, dtype=self.dtypes[name]))
+            self.uploaded[key, name] = None if feed.flags.writeable else feed
         io.synchronize_inputs()  # the host -> device copies are done before the replay reads them
         try:
             self.session.run_with_iobinding(io, self._options(graph_id))
@@ -144,23 +157,38 @@ class OnnxRuntimeCudaBackend:
         if component not in self._sessions:
             import onnxruntime as ort
 
-            from .onnxruntime import OnnxRuntimeSession, OnnxRuntimeTextEncoder
+            from .onnxruntime import OnnxRuntimeSession
 
             if component not in self.manifest.components:
                 raise ModelError(f"{self.folder} has no {component} model; re-export with --force")
-            keep_vae = bool(self.manifest.model.get("vae_force_upcast", True))
-            path = fused_fp16_model(self.folder, component, keep_vae)
-            graph = self.cuda_graph and component == "unet"
-            if component == "text_encoder":
-                session = OnnxRuntimeTextEncoder(path, self._providers(False), self._tables)
-            elif graph:
-                session = self._graphed_session(ort, path, component)
-            else:
-                session = OnnxRuntimeSession(path, component, self._providers(False))
+            if component not in MODEL_TYPES:  # the depth estimator: ONNX Runtime has no fusions for it
+                path = self.folder / self.manifest.components[component].file
+                self._sessions[component] = OnnxRuntimeSession(path, component, self._providers(False))
+                return self._sessions[component]
+            keep_vae = not vae_runs_fp16(self.manifest.model)
+            try:
+                session = self._open(ort, component, keep_vae)
+            except ArtifactError:  # the fused fp16 file is derived here: rebuild it once from the fp32 export
+                fused = self.folder / ORT_DIR / f"{component}.onnx"
+                if not fused.is_file():
+                    raise  # the fp32 export itself is broken: api.load exports it again
+                logger.warning("%s: the fused fp16 model is unreadable; fusing it again", component)
+                fused.unlink()
+                session = self._open(ort, component, keep_vae)
             if component == "vae_decoder" and not keep_vae:
                 session = NanGuard(session, lambda: fp32_fallback_session(self.folder, "vae_decoder"))
             self._sessions[component] = session
         return self._sessions[component]
+
+    def _open(self, ort, component: str, keep_vae: bool):
+        from .onnxruntime import OnnxRuntimeSession, OnnxRuntimeTextEncoder
+
+        path = fused_fp16_model(self.folder, component, keep_vae)
+        if component == "text_encoder":
+            return OnnxRuntimeTextEncoder(path, self._providers(False), self._tables)
+        if self.cuda_graph and component == "unet":
+            return self._graphed_session(ort, path, component)
+        return OnnxRuntimeSession(path, component, self._providers(False))
 
     def _graphed_session(self, ort, path: Path, component: str):
         """The CUDA-graph session, or (one warning) the plain CUDA one where ONNX Runtime refuses graph capture for

@@ -2,7 +2,11 @@
 UNet step captured as a torch CUDA graph per input shape (static input/output tensors, warm-up on a side stream).
 
 `compile=True` compiles the UNet with torch.compile ("max-autotune-no-cudagraphs"); the graph capture still wraps
-it. The VAE stays fp32 where its config says force_upcast; its NaN/Inf outputs in fp16 are computed again in fp32.
+it. The VAE runs in fp16 for SD 1.x/2.x as diffusers' StableDiffusionPipeline does (gpu.vae_runs_fp16); an fp16
+decode with NaN/Inf is computed again in fp32. The depth estimator (depth2img, once per request) runs in fp32.
+
+Inputs go through pinned staging tensors with non-blocking copies; an input that is the same read-only numpy array
+object as the last one of its name (the per-generation text conditioning) stays on the device, not uploaded again.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from ..errors import BackendUnavailableError, ModelError
 from . import TextTables
-from .gpu import NanGuard
+from .gpu import NanGuard, vae_runs_fp16
 from .torch import _load, text_tables_of
 
 logger = logging.getLogger(__name__)
@@ -51,9 +55,11 @@ class GraphedUNet:
                 self.graphs[key] = None
         if self.graphs[key] is None:
             return self.forward(**inputs)
-        graph, static, output = self.graphs[key]
+        graph, static, output, sources = self.graphs[key]
         for name, tensor in inputs.items():
-            static[name].copy_(tensor)
+            if sources.get(name) is not tensor:  # a constant input (the same device tensor) is in place already
+                static[name].copy_(tensor)
+                sources[name] = tensor
         graph.replay()
         return output
 
@@ -68,25 +74,55 @@ class GraphedUNet:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             output = self.forward(**static)
-        return graph, static, output
+        return graph, static, output, {}
 
     def invalidate(self) -> None:
         self.graphs.clear()
 
 
+class Uploads:
+    """Host -> device copies of one session's inputs through pinned staging tensors (non-blocking), skipping an
+    input that is the same read-only array object as the last upload of its name (kept referenced, so its id cannot
+    be reused by another array)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.last: dict[str, tuple[np.ndarray, torch.Tensor]] = {}  # name -> (read-only array, device tensor)
+        self.staging: dict[str, torch.Tensor] = {}  # name -> pinned host tensor of the last shape and dtype
+
+    def tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
+        value = np.asarray(value)
+        kept = self.last.get(name)
+        if kept is not None and kept[0] is value and not value.flags.writeable:
+            return kept[1]
+        staging = self.staging.get(name)
+        if staging is None or tuple(staging.shape) != value.shape or staging.numpy().dtype != value.dtype:
+            dtype = torch.from_numpy(np.empty(0, value.dtype)).dtype
+            staging = self.staging[name] = torch.empty(value.shape, dtype=dtype, pin_memory=True)
+        # the previous copy out of this staging tensor has finished: every run ends in a device -> host copy
+        np.copyto(staging.numpy(), value)
+        t = staging.to("cuda", non_blocking=True)
+        if t.is_floating_point() and name != "timestep":
+            t = t.to(self.dtype)
+        t = t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+        if not value.flags.writeable:
+            self.last[name] = (value, t)
+        else:
+            self.last.pop(name, None)
+        return t
+
+
 class TorchCudaSession:
     def __init__(self, component: str, module: torch.nn.Module, dtype: torch.dtype, graphed: GraphedUNet | None):
         self.component, self.module, self.dtype, self.graphed = component, module, dtype, graphed
+        self.uploads = Uploads(dtype)
         if component == "text_encoder":
             from export.modules import TextEncoder
 
             self.text_encoder = TextEncoder(module)
 
     def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(value)).to("cuda", non_blocking=True)
-        if t.is_floating_point() and name != "timestep":
-            t = t.to(self.dtype)
-        return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+        return self.uploads.tensor(name, value)
 
     @torch.inference_mode()
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -105,6 +141,8 @@ class TorchCudaSession:
             result = {"image": self.module.decode(t["latent"]).sample}
         elif self.component == "vae_encoder":
             result = {"latent_parameters": self.module.quant_conv(self.module.encoder(t["image"]))}
+        elif self.component == "depth_estimator":
+            result = {"predicted_depth": self.module(t["pixel_values"]).predicted_depth}
         else:
             raise ModelError(f"the torch-cuda backend does not run {self.component}")
         return {name: result[name].float().cpu().numpy() for name in (outputs or list(result))}
@@ -120,7 +158,7 @@ class TorchCudaBackend:
         from runtime.checkpoint import describe_checkpoint
 
         self.checkpoint, self.allow_pickle = Path(checkpoint), allow_pickle
-        self.vae_fp32 = bool(describe_checkpoint(self.checkpoint).get("vae_force_upcast", True))
+        self.vae_fp32 = not vae_runs_fp16(describe_checkpoint(self.checkpoint))
         self.cuda_graph, self.compile = cuda_graph, compile
         self._modules: dict[str, torch.nn.Module] = {}
         self._tables: TextTables | None = None
@@ -129,7 +167,9 @@ class TorchCudaBackend:
         self._base: dict[tuple[str, str], torch.Tensor] = {}
 
     def _dtype(self, part: str) -> torch.dtype:
-        return torch.float32 if part == "vae" and self.vae_fp32 else torch.float16
+        if part == "depth_estimator" or (part == "vae" and self.vae_fp32):
+            return torch.float32
+        return torch.float16
 
     def _module(self, part: str) -> torch.nn.Module:
         if part not in self._modules:
