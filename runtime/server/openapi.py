@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 ASSETS = "/docs-assets"
 ERRORS = {
+    400: "the body could not be read as JSON text (not UTF-8)",
     408: "the request did not finish within --request-timeout, or its body stalled longer than the read timeout",
     409: "the request was cancelled (its client left, or the server shut down)",
     413: "too large for this server: the body is over --max-body-mb, a prompt is over the prompt limits "
@@ -29,8 +30,8 @@ ERRORS = {
     503: "the server is shutting down",
     507: "an allocation failed while generating (the machine ran out of memory); `detail` names the size",
 }
-GENERATION_ERRORS = (408, 409, 413, 422, 429, 503, 507)
-BODY_ERRORS = (408, 413, 422)  # routes that read a body (or query) and nothing else
+GENERATION_ERRORS = (400, 408, 409, 413, 422, 429, 503, 507)
+BODY_ERRORS = (400, 408, 413, 422)  # routes that read a body (or query) and nothing else
 PLAIN_ERRORS = (413,)  # every route: a declared body over the limit is refused before routing
 
 
@@ -100,8 +101,11 @@ def state_limits(schemas: dict, limits, schedulers: list[str]) -> None:
     for name in ("Txt2ImgBody", "Img2ImgBody"):
         props = schemas.get(name, {}).get("properties", {})
         for field in ("width", "height"):
-            _constrain(props[field], maximum=limits.max_side)
+            _constrain(props[field], maximum=limits.max_side, multipleOf=8)
         _constrain(props["steps"], maximum=limits.max_steps)
+        if getattr(limits, "max_prompt_chars", None):
+            for field in ("prompt", "negative_prompt"):
+                _constrain(props[field], maxLength=limits.max_prompt_chars)
         for field in ("batch_size", "n_iter"):
             _constrain(props[field], maximum=limits.max_images)
             props[field]["description"] = f"batch_size * n_iter must be at most {limits.max_images}"
