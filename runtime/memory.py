@@ -165,10 +165,14 @@ def available_memory() -> int | None:
 
 def default_budget(backend) -> int | None:
     """The default memory budget of a loaded model: a fraction of its device's free memory (a GPU backend's
-    `free_memory()`, where it has one), else of the host's available memory; None when neither is known."""
+    `free_memory()`, where it has one), else of the host's available memory; None (no default budget) when neither
+    is known, and for a GPU backend that reports nothing: the estimate is of ONNX Runtime's fp32 CPU work, which
+    overstates what fused fp16 attention on a GPU needs."""
+    from .backends import GPU_BACKENDS
+
     free_memory = getattr(backend, "free_memory", None)
     free = free_memory() if callable(free_memory) else None
-    if free is None:
+    if free is None and getattr(backend, "name", None) not in GPU_BACKENDS:
         free = available_memory()
     return None if free is None else int(free * BUDGET_FRACTION)
 

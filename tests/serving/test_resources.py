@@ -252,3 +252,27 @@ def test_export_scratch_folders_of_killed_exports_are_removed(tiny_sd1, serving_
     running.joinpath("onnx", "unet.onnx").unlink()
     running.joinpath("onnx").rmdir()
     running.rmdir()
+
+
+@needs_proc
+def test_default_budget_and_memory_sizes():
+    class Host:
+        name = "onnxruntime"
+
+    class Gpu:
+        name = "tensorrt"
+
+    class GpuReporting(Gpu):
+        def free_memory(self) -> int:
+            return 10 * 2**30
+
+    with open("/proc/meminfo") as meminfo:  # the kernel's own figure, read here independently
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    assert abs(memory.default_budget(Host()) - 0.8 * available) < 0.05 * available
+    assert memory.default_budget(Gpu()) is None  # no free-memory report: only an explicit budget applies
+    assert memory.default_budget(GpuReporting()) == 8 * 2**30
+    assert [memory.parse_size(t) for t in ("6G", "6GiB", "6 GB", "512M", "1.5g", "4096")] == [
+        6 * 2**30, 6 * 2**30, 6 * 2**30, 512 * 2**20, 3 * 2**29, 4096]  # fmt: skip
+    for bad in ("6Q", "", "-1G", "nan"):
+        with pytest.raises(ValueError, match="memory size"):
+            memory.parse_size(bad)
