@@ -116,6 +116,10 @@ class StableDiffusion:
         hires_upscaler: str = "Latent",
         hires_steps: int = 0,
         hires_strength: float = 0.7,
+        hires_prompt: str | None = None,
+        hires_negative_prompt: str | None = None,
+        hires_sampler: str | None = None,
+        hires_schedule: str | None = None,
         watermark: str | None = None,
         **options,
     ) -> GenerationResult:
@@ -123,19 +127,23 @@ class StableDiffusion:
 
         Hires fix (A1111's) runs when hires_scale or hires_width/hires_height is given: txt2img at the request's
         size, an upscale (Latent, Latent (nearest), Latent (nearest-exact) or Lanczos), then img2img at the target
-        size with hires_steps (0: the same steps) and hires_strength. `watermark`: embed this invisible text."""
+        size with hires_steps (0: the same steps) and hires_strength; hires_prompt, hires_negative_prompt,
+        hires_sampler and hires_schedule change the second pass's (None: the first pass's). `watermark`: embed this
+        invisible text."""
         self._require_channels((4, 9), "txt2img")
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
         admit(self, request, "txt2img", txt2img_passes(request, hires_scale, hires_width, hires_height))
         if not (hires_scale or hires_width or hires_height):
             return self._result(request, txt2img(self, request), {}, watermark)
-        from .pipelines.hires import hires_fix, hires_parameters, hires_target
+        from .pipelines.hires import hires_fix, hires_overrides, hires_parameters, hires_target
 
         hires = (hires_upscaler, hires_steps, hires_strength)
+        second_pass = (hires_prompt, hires_negative_prompt, hires_sampler, hires_schedule)
+        second, second_params = hires_overrides(request, *second_pass)
         width, height = hires_target(request.width, request.height, hires_scale, hires_width, hires_height)
-        images = hires_fix(self, request, width, height, *hires)
+        images = hires_fix(self, request, width, height, *hires, second)
         extra = hires_parameters(*hires, hires_scale, hires_width, hires_height)
-        return self._result(request, images, extra, watermark)
+        return self._result(request, images, {**extra, **second_params}, watermark)
 
     @allocation_errors
     @with_loras
@@ -149,7 +157,7 @@ class StableDiffusion:
         admit(self, request, "img2img")
         resized = resize_image(image, request.width, request.height, request.resize_mode)
         images = img2img(self, request, to_model_input(resized))
-        extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode}
+        extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode, **_noise_factor(request)}
         return self._result(request, images, extra, watermark)
 
     @allocation_errors
@@ -163,7 +171,9 @@ class StableDiffusion:
         request = InpaintRequest(prompt, init_image=image, mask=mask, **options)
         request = validate_inpaint(request, self.info, image.size)
         admit(self, request, "inpaint")
-        extra = {"Denoising strength": request.strength, "Mask blur": request.mask_blur}
+        extra = {"Denoising strength": request.strength, **_mask_blur(request), **_noise_factor(request)}
+        if request.inpainting_fill != "original":
+            extra["Masked content"] = request.inpainting_fill
         if request.inpaint_full_res:
             extra.update({"Inpaint area": "Only masked", "Masked area padding": request.inpaint_full_res_padding})
         return self._result(request, run_inpaint(self, request, image), extra, watermark)
@@ -254,7 +264,8 @@ class StableDiffusion:
         params = dict(self._parameters(request), **extra)
         if self.__dict__.pop("vae_retried", False):  # set by decode_latents: the fp16 VAE overflowed (A1111 retries)
             params["VAE precision"] = "fp32 retry after fp16 NaN"
-        infotexts = [format_parameters(request.prompt, request.negative_prompt, dict(params, Seed=s)) for s in seeds]
+        per_image = [dict(params, Seed=s, **_variation_seed(request, i)) for i, s in enumerate(seeds)]
+        infotexts = [format_parameters(request.prompt, request.negative_prompt, p) for p in per_image]
         return GenerationResult(images, seeds, infotexts, request, params)
 
     def _parameters(self, request: Txt2ImgRequest) -> dict:
@@ -267,7 +278,10 @@ class StableDiffusion:
             "Seed": request.seed,
             "Size": f"{request.width}x{request.height}",
             **self._model_parameters(),
+            **_variation_seed(request, 0),
+            "Seed resize from": "{}x{}".format(*request.seed_resize_from) if request.seed_resize_from else None,
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,  # A1111 writes it from 2 on
+            **_sampler_option_parameters(request),
             "Backend": self.backend.name,
             "Version": f"sdrt {__version__}",
         }
@@ -281,6 +295,36 @@ class StableDiffusion:
             "VAE hash": source.get("vae_hash"),
             "VAE": source.get("vae"),
         }
+
+
+def _noise_factor(request: Img2ImgRequest) -> dict:
+    """A1111's "Noise multiplier" (initial_noise_multiplier), written when it is not 1."""
+    return {"Noise multiplier": request.noise_multiplier} if request.noise_multiplier != 1 else {}
+
+
+def _mask_blur(request: InpaintRequest) -> dict:
+    """"Mask blur" (A1111's key) when x and y agree, else "Mask blur x" and "Mask blur y"."""
+    blur_y = request.mask_blur if request.mask_blur_y is None else request.mask_blur_y
+    if blur_y == request.mask_blur:
+        return {"Mask blur": request.mask_blur}
+    return {"Mask blur x": request.mask_blur, "Mask blur y": blur_y}
+
+
+def _variation_seed(request: Txt2ImgRequest, index: int) -> dict:
+    """A1111's "Variation seed" (subseed + index) and "Variation seed strength", when a variation is applied."""
+    if not request.subseed_strength:
+        return {}
+    return {"Variation seed": request.subseed + index, "Variation seed strength": request.subseed_strength}
+
+
+def _sampler_option_parameters(request: Txt2ImgRequest) -> dict:
+    """A1111's infotext keys for the sampler options a request sets away from their defaults."""
+    from .request import SAMPLER_OPTION_DEFAULTS, sampler_of
+
+    options = dict(sampler_of(request)[0].options)
+    keys = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
+    return {key: options[name] for name, key in keys.items()
+            if name in options and options[name] != SAMPLER_OPTION_DEFAULTS[name]}  # fmt: skip
 
 
 def load(

@@ -75,6 +75,11 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str = "just 
         src_w, src_h = width, image.height * width // image.width
     else:  # ... or the full height
         src_w, src_h = image.width * height // image.height, height
+    if src_w < 1 or src_h < 1:  # A1111's integer scaling leaves no pixel of a very thin image
+        raise InvalidRequestError(
+            f"a {image.width}x{image.height} image scaled to fit {width}x{height} ({mode!r}) would be {src_w}x{src_h}"
+            " pixels; use resize mode 'just resize' or an image with a less extreme aspect ratio"
+        )
     resized = image.resize((src_w, src_h), resample=LANCZOS)
     canvas = Image.new(image.mode, (width, height))
     canvas.paste(resized, (width // 2 - src_w // 2, height // 2 - src_h // 2))
@@ -162,11 +167,16 @@ def _gaussian_taps_q8(sigma: float) -> np.ndarray:
 
 
 def load_mask(
-    source: str | os.PathLike | Image.Image, width: int, height: int, resize_mode: str = "just resize", blur: float = 0
+    source: str | os.PathLike | Image.Image,
+    width: int,
+    height: int,
+    resize_mode: str = "just resize",
+    blur: float = 0,
+    blur_y: float | None = None,
 ) -> Image.Image:
-    """The inpaint mask at width x height, "L": read, blurred at its own size, then resized with the image's resize
-    mode, in A1111's order."""
-    return resize_image(blur_mask(read_mask(source), blur), width, height, resize_mode).convert("L")
+    """The inpaint mask at width x height, "L": read, blurred at its own size (`blur` along x, `blur_y` along y,
+    default the same), then resized with the image's resize mode, in A1111's order."""
+    return resize_image(blur_mask(read_mask(source), blur, blur_y), width, height, resize_mode).convert("L")
 
 
 def binarize(mask: Image.Image) -> np.ndarray:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from ..errors import InvalidRequestError
 from ..images import LANCZOS, to_model_input
-from ..request import MAX_STEPS, Img2ImgRequest, check_size
+from ..request import MAX_SIDE, MAX_STEPS, Img2ImgRequest, check_size
 from .common import decode_latents, encode_images, image_generators
 from .img2img import denoise_latents
 from .txt2img import txt2img_latents
@@ -53,10 +53,13 @@ def hires_fix(
     upscaler: str,
     hires_steps: int,
     hires_strength: float,
+    second_pass: dict | None = None,
 ) -> np.ndarray:
     """Images float32 [B, target_height, target_width, 3] in [0, 1]; base_request: a validated txt2img request at
     the base (first pass) size. hires_steps 0: as many as the base request's steps. Interrupted during the first
-    pass (model.interrupt_hook): its images at the base size, without the second pass."""
+    pass (model.interrupt_hook): its images at the base size, without the second pass. `second_pass`: request
+    fields the second pass changes (A1111's hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler as prompt,
+    negative_prompt, sampler, schedule; see hires_overrides)."""
     check_hires(model.info, base_request, target_width, target_height, upscaler, hires_steps, hires_strength)
     scale = model.info["vae_scale_factor"]
     latents = txt2img_latents(model, base_request)  # [B, 4, h, w]
@@ -72,6 +75,7 @@ def hires_fix(
         init_latents = upscale_latents(latents, cover_h // scale, cover_w // scale, LATENT_MODES[upscaler])
     init_latents = crop_latents(init_latents, target_height // scale, target_width // scale)  # [B, 4, h', w']
     request = second_pass_request(base_request, target_width, target_height, hires_steps, hires_strength)
+    request = dataclasses.replace(request, **(second_pass or {}))
     total, start = hires_schedule(request.steps, hires_strength)
     return decode_latents(model, denoise_latents(model, request, init_latents, generators, total, start, "hires fix"))
 
@@ -88,6 +92,8 @@ def hires_target(
         scale = DEFAULT_SCALE if scale is None else scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
             raise InvalidRequestError(f"hires scale must be a number > 0, not {scale!r}")
+        if max(width, height) * scale > MAX_SIDE:  # before int(): 1e308 would overflow
+            raise InvalidRequestError(f"hires scale {scale!r} makes a side larger than {MAX_SIDE} pixels")
         return int(width * scale), int(height * scale)
     if resize_height == 0:
         return resize_width, resize_width * height // width
@@ -161,6 +167,45 @@ def check_hires(
             f"hires steps {hires_steps or base_request.steps} at strength {strength} need a {total}-step schedule, "
             f"more than the model's {limit}; raise the hires strength or lower the hires steps"
         )
+
+
+def hires_overrides(
+    base_request: Txt2ImgRequest,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    sampler: str | None = None,
+    schedule: str | None = None,
+) -> tuple[dict, dict]:
+    """(second-pass request fields, infotext entries) of A1111's hr_prompt, hr_negative_prompt, hr_sampler_name and
+    hr_scheduler: None or "" (A1111's "Use same ...") keep the first pass's; a sampler without a schedule keeps the
+    first pass's schedule type unless its label names one. Infotext as A1111 writes it: "Hires prompt" and "Hires
+    negative prompt" when they differ from the first pass's, "Hires sampler" and "Hires schedule type" when set."""
+    from ..request import sampler_of
+
+    fields, params = {}, {}
+    for name, value, key in (("prompt", prompt, "Hires prompt"), ("negative_prompt", negative_prompt,
+                                                                    "Hires negative prompt")):  # fmt: skip
+        if not isinstance(value, (str, type(None))):
+            raise InvalidRequestError(f"hires {name.replace('_', ' ')} must be text, not {value!r}")
+        if value and value != getattr(base_request, name):
+            fields[name], params[key] = value, value
+    same = {None, "", "Use same sampler", "Use same scheduler"}
+    if sampler not in same or schedule not in same:
+        wanted = base_request.sampler if sampler in same else sampler
+        try:  # InvalidRequestError for an unknown sampler or schedule type
+            wanted_schedule = base_request.schedule if schedule in same else schedule
+            probe = dataclasses.replace(base_request, sampler=wanted, schedule=wanted_schedule)
+            spec, schedule_type = sampler_of(probe)
+        except InvalidRequestError:
+            if schedule not in same:
+                raise  # the first pass's schedule type may not suit the hires sampler: then its label's or default
+            spec, schedule_type = sampler_of(dataclasses.replace(probe, schedule=None))
+        fields.update(sampler=spec.name, schedule=schedule_type)
+        if sampler not in same:
+            params["Hires sampler"] = spec.name
+        if schedule not in same:
+            params["Hires schedule type"] = schedule_type
+    return fields, params
 
 
 def hires_parameters(

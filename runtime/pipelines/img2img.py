@@ -8,10 +8,11 @@ import numpy as np
 
 from ..denoiser import Denoiser
 from ..request import sampler_of
-from ..rng import TorchGenerator, batch_randn
+from ..rng import TorchGenerator
 from ..samplers import make_schedule
 from .common import decode_latents, encode_images, image_generators, run_sampler
 from .conditioning import build_conditioning, schedule_steps
+from .variation import initial_noise
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -52,7 +53,8 @@ def denoise_latents(
     info = model.info
     spec, schedule_type = sampler_of(request)
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], steps).start_at(start)
-    x = init_latents + batch_randn(generators, init_latents.shape[1:]) * np.float32(schedule.sigmas[0])
+    noise = initial_noise(request, generators, init_latents.shape[1:])  # [B, 4, h, w]
+    x = init_latents + noise * np.float32(schedule.sigmas[0] * getattr(request, "noise_multiplier", 1.0))
     conditioning = build_conditioning(
         model,
         request.prompt,

@@ -16,11 +16,12 @@ import numpy as np
 
 from ..denoiser import Denoiser
 from ..request import sampler_of
-from ..rng import batch_randn
+from ..rng import TorchGenerator
 from ..samplers import make_schedule
 from .common import decode_latents, encode_images, image_generators, run_sampler
 from .conditioning import build_conditioning, schedule_steps
 from .img2img import start_step
+from .variation import initial_noise
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -47,11 +48,14 @@ def inpaint(
     image_latents = None
     if not nine_channels or not full_strength:  # diffusers encodes the one image with the first stream only
         image_latents = np.repeat(encode_images(model, image, generators[:1]), batch, axis=0)  # [B, 4, h, w]
-    noise = batch_randn(generators, (info["latent_channels"], *latent_mask.shape[2:]))  # [B, 4, h, w]
+        image_latents = fill_latents(getattr(request, "inpainting_fill", "original"), image_latents, latent_mask,
+                                     request.seed)  # fmt: skip
+    noise = initial_noise(request, generators, (info["latent_channels"], *latent_mask.shape[2:]))  # [B, 4, h, w]
+    factor = np.float32(getattr(request, "noise_multiplier", 1.0))  # A1111's initial_noise_multiplier
     if full_strength:
-        x = noise * np.float32(schedule.init_noise_sigma)
+        x = noise * factor * np.float32(schedule.init_noise_sigma)
     else:
-        x = image_latents + noise * np.float32(schedule.sigmas[0])
+        x = image_latents + noise * factor * np.float32(schedule.sigmas[0])
     masked_latents = np.repeat(encode_images(model, masked_image, generators[:1]), batch, axis=0)  # both kinds
 
     steps = schedule_steps(spec.name, len(schedule.timesteps))
@@ -73,6 +77,17 @@ def inpaint(
     if not nine_channels:  # diffusers' last blend uses the clean init latents, in latent space
         latents = (1 - latent_mask) * image_latents + latent_mask * latents
     return decode_latents(model, latents)
+
+
+def fill_latents(fill: str, latents: np.ndarray, latent_mask: np.ndarray, seed: int) -> np.ndarray:
+    """A1111's latent masked content: "latent noise" puts fresh noise of seed + i (a new stream, not the image's)
+    under the mask of image i, "latent nothing" zeros; "fill" and "original" keep the latents [B, 4, h, w]."""
+    if fill == "latent noise":
+        noise = np.stack([TorchGenerator(seed + i).randn(latents.shape[1:]) for i in range(len(latents))])
+        return latents * (1 - latent_mask) + noise * latent_mask
+    if fill == "latent nothing":
+        return latents * (1 - latent_mask)
+    return latents
 
 
 def _blend_known(init: np.ndarray, noise: np.ndarray, mask: np.ndarray, sigmas: np.ndarray):

@@ -15,6 +15,7 @@ from PIL import Image
 from ..images import (
     crop_for_inpaint,
     extend_canvas,
+    fill_masked,
     load_mask,
     mask_to_latent_mask,
     masked_image_input,
@@ -41,7 +42,7 @@ def run_inpaint(model: StableDiffusion, request: InpaintRequest, image: Image.Im
         mask = mask.resize(image.size, Image.Resampling.LANCZOS)
     width, height = request.width, request.height
     if request.inpaint_full_res:
-        full_mask = load_mask(mask, image.width, image.height, "just resize", request.mask_blur)
+        full_mask = load_mask(mask, image.width, image.height, "just resize", *_blur(request))
         crop = crop_for_inpaint(image, full_mask, width, height, request.inpaint_full_res_padding)
         if crop is not None:
             image_crop, mask_crop, region = crop
@@ -51,8 +52,13 @@ def run_inpaint(model: StableDiffusion, request: InpaintRequest, image: Image.Im
         logger.warning("the mask is blank: inpainting the whole image instead of a crop")
     resized = resize_image(image, width, height, request.resize_mode)
     return inpaint_at_size(
-        model, request, resized, load_mask(mask, width, height, request.resize_mode, request.mask_blur)
+        model, request, resized, load_mask(mask, width, height, request.resize_mode, *_blur(request))
     )
+
+
+def _blur(request: InpaintRequest) -> tuple[int, int | None]:
+    """The mask blur along x and y (A1111's mask_blur_x / mask_blur_y)."""
+    return request.mask_blur, request.mask_blur_y
 
 
 def inpaint_at_size(
@@ -60,6 +66,8 @@ def inpaint_at_size(
 ) -> np.ndarray:
     """Inpaint an image and mask already at the generation size."""
     scale = model.info["vae_scale_factor"]
+    if getattr(request, "inpainting_fill", "original") != "original":  # A1111 fills the pixels for 0, 2 and 3
+        image = fill_masked(image, mask)
     latent_mask = mask_to_latent_mask(mask, image.width // scale, image.height // scale)  # [1, 1, h, w]
     return inpaint(model, request, to_model_input(image), masked_image_input(image, mask), latent_mask, label)
 
@@ -70,7 +78,7 @@ def run_outpaint(
     """Extend the canvas by (left, right, top, bottom) pixels, inpaint the new area, keep the original pixels."""
     canvas, mask = extend_canvas(image, *extend)
     request = replace(request, width=canvas.width, height=canvas.height, mask=mask)
-    generation_mask = load_mask(mask, canvas.width, canvas.height, "just resize", request.mask_blur)
+    generation_mask = load_mask(mask, canvas.width, canvas.height, "just resize", *_blur(request))
     images = inpaint_at_size(model, request, canvas, generation_mask, "outpaint")  # [B, H, W, 3]
     known = np.asarray(mask) == 0  # [H, W]: the original image's pixels
     images[:, known] = np.asarray(canvas, dtype=np.float32)[known] / 255

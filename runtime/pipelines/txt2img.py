@@ -10,10 +10,10 @@ import numpy as np
 
 from ..denoiser import Denoiser
 from ..request import sampler_of
-from ..rng import batch_randn
 from ..samplers import make_schedule
 from .common import decode_latents, image_generators, run_sampler
 from .conditioning import Conditioning, build_conditioning, schedule_steps
+from .variation import initial_noise
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -61,7 +61,7 @@ def sample_latents(
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
     scale = info["vae_scale_factor"]
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
-    x = batch_randn(generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
+    x = initial_noise(request, generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
     denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
     with model.progress(len(schedule.timesteps), "sampling") as tick:
         denoiser.on_call = tick

@@ -16,8 +16,10 @@ from .. import __version__
 from ..admission import PromptLimits, check_prompt_text
 from ..errors import InvalidRequestError
 from ..output import parse_parameters, read_parameters, to_uint8
+from ..request import INPAINTING_FILLS
 from ..rng import random_seed
 from ..samplers import SCHEDULE_TYPES, resolve_sampler
+from . import fields
 from .schemas import GenerationBody, Img2ImgBody, Txt2ImgBody
 
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}  # 3: latent upscale
@@ -82,34 +84,65 @@ def _schedule(scheduler: str | None) -> str | None:
     raise InvalidRequestError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULER_NAMES.values())}")
 
 
-def _common_options(body: GenerationBody) -> dict:
-    """The sdrt request fields of an A1111 body (seed handled by the caller)."""
+def _common_options(body: GenerationBody, settings: dict) -> dict:
+    """The sdrt request fields of an A1111 body (prompts and seed handled by the caller); `settings`: the server's
+    settings with the body's override_settings (fields.effective_settings)."""
     sampler = body.sampler_name or body.sampler_index
     schedule = _schedule(body.scheduler)
     spec, _ = resolve_sampler(sampler, schedule)
+    fields.check_eta(body, spec.name)
     options = dict(
-        negative_prompt=body.negative_prompt, steps=body.steps, cfg_scale=body.cfg_scale, width=body.width,
-        height=body.height, sampler=sampler, schedule=schedule, batch_size=body.batch_size,
+        steps=body.steps, cfg_scale=body.cfg_scale, width=body.width, height=body.height, sampler=sampler,
+        schedule=schedule, batch_size=body.batch_size, clip_skip=settings["CLIP_stop_at_last_layers"],
     )  # fmt: skip
-    if body.eta is not None and spec.name == "DDIM":  # A1111 applies eta to the samplers that use it only
-        options["eta"] = body.eta
-    clip_skip = (body.override_settings or {}).get("CLIP_stop_at_last_layers")
-    if clip_skip is not None:
-        options["clip_skip"] = clip_skip
+    if spec.name == "DDIM":  # A1111 applies eta to the samplers that use it only; DDIM's default is eta_ddim
+        options["eta"] = settings["eta_ddim"] if body.eta is None else body.eta
+    for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):  # the body's, refused where the sampler takes none
+        value = getattr(body, name)
+        if value is None and name in spec.option_names:  # else the setting, for the samplers that use it
+            value = settings[name]
+        if value is not None:
+            options[name] = value
+    if body.subseed_strength:
+        options.update(subseed_strength=body.subseed_strength)
+    if body.seed_resize_from_w > 0 and body.seed_resize_from_h > 0:
+        options["seed_resize_from"] = (body.seed_resize_from_w, body.seed_resize_from_h)
     return options
 
 
 def _iterations(body: GenerationBody, mode: str, args: tuple, options: dict) -> list[Call]:
-    """n_iter batches of batch_size images; the seeds run on across batches as A1111's all_seeds do."""
+    """n_iter batches of batch_size images; the seeds (and subseeds) run on across batches as A1111's all_seeds do."""
     seed = body.seed if body.seed != -1 else random_seed()
-    return [
-        Call(mode, args, dict(options, seed=seed + k * body.batch_size)) for k in range(body.n_iter)
-    ]
+    subseed = (body.subseed if body.subseed != -1 else random_seed()) if body.subseed_strength else None
+    calls = []
+    for k in range(body.n_iter):
+        call_options = dict(options, seed=seed + k * body.batch_size)
+        if subseed is not None:
+            call_options["subseed"] = subseed + k * body.batch_size
+        calls.append(Call(mode, args, call_options))
+    return calls
 
 
-def txt2img_calls(body: Txt2ImgBody, limits: Limits) -> list[Call]:
+def _prepare(body: GenerationBody, limits: Limits, state) -> tuple[str, dict]:
+    """Checks and options every generation body shares: limits, refused fields, settings, styles and tags."""
     check_limits(body, limits)
-    options = _common_options(body)
+    model = getattr(getattr(state, "service", None), "model", None)
+    served = model_title(model) if model is not None else ""
+    if model is not None:
+        fields.refuse_unsupported(body, served, model)
+        settings = fields.effective_settings(body, state, model, served)
+    else:
+        settings = dict(fields.DEFAULT_SETTINGS)
+    prompt, negative, comments = fields.prepare_prompts(body, model, getattr(state, "styles", ()))
+    body._prompts, body._comments = (prompt, negative), comments  # for response(): A1111 reports the styled prompts
+    options = _common_options(body, settings)
+    options["negative_prompt"] = negative
+    return prompt, options, settings
+
+
+def txt2img_calls(body: Txt2ImgBody, limits: Limits, state=None) -> list[Call]:
+    """The runtime calls of a txt2img body; `state`: the app's state (service, settings, styles)."""
+    prompt, options, _ = _prepare(body, limits, state)
     if body.enable_hr:
         options.update(hires_upscaler=body.hr_upscaler or "Latent", hires_steps=body.hr_second_pass_steps)
         options["hires_strength"] = 0.7 if body.denoising_strength is None else body.denoising_strength
@@ -117,34 +150,51 @@ def txt2img_calls(body: Txt2ImgBody, limits: Limits) -> list[Call]:
             options.update(hires_width=body.hr_resize_x, hires_height=body.hr_resize_y)
         else:
             options["hires_scale"] = body.hr_scale
-    return _iterations(body, "txt2img", (body.prompt,), options)
+        options.update(hires_prompt=body.hr_prompt or None, hires_negative_prompt=body.hr_negative_prompt or None)
+        options.update(hires_sampler=body.hr_sampler_name, hires_schedule=_hires_schedule(body.hr_scheduler))
+    return _iterations(body, "txt2img", (prompt,), options)
 
 
-def img2img_calls(body: Img2ImgBody, limits: Limits) -> list[Call]:
-    check_limits(body, limits)
+def _hires_schedule(scheduler: str | None) -> str | None:
+    """hr_scheduler: None or "Use same scheduler" keeps the first pass's; "Automatic" is the sampler's default."""
+    if scheduler in (None, "", "Use same scheduler"):
+        return None
+    return _schedule(scheduler) or "default"
+
+
+def img2img_calls(body: Img2ImgBody, limits: Limits, state=None) -> list[Call]:
+    """The runtime calls of an img2img body (inpaint when it has a mask)."""
+    prompt, options, settings = _prepare(body, limits, state)
     if not body.init_images:
         raise InvalidRequestError("img2img needs init_images (a list with one base64 image)")
     if body.resize_mode not in RESIZE_MODES:
         raise InvalidRequestError(f"resize_mode must be one of {sorted(RESIZE_MODES)}, not {body.resize_mode}")
     image = decode_image(body.init_images[0], limits, "init_images[0]")
-    options = _common_options(body)
     options.update(strength=body.denoising_strength, resize_mode=RESIZE_MODES[body.resize_mode])
+    multiplier = body.initial_noise_multiplier
+    options["noise_multiplier"] = settings["initial_noise_multiplier"] if multiplier is None else multiplier
     if body.mask is None:
-        return _iterations(body, "img2img", (body.prompt, image), options)
+        return _iterations(body, "img2img", (prompt, image), options)
     mask = decode_image(body.mask, limits, "mask").convert("L")
     if body.inpainting_mask_invert:
         mask = ImageOps.invert(mask)
-    options.update(mask_blur=body.mask_blur if body.mask_blur is not None else body.mask_blur_x)
+    blur_x, blur_y = (body.mask_blur_x, body.mask_blur_y) if body.mask_blur is None else (body.mask_blur,) * 2
+    options.update(mask_blur=blur_x, mask_blur_y=blur_y, inpainting_fill=INPAINTING_FILLS[body.inpainting_fill])
     options.update(inpaint_full_res=body.inpaint_full_res, inpaint_full_res_padding=body.inpaint_full_res_padding)
-    return _iterations(body, "inpaint", (body.prompt, image, mask), options)
+    return _iterations(body, "inpaint", (prompt, image, mask), options)
 
 
 def decode_bytes(data: str, limits: Limits, what: str = "image") -> bytes:
     """The bytes of a base64 string (optionally a data: URL); InvalidRequestError when too large or malformed."""
     if not isinstance(data, str) or not data:
         raise InvalidRequestError(f"{what} must be a non-empty base64 string")
+    if data.startswith(("http://", "https://")):
+        raise InvalidRequestError(f"{what}: image URLs are not fetched by this server; send the image as base64")
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
+    if len(data) * 3 // 4 > 2 * limits.max_image_bytes:  # before copying it (whitespace may pad it a little)
+        raise InvalidRequestError(f"{what} is larger than {limits.max_image_bytes} bytes")
+    data = "".join(data.split())  # line breaks and spaces, which A1111's decoder skips
     if len(data) * 3 // 4 > limits.max_image_bytes:
         raise InvalidRequestError(f"{what} is larger than {limits.max_image_bytes} bytes")
     try:
@@ -197,15 +247,20 @@ def response(
     if isinstance(body, Img2ImgBody):  # as A1111 does: the request's images are not echoed back
         parameters.update(init_images=None, mask=None)
     source = model.info.get("source") or {}
+    prompt, negative = getattr(body, "_prompts", None) or (body.prompt, body.negative_prompt)
+    subseeds = [r.request.subseed + i if r.request.subseed_strength else -1 for r in results
+                for i in range(len(r.seeds))]  # fmt: skip
+    resize = first.seed_resize_from or (-1, -1)
     info = {
-        "prompt": body.prompt, "all_prompts": [body.prompt] * len(seeds),
-        "negative_prompt": body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(seeds),
-        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
-        "subseed_strength": 0, "width": first.width, "height": first.height, "sampler_name": first.sampler,
+        "prompt": prompt, "all_prompts": [prompt] * len(seeds),
+        "negative_prompt": negative, "all_negative_prompts": [negative] * len(seeds),
+        "seed": seeds[0], "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
+        "subseed_strength": first.subseed_strength, "width": first.width, "height": first.height,
+        "sampler_name": first.sampler, "comments": "".join(f"{c}\n" for c in getattr(body, "_comments", [])),
         "cfg_scale": first.cfg_scale, "steps": first.steps, "batch_size": first.batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": model.name,
         "sd_model_hash": model_hash(model), "sd_vae_name": source.get("vae"), "sd_vae_hash": source.get("vae_hash"),
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
         "denoising_strength": results[0].parameters.get("Denoising strength"),  # img2img's, or hires fix's
         "extra_generation_params": extra_keys or {},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": body.styles or [],
@@ -239,33 +294,28 @@ def model_title(model) -> str:
     return f"{model.name} [{model_hash(model)}]"
 
 
-def options(model) -> dict:
-    """GET /sdapi/v1/options: the settings A1111 clients read, as this server applies them."""
+def options(model, state=None) -> dict:
+    """GET /sdapi/v1/options: the settings A1111 clients read, as this server applies them (POST /sdapi/v1/options
+    and override_settings with override_settings_restore_afterwards false change them)."""
     source = model.info.get("source") or {}
+    settings = fields.settings_of(state) if state is not None else dict(fields.DEFAULT_SETTINGS)
     return {
         "sd_model_checkpoint": model_title(model),
         "sd_checkpoint_hash": model_hash(model),
         "sd_vae": source.get("vae") or "Automatic",
-        "CLIP_stop_at_last_layers": 1,  # per request: clip skip is set in override_settings or the request
-        "eta_ddim": 0.0,
+        **settings,
         "samples_format": "png",
         "sd_lora": "None",
         "live_previews_enable": False,
     }
 
 
-def check_options(body: dict, model) -> None:
-    """POST /sdapi/v1/options: only one checkpoint is served, so asking for another is a 422 naming the one served;
-    every other setting is accepted and changes nothing."""
-    wanted = body.get("sd_model_checkpoint")
-    if wanted is None:
-        return
-    text = str(wanted).strip()
-    name, _, tag = text.partition(" [")  # A1111 titles: "file.safetensors [hash]"
-    if tag and tag.rstrip("]") != model_hash(model):
-        name = ""  # another checkpoint of the same name
-    if text != model_hash(model) and Path(name).stem != model.name and name != model.name:
-        raise InvalidRequestError(f"this server serves only {model_title(model)!r}, not {wanted!r}")
+def set_options(body: dict, state) -> None:
+    """POST /sdapi/v1/options: the settings sdrt applies are kept for later requests; one checkpoint is served, so
+    asking for another is a 422 naming the one served; a setting sdrt cannot honour is a 422 naming it (nothing is
+    applied then)."""
+    model = state.service.model
+    fields.apply_settings(fields.settings_of(state), body, model, model_title(model))
 
 
 def loras(model) -> list[dict]:

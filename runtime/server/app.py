@@ -201,12 +201,12 @@ def _submit(service: Service, calls: list[a1111.Call], jobs: list[Job], timeout:
 def _add_generation_routes(app: FastAPI) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse, responses=GENERATION)
     async def txt2img(body: Txt2ImgBody, request: Request):
-        calls = await asyncio.to_thread(a1111.txt2img_calls, body, request.app.state.limits)
+        calls = await asyncio.to_thread(a1111.txt2img_calls, body, request.app.state.limits, request.app.state)
         return await _generate(request, body, calls)
 
     @app.post("/sdapi/v1/img2img", response_model=GenerationResponse, responses=GENERATION)
     async def img2img(body: Img2ImgBody, request: Request):
-        calls = await asyncio.to_thread(a1111.img2img_calls, body, request.app.state.limits)
+        calls = await asyncio.to_thread(a1111.img2img_calls, body, request.app.state.limits, request.app.state)
         return await _generate(request, body, calls)
 
     @app.post("/sdapi/v1/interrupt", response_model=dict, responses=PLAIN)
@@ -277,11 +277,11 @@ def _add_listing_routes(app: FastAPI) -> None:
 
     @app.get("/sdapi/v1/options", response_model=OptionsResponse, responses=PLAIN)
     async def options(request: Request):
-        return a1111.options(request.app.state.service.model)
+        return a1111.options(request.app.state.service.model, request.app.state)
 
     @app.post("/sdapi/v1/options", response_model=None, responses=error_responses(BODY_ERRORS, True))
     async def set_options(body: dict, request: Request):
-        a1111.check_options(body, request.app.state.service.model)
+        a1111.set_options(body, request.app.state)
         return None
 
     @app.get("/sdapi/v1/loras", response_model=list[LoraItem], responses=PLAIN)

@@ -1,15 +1,16 @@
 """Request and response bodies of the A1111 web UI's HTTP API (modules/api/models.py), by its field names.
 
 Every field A1111 publishes for txt2img/img2img is accepted with A1111's default, so existing clients work
-unchanged; fields sdrt has no use for (styles, restore_faces, override_settings apart from
-CLIP_stop_at_last_layers, scripts ...) are accepted and ignored, and so are unknown extra fields, as A1111 does.
+unchanged. Each field either changes the images as A1111 defines it, or, set to anything but its default, is refused
+with a 422 naming it (runtime.server.fields: restore_faces, tiling, scripts, a refiner ...); fields with no effect on
+the images (saving, comments, send_images, force_task_id) and unknown extra fields are accepted, as A1111 does.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 
 class _Body(BaseModel):
@@ -17,7 +18,18 @@ class _Body(BaseModel):
 
 
 class GenerationBody(_Body):
-    """The fields txt2img and img2img share (StableDiffusionProcessing's constructor in A1111)."""
+    """The fields txt2img and img2img share (StableDiffusionProcessing's constructor in A1111). `null` in any field
+    means its default, as in A1111's schema."""
+
+    _prompts: tuple[str, str] | None = PrivateAttr(default=None)  # the prompts as run (styles applied)
+    _comments: list[str] = PrivateAttr(default_factory=list)  # warnings for info.comments
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -93,7 +105,8 @@ class Img2ImgBody(GenerationBody):
     mask_blur_y: int = 4
     mask_blur: int | None = None
     mask_round: bool = True
-    inpainting_fill: int = Field(default=0, description="accepted; sdrt keeps the original content under the mask")
+    inpainting_fill: int = Field(default=0, description="masked content: 0 fill, 1 original, 2 latent noise, "
+                                 "3 latent nothing")  # fmt: skip
     inpaint_full_res: bool = Field(default=True, description="True: generate a crop around the mask (only masked)")
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = Field(default=0, description="1: repaint the black part instead")

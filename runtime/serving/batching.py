@@ -30,8 +30,8 @@ StepCallback = Callable[[int, int, np.ndarray], None]  # (step index i, step cou
 
 def batch_key(request: Txt2ImgRequest) -> tuple | None:
     """Everything but the per-row fields of a validated request; None when it must run alone."""
-    if type(request) is not Txt2ImgRequest:
-        return None
+    if type(request) is not Txt2ImgRequest or request.subseed_strength or request.seed_resize_from is not None:
+        return None  # variation noise is per request (runtime.pipelines.variation)
     text = f"{request.prompt}\n{request.negative_prompt}".lower()
     if any(tag in text for tag in EXTRA_NETWORK_TAGS):
         return None

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 
 MODES = ("txt2img", "img2img", "inpaint", "outpaint", "depth2img", "upscale")
 TXT2IMG_EXTRAS = ("hires_scale", "hires_width", "hires_height", "hires_upscaler", "hires_steps", "hires_strength",
-                  "loras", "lora_dir")  # options of StableDiffusion.txt2img beyond the request's fields
+                  "hires_prompt", "hires_negative_prompt", "hires_sampler", "hires_schedule", "loras",
+                  "lora_dir")  # options of StableDiffusion.txt2img beyond the request's fields
 
 
 @dataclass(frozen=True)

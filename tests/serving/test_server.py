@@ -45,7 +45,7 @@ def _b64_png(pixels: np.ndarray) -> str:
 
 
 def test_txt2img_fields_images_and_info(client, tiny_model):
-    body = dict(BODY, batch_size=2, n_iter=2, override_settings={"sd_vae": "ignored"}, alwayson_scripts={},
+    body = dict(BODY, batch_size=2, n_iter=2, override_settings={"sd_vae": "Automatic"}, alwayson_scripts={},
                 styles=[], send_images=True, save_images=False, an_unknown_field=1)  # fmt: skip
     response = client.post("/sdapi/v1/txt2img", json=body)
     assert response.status_code == 200, response.text
@@ -110,7 +110,8 @@ def test_img2img_and_inpaint_equal_the_api(client, tiny_model):
     assert data["parameters"]["init_images"] is None  # not echoed back, as in A1111
     assert json.loads(data["info"])["denoising_strength"] == 0.6
 
-    inpaint = dict(body, mask=_b64_png(mask), mask_blur=2, inpaint_full_res=False, inpainting_mask_invert=1)
+    inpaint = dict(body, mask=_b64_png(mask), mask_blur=2, inpaint_full_res=False, inpainting_mask_invert=1,
+                   inpainting_fill=1)  # 1: the original content under the mask, as the API's default
     data = client.post("/sdapi/v1/img2img", json=inpaint).json()
     reference = tiny_model.inpaint(BODY["prompt"], Image.fromarray(init), Image.fromarray(255 - mask),
                                    negative_prompt="blurry", strength=0.6, mask_blur=2, **options)  # fmt: skip
