@@ -104,15 +104,15 @@ if [ "$dry" = 1 ]; then
     pytest_args+=(--collect-only)
 fi
 
-{ stage install 60 install_wheels; stage env 30 environment; } >"$OUT/env.txt" 2>&1
-stage gpu 150 python3 -m pytest "${pytest_args[@]}" -m gpu tests/gpu --ignore="$plumbing" \
+{ stage install 20 install_wheels; stage env 15 environment; } >"$OUT/env.txt" 2>&1
+stage gpu 100 python3 -m pytest "${pytest_args[@]}" -m gpu tests/gpu --ignore="$plumbing" \
     --junitxml="$OUT/gpu-tests.xml" >"$OUT/gpu-tests.log" 2>&1
-stage plumbing 45 python3 -m pytest "${pytest_args[@]}" "$plumbing" --junitxml="$OUT/plumbing.xml" \
+stage plumbing 25 python3 -m pytest "${pytest_args[@]}" "$plumbing" --junitxml="$OUT/plumbing.xml" \
     >>"$OUT/gpu-tests.log" 2>&1
 bench=(python3 -m benchmarks.gpu --steps 50 --runs 3 --size 512 --backends torch-cuda --out "$OUT" --stem bench
        --work "${TMPDIR:-/tmp}/sdrt-bench")
 [ "$dry" = 1 ] && bench+=(--dry-run)
-stage bench 200 "${bench[@]}" >"$OUT/bench.log" 2>&1
+stage bench 150 "${bench[@]}" >"$OUT/bench.log" 2>&1
 
 [ "$dry" = 1 ] && rm -rf "$site"
 cat "$OUT/stages.txt"

@@ -340,8 +340,9 @@ def dry_run(args: argparse.Namespace) -> int:
     variants = sdrt_variants(Path(args.work) / "sd15-shaped", Path(args.work) / "engines", args.size,
                              tuple(b for b in args.backends.split(",") if b))  # fmt: skip
     result = header(args, {"device": "dry run (no GPU)"})
-    result["systems"] = [{"system": label, "error": load if isinstance(load, str) else "not run (dry run)"}
-                         for label, load in variants]  # fmt: skip
+    peer = {"system": DIFFUSERS, "error": "not run (dry run)" if _has_diffusers() else "diffusers is not installed"}
+    result["systems"] = [peer] + [{"system": label, "error": load if isinstance(load, str) else "not run (dry run)"}
+                                  for label, load in variants]  # fmt: skip
     Writer(Path(args.out), args.stem or "dry-run")(result)
     print(f"dry run: {len(variants)} sdrt variants planned; diffusers {'present' if _has_diffusers() else 'absent'}")
     return 0
