@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import AllocationError, InvalidRequestError, ResourceError
 from .memory import Estimate, default_budget, estimate, format_bytes, memory_facts
@@ -58,26 +58,29 @@ class Admission:
     budget: int | None
 
 
-def check_prompt_text(prompt: str, negative_prompt: str, limits: PromptLimits) -> int:
-    """The cheap checks (no tokenizer): characters, then AND terms; returns the number of AND terms."""
-    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+def check_prompt_text(prompt: str, negative_prompt: str, limits: PromptLimits, kind: str = "") -> int:
+    """The cheap checks (no tokenizer): characters, then AND terms; returns the number of AND terms. `kind`: what
+    the messages call the prompts ("hires " for the hires pass's)."""
+    for name, text in ((f"{kind}prompt", prompt), (f"{kind}negative prompt", negative_prompt)):
         if len(text) > limits.max_chars:
             raise ResourceError(f"the {name} has {len(text)} characters; at most {limits.max_chars} are accepted")
     terms = len(split_and(prompt))
     if terms > limits.max_and_terms:
-        raise ResourceError(f"the prompt has {terms} AND terms; at most {limits.max_and_terms} are accepted")
+        raise ResourceError(f"the {kind}prompt has {terms} AND terms; at most {limits.max_and_terms} are accepted")
     return terms
 
 
-def prompt_size(model, request, limits: PromptLimits, steps: int) -> PromptSize:
+def prompt_size(model, request, limits: PromptLimits, steps: int, kind: str = "") -> PromptSize:
     """Check a request's prompts against `limits` and measure them (chunks counted on the unscheduled text of each
     AND term, which holds every alternative: an upper bound of any step's text)."""
-    terms = check_prompt_text(request.prompt, request.negative_prompt, limits)
+    terms = check_prompt_text(request.prompt, request.negative_prompt, limits, kind)
     guided = request.cfg_scale > 1.0 or terms > 1
-    texts = [(f"AND term {i + 1} of the prompt" if terms > 1 else "prompt", t) for i, (t, _) in enumerate(
-        split_and(request.prompt))]  # fmt: skip
+    texts = [
+        (f"AND term {i + 1} of the {kind}prompt" if terms > 1 else f"{kind}prompt", t)
+        for i, (t, _) in enumerate(split_and(request.prompt))
+    ]
     if guided:
-        texts.append(("negative prompt", request.negative_prompt))
+        texts.append((f"{kind}negative prompt", request.negative_prompt))
     chunks, distinct, combos = 1, 1, 1
     for name, text in texts:
         tokens = tokenize_prompt(text, model.tokenizer, emphasis=request.emphasis, embedding_at=model.embedding_lookup)
@@ -124,17 +127,31 @@ def txt2img_passes(request, scale: float | None, width: int = 0, height: int = 0
 
 
 def admit(
-    model, request, mode: str = "txt2img", sizes: tuple[tuple[int, int], ...] = (), record: bool = True
+    model,
+    request,
+    mode: str = "txt2img",
+    sizes: tuple[tuple[int, int], ...] = (),
+    record: bool = True,
+    hires_prompts: tuple[str | None, str | None] = (None, None),
 ) -> Admission:
     """Refuse `request` (a validated request) with a ResourceError when its prompts or its estimated memory are over
-    the model's limits; `sizes`: the (width, height) of every pass (default: the request's). Returns what it
-    measured; `record`: also keep it as model.admission (the request about to run, named by allocation errors)."""
+    the model's limits; `sizes`: the (width, height) of every pass (default: the request's); `hires_prompts`: the
+    hires pass's own prompt and negative prompt (None: the request's). Returns what it measured; `record`: also keep
+    it as model.admission (the request about to run, named by allocation errors)."""
     from .pipelines.conditioning import schedule_steps
 
     if "memory" not in model.info:
         model.info["memory"] = _checkpoint_facts(model)
     limits = getattr(model, "prompt_limits", None) or PromptLimits()
-    prompt = prompt_size(model, request, limits, schedule_steps(request.sampler, request.steps))
+    steps = schedule_steps(request.sampler, request.steps)
+    prompt = prompt_size(model, request, limits, steps)
+    if any(text is not None for text in hires_prompts):  # the second pass encodes its own texts
+        second = replace(request, prompt=hires_prompts[0] or request.prompt,
+                         negative_prompt=hires_prompts[1] or request.negative_prompt)  # fmt: skip
+        other = prompt_size(model, second, limits, steps, "hires ")
+        prompt = PromptSize(
+            *(max(getattr(prompt, f), getattr(other, f)) for f in ("terms", "chunks", "texts", "combos"))
+        )
     sizes = sizes or ((request.width, request.height),)
     rows = rows_per_image(request, prompt)
     budget = memory_budget(model)

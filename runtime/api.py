@@ -132,7 +132,8 @@ class StableDiffusion:
         invisible text."""
         self._require_channels((4, 9), "txt2img")
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
-        admit(self, request, "txt2img", txt2img_passes(request, hires_scale, hires_width, hires_height))
+        passes = txt2img_passes(request, hires_scale, hires_width, hires_height)
+        admit(self, request, "txt2img", passes, hires_prompts=(hires_prompt, hires_negative_prompt))
         if not (hires_scale or hires_width or hires_height):
             return self._result(request, txt2img(self, request), {}, watermark)
         from .pipelines.hires import hires_fix, hires_overrides, hires_parameters, hires_target

@@ -69,6 +69,8 @@ def check_limits(body: GenerationBody, limits: Limits) -> None:
             f"batch_size * n_iter must be at most {limits.max_images}, not {body.batch_size * body.n_iter}"
         )
     check_prompt_text(body.prompt or "", body.negative_prompt or "", limits.prompt_limits())  # tokens: on submit
+    hires = (getattr(body, "hr_prompt", "") or "", getattr(body, "hr_negative_prompt", "") or "")  # txt2img only
+    check_prompt_text(*hires, limits.prompt_limits(), "hires ")
 
 
 def _schedule(scheduler: str | None) -> str | None:

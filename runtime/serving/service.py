@@ -188,7 +188,8 @@ class Service:
         request = validate_txt2img(request, self.model.info)
         passes = txt2img_passes(request, extras.get("hires_scale"), extras.get("hires_width") or 0,
                                 extras.get("hires_height") or 0)  # fmt: skip
-        admission = admit(self.model, request, "txt2img", passes, record=False)  # ResourceError: refused here
+        hires_prompts = (extras.get("hires_prompt"), extras.get("hires_negative_prompt"))
+        admission = admit(self.model, request, "txt2img", passes, False, hires_prompts)  # ResourceError: refused here
         hires = extras.get("hires_scale") or extras.get("hires_width") or extras.get("hires_height")
         loras = extras.get("loras") or extras.get("lora_dir") is not None
         key = batch_key(request)

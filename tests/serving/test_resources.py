@@ -91,6 +91,8 @@ def test_prompt_limits_are_checked_before_tokenising(tiny_model):
     # A1111's tokenisation: "a cat, " is 3 tokens, so 600 of them fill 24 chunks of 75
     with pytest.raises(ResourceError, match=r"^the negative prompt is 1800 tokens \(24 chunks of 75\); at most 20 "):
         tiny_model.txt2img("a cat", negative_prompt="a cat, " * 600, steps=1, width=32, height=32)
+    with pytest.raises(ResourceError, match=r"^the hires prompt is 1800 tokens \(24 chunks of 75\)"):
+        tiny_model.txt2img("a cat", steps=1, width=32, height=32, hires_scale=2, hires_prompt="a cat, " * 600)
 
 
 def test_a_failed_allocation_is_a_typed_error_that_names_the_size(tiny_model, tmp_path):
