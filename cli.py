@@ -29,7 +29,8 @@ PICKLE_HELP = "also read .bin/.pt pickle files (checkpoint weights; embeddings a
 ENGINES_HELP = f"artifact folder (default: ${HOME_VARIABLE}/engines, else ~/.cache/sdrt/engines)"
 QUIET_HELP = "no progress bars or log lines (before or after the subcommand)"
 MODEL_HELP = "diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)"
-BUDGET_HELP = "working memory a request may use, e.g. 6G or 512M (default: 80%% of the memory available at the start)"
+BUDGET_HELP = ("working memory a request may use, e.g. 6G or 512M (default: 80%% of the memory available at the "
+               "first request; none on the GPU backends)")
 
 
 def memory_budget(args: argparse.Namespace) -> int | None:
