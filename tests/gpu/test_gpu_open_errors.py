@@ -147,3 +147,18 @@ def test_an_fp16_decode_retried_in_fp32_gives_the_fp32_image_and_says_so_in_the_
     assert "VAE precision" not in reference.infotexts[0]
     guard.primary = fp32  # a decode that does not overflow: no note on the next image
     assert "VAE precision" not in sd.txt2img("a cat", **options).infotexts[0]
+
+
+@needs_torch
+def test_onnxruntime_cuda_runs_the_depth_estimator_as_its_fp32_export(tiny_sd2_depth, shared_engines):
+    """depth2img on onnxruntime-cuda opened every component but the depth estimator (a KeyError); it now runs the
+    fp32 export, unfused (here on the CPU provider: this onnxruntime has no CUDA one)."""
+    import runtime
+    from runtime.backends.onnxruntime_cuda import OnnxRuntimeCudaBackend
+
+    model = runtime.load(tiny_sd2_depth, engines_dir=shared_engines)  # the session's export, reused
+    size = model.info["depth_estimator"]["image_size"]
+    feeds = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)}
+    depth = OnnxRuntimeCudaBackend(model.backend.folder).session("depth_estimator").run(feeds)["predicted_depth"]
+    reference = model.backend.session("depth_estimator").run(feeds)["predicted_depth"]
+    np.testing.assert_allclose(depth, reference, rtol=1e-5, atol=1e-5)

@@ -124,3 +124,15 @@ def test_lora_weights_invalidate_the_graph(tiny_sd1):
     np.testing.assert_allclose(after, eager.run(feeds)["noise_pred"], rtol=0, atol=REPLAY_ATOL)
     graphed_backend.apply_weights(None)  # back to base: the first output again
     np.testing.assert_allclose(graphed.run(feeds)["noise_pred"], before, rtol=0, atol=REPLAY_ATOL)
+
+
+def test_depth2img_runs_and_matches_the_cpu_reference(tiny_sd2_depth):
+    from PIL import Image
+
+    import runtime
+
+    image = Image.fromarray(np.random.default_rng(7).integers(0, 256, (64, 64, 3), np.uint8))
+    options = dict(steps=3, seed=2, strength=0.8, sampler="Euler")
+    gpu = runtime.load(tiny_sd2_depth, backend="torch-cuda").depth2img("a room", image, **options)
+    cpu = runtime.load(tiny_sd2_depth, backend="torch").depth2img("a room", image, **options)
+    assert _rel(gpu.images, cpu.images) < FP16_REL
