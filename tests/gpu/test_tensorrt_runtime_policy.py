@@ -55,3 +55,36 @@ def test_patches_map_to_fp16_engine_weights_in_initializer_orientation():
         patch_targets(mapping, {"up.unknown.weight": q}, refittable)
     with pytest.raises(ModelError, match="not refittable"):
         patch_targets(mapping, {"down.norm.weight": np.ones(2)}, {"onnx::MatMul_1__fp16"})
+
+
+class _TextEngine:
+    """A stand-in text-encoder engine of rows 1..4: last_hidden_state = 2 x embeds, hidden_states = [embeds, 3 x]."""
+
+    outputs = ["last_hidden_state", "hidden_states"]
+
+    def __init__(self):
+        self.profile = {"profile": "b1-4", "shapes": {"inputs_embeds": [[1, 77, 8], [2, 77, 8], [4, 77, 8]]}}
+        self.rows: list[int] = []
+
+    def covers(self, shapes):
+        from runtime.backends.tensorrt import _profile_covers
+
+        return _profile_covers(self.profile["shapes"], shapes)
+
+    def run(self, feeds, stream):
+        x = feeds["inputs_embeds"]
+        self.rows.append(len(x))
+        return {"last_hidden_state": 2 * x, "hidden_states": np.stack([x, 3 * x])}
+
+
+def test_text_encoder_calls_over_the_profile_run_in_slices():
+    from runtime.backends.tensorrt import TensorRTSession
+
+    engine = _TextEngine()
+    session = TensorRTSession("text_encoder", [engine], stream=None)
+    embeds = np.random.default_rng(0).standard_normal((10, 77, 8)).astype(np.float32)  # e.g. 5 texts x 2 chunks
+    out = session.run({"inputs_embeds": embeds})
+    assert engine.rows == [4, 4, 2]
+    np.testing.assert_array_equal(out["last_hidden_state"], 2 * embeds)
+    np.testing.assert_array_equal(out["hidden_states"], np.stack([embeds, 3 * embeds]))  # rows on axis 1
+    assert session.run({"inputs_embeds": embeds[:3]}, ["last_hidden_state"]).keys() == {"last_hidden_state"}
