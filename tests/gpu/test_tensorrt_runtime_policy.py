@@ -61,6 +61,7 @@ class _TextEngine:
     """A stand-in text-encoder engine of rows 1..4: last_hidden_state = 2 x embeds, hidden_states = [embeds, 3 x]."""
 
     outputs = ["last_hidden_state", "hidden_states"]
+    static = False
 
     def __init__(self):
         self.profile = {"profile": "b1-4", "shapes": {"inputs_embeds": [[1, 77, 8], [2, 77, 8], [4, 77, 8]]}}
