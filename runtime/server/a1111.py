@@ -71,6 +71,24 @@ def check_limits(body: GenerationBody, limits: Limits) -> None:
     check_prompt_text(body.prompt or "", body.negative_prompt or "", limits.prompt_limits())  # tokens: on submit
     hires = (getattr(body, "hr_prompt", "") or "", getattr(body, "hr_negative_prompt", "") or "")  # txt2img only
     check_prompt_text(*hires, limits.prompt_limits(), "hires ")
+    if getattr(body, "enable_hr", False):
+        _check_hires_limits(body, limits)
+
+
+def _check_hires_limits(body: Txt2ImgBody, limits: Limits) -> None:
+    """The hires fix's final size and second-pass steps stay within the limits the first pass has."""
+    from ..pipelines.hires import hires_target
+
+    try:
+        target = hires_target(body.width, body.height, body.hr_scale, body.hr_resize_x, body.hr_resize_y)
+    except InvalidRequestError:
+        return  # a malformed hires option: the runtime's check names it
+    for name, value in zip(("width", "height"), target):
+        if value > limits.max_side:
+            raise InvalidRequestError(f"the hires fix's {name} must be at most {limits.max_side}, not {value}")
+    if body.hr_second_pass_steps > limits.max_steps:
+        steps = body.hr_second_pass_steps
+        raise InvalidRequestError(f"hr_second_pass_steps must be at most {limits.max_steps}, not {steps}")
 
 
 def _schedule(scheduler: str | None) -> str | None:
