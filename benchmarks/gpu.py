@@ -250,9 +250,8 @@ def _load_variant(checkpoint: Path, engines: Path, backend: str, graph: bool, si
 
         sd.backend = OnnxRuntimeCudaBackend(sd.backend.folder, cuda_graph=graph)
     elif backend == "torch-cuda":
-        from runtime.backends.torch_cuda import TorchCudaBackend
-
-        sd.backend = TorchCudaBackend(checkpoint, cuda_graph=graph)
+        if not graph:
+            sd.backend.session("unet").graphed = None  # the loaded modules, run eagerly (no second copy)
     else:
         for engine in sd.backend.session("unet").engines:
             engine.graphed = graph

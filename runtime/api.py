@@ -263,7 +263,7 @@ class StableDiffusion:
             images = embed_watermark(images, watermark)
         seeds = [request.seed + i for i in range(request.batch_size)]
         params = dict(self._parameters(request), **extra)
-        if self.__dict__.pop("vae_retried", False):  # set by decode_latents: the fp16 VAE overflowed (A1111 retries)
+        if getattr(self, "vae_retried", False):  # set by decode_latents: the fp16 VAE overflowed (A1111 retries)
             params["VAE precision"] = "fp32 retry after fp16 NaN"
         per_image = [dict(params, Seed=s, **_variation_seed(request, i)) for i, s in enumerate(seeds)]
         infotexts = [format_parameters(request.prompt, request.negative_prompt, p) for p in per_image]

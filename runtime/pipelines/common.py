@@ -65,13 +65,12 @@ def run_sampler(
 def decode_latents(model: StableDiffusion, latents: np.ndarray) -> np.ndarray:
     """VAE decode: latents [B, 4, h, w] -> float32 images [B, H, W, 3] in [0, 1]; NaN or Inf is an error.
 
-    A GPU backend's fp16 decode that overflowed was computed again in fp32 (NanGuard.retried): that is recorded as
+    Whether a GPU backend's fp16 decode overflowed and was computed again in fp32 (NanGuard.retried) is recorded as
     `model.vae_retried`, which the infotext reports."""
     scaled = (latents / np.float32(model.info["vae_scaling_factor"])).astype(np.float32)
     session = model.backend.session("vae_decoder")
     image = session.run({"latent": scaled}, ["image"])["image"]  # [B, 3, H, W]
-    if getattr(session, "retried", False):
-        model.vae_retried = True
+    model.vae_retried = bool(getattr(session, "retried", False))  # this decode's; a batch's requests all read it
     if not np.isfinite(image).all():
         raise NumericalError("the VAE decoder produced NaN/Inf values (an overflow); no image was written")
     image = np.clip(image / 2 + 0.5, 0.0, 1.0)
