@@ -140,8 +140,7 @@ def test_onnxruntime_cuda_graph_replay_equals_eager(sd1_fp32):
 
 @pytest.mark.gpu
 @needs_cuda
-@needs_torch
-def test_device_layer_graph_replays_a_copy():
+def test_device_layer_graph_replays_a_copy():  # cuda-bindings only: no torch needed
     from runtime import cuda
 
     stream = cuda.Stream()
@@ -155,7 +154,20 @@ def test_device_layer_graph_replays_a_copy():
     dst.copy_to_host(out, stream)
     stream.synchronize()
     np.testing.assert_array_equal(out, np.arange(1024, dtype=np.float32))
+    host.array[:] = -1  # a replay copies what the source holds now
+    src.copy_from_host(host.array, stream)
+    start, end = cuda.Event(), cuda.Event()
+    start.record(stream)
+    graph.launch()
+    end.record(stream)
+    dst.copy_to_host(out, stream)
+    end.synchronize()
+    stream.synchronize()
+    np.testing.assert_array_equal(out, np.full(1024, -1, np.float32))
+    assert end.elapsed_ms(start) >= 0
     graph.destroy()
+    with pytest.raises(cuda.CudaError, match="destroyed"):
+        graph.launch()
 
 
 @pytest.mark.gpu
