@@ -251,6 +251,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_and_terms=args.max_and_terms)  # fmt: skip
     limits.prompt_limits()  # a bad prompt limit is an error before the model loads
     styles = read_styles_csv(args.styles) if args.styles else ()  # an unreadable file too
+    options = ServerOptions(args.cors_allow_origins or (), args.cors_allow_origins_regex, args.read_timeout,
+                            styles)  # fmt: skip
     budget = memory_budget(args)
     sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle,
                       **_checkpoint_options(args))  # fmt: skip
@@ -261,8 +263,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
     with Service(sd, config) as service:
         print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
-        options = ServerOptions(args.cors_allow_origins or (), args.cors_allow_origins_regex, args.read_timeout,
-                                styles)  # fmt: skip
         serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info", options=options)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..errors import InvalidRequestError
@@ -19,9 +20,14 @@ class ServerOptions:
 
     def __post_init__(self):
         if isinstance(self.read_timeout, bool) or not isinstance(self.read_timeout, (int, float)):
-            raise InvalidRequestError(f"read_timeout must be a number of seconds, not {self.read_timeout!r}")
+            raise InvalidRequestError(f"the read timeout must be a number of seconds, not {self.read_timeout!r}")
         if not self.read_timeout > 0:
-            raise InvalidRequestError(f"read_timeout must be a positive number of seconds, not {self.read_timeout}")
+            raise InvalidRequestError(f"the read timeout must be more than 0 seconds, not {self.read_timeout}")
+        if self.cors_allow_origins_regex is not None:
+            try:
+                re.compile(self.cors_allow_origins_regex)
+            except re.error as exc:
+                raise InvalidRequestError(f"the CORS origin regex {self.cors_allow_origins_regex!r}: {exc}") from None
         if isinstance(self.cors_allow_origins, str):
             origins = tuple(o.strip() for o in self.cors_allow_origins.split(",") if o.strip())
             object.__setattr__(self, "cors_allow_origins", origins)
