@@ -139,11 +139,12 @@ def batch_randn(generators: Sequence[TorchGenerator], shape_per_image: int | Seq
 class NoiseAhead:
     """`batch_randn(generators, shape_per_image)` per call, drawn ahead of need on a worker thread.
 
-    The worker draws from clones of the streams, in the order the calls take them, at most `depth` draws ahead, and
-    only while the caller says it waits on the model (`model_running(True)`, e.g. a GPU UNet call that releases the
-    GIL), so it never competes with the caller's own step for the GIL; a call that finds no draw ready lets the
-    worker run and waits for it. close() stops the worker and leaves every real stream exactly where inline drawing
-    would have left it: after the draws actually handed out (none: untouched), so later draws get the same numbers.
+    The worker draws from clones of the streams, in the order the calls take them, one draw per ticket. Tickets are
+    handed out by `model_running(True)` (the caller is about to wait on the model, e.g. a GPU UNet call that releases
+    the GIL), keeping at most `depth` draws ahead, so the worker computes while the model runs and not during the
+    caller's own step; a call that finds no draw under way asks for one and waits for it. close() stops the worker
+    and leaves every real stream exactly where inline drawing would have left it: after the draws actually handed
+    out (none: untouched), so later draws get the same numbers.
     """
 
     def __init__(self, generators: Sequence[TorchGenerator], shape_per_image: int | Sequence[int], depth: int = 2):
@@ -153,51 +154,45 @@ class NoiseAhead:
         self._generators = list(generators)
         self._shape = shape_per_image
         self._twins = [g.clone() for g in generators]
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._go = threading.Event()  # set: the worker may draw
-        self._stop = False
+        self._depth = depth
+        self._tickets: queue.SimpleQueue = queue.SimpleQueue()  # True: draw one more; None: stop
+        self._results: queue.SimpleQueue = queue.SimpleQueue()  # (noise, stream states after it) or (error, None)
+        self._ahead = 0  # draws asked for and not yet handed out
         self._taken: list | None = None  # stream states after the last draw handed out
         self._worker = threading.Thread(target=self._draw, name="sdrt-noise-ahead", daemon=True)
         self._worker.start()
 
     def _draw(self) -> None:
-        while True:
-            self._go.wait()
-            if self._stop:
-                return
+        while self._tickets.get():
             try:
-                item = batch_randn(self._twins, self._shape), [t.state() for t in self._twins]
+                self._results.put((batch_randn(self._twins, self._shape), [t.state() for t in self._twins]))
             except Exception as exc:  # handed to the caller by the next __call__
-                self._queue.put((exc, None))
+                self._results.put((exc, None))
                 return
-            self._queue.put(item)  # blocks while `depth` draws wait; close() drains
 
     def model_running(self, running: bool) -> None:
-        """True: the caller now waits on the model, draw ahead; False: it computes, stay off the GIL."""
-        if running:
-            self._go.set()
-        else:
-            self._go.clear()
+        """True: the caller now waits on the model, so the worker may draw up to `depth` ahead; False: nothing."""
+        while running and self._ahead < self._depth:
+            self._tickets.put(True)
+            self._ahead += 1
 
     def __call__(self) -> np.ndarray:
-        try:
-            noise, states = self._queue.get_nowait()
-        except queue.Empty:
-            self._go.set()
-            noise, states = self._queue.get()
+        if self._ahead == 0:  # nobody asked ahead: draw now
+            self._tickets.put(True)
+            self._ahead += 1
+        noise, states = self._results.get()
+        self._ahead -= 1
         if states is None:
             raise noise
         self._taken = states
         return noise
 
     def close(self) -> None:
-        self._stop = True
-        self._go.set()
-        while self._worker.is_alive():
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    self._queue.get_nowait()
-            self._worker.join(timeout=0.01)
+        with contextlib.suppress(queue.Empty):  # draws asked for and not started are not needed any more
+            while True:
+                self._tickets.get_nowait()
+        self._tickets.put(None)
+        self._worker.join()
         if self._taken is not None:
             for generator, state in zip(self._generators, self._taken):
                 generator.restore(state)

@@ -39,7 +39,7 @@ def test_draws_ahead_equal_inline_draws(shape) -> None:
     inline, real = _streams(), _streams()
     noise = NoiseAhead(real, shape, depth=2)
     noise.model_running(True)
-    _wait_until(noise._queue.full)  # two draws made before anyone asked
+    _wait_until(lambda: noise._results.qsize() == 2)  # two draws made before anyone asked
     assert np.array_equal(real[0].randn(5), TorchGenerator(SEEDS[0]).randn(5))  # the real streams were not used
     real[0].restore(TorchGenerator(SEEDS[0]).state())
     for _ in range(5):
@@ -55,7 +55,7 @@ def test_closing_before_any_draw_leaves_the_streams_untouched() -> None:
     real = _streams()
     noise = NoiseAhead(real, (4, 8, 8))
     noise.model_running(True)
-    _wait_until(noise._queue.full)
+    _wait_until(lambda: noise._results.qsize() == 2)
     noise.close()
     assert all(np.array_equal(g.randn(16), TorchGenerator(s).randn(16)) for g, s in zip(real, SEEDS))
 
