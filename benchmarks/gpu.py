@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.gpu_report import DIFFUSERS, Writer, header, markdown, speedup
+
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 SAMPLER = "Euler"
-DIFFUSERS = "diffusers fp16 SDPA"
 
 
 def require_cuda() -> dict:
@@ -258,34 +257,6 @@ def _load_variant(checkpoint: Path, engines: Path, backend: str, graph: bool, si
     return sd
 
 
-def versions() -> dict:
-    import importlib.metadata as md
-
-    found = {}
-    for name in ("torch", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-bindings"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            continue
-    return found
-
-
-def markdown(result: dict) -> str:
-    rows = ["| system | end to end ms | UNet step ms | text encoder ms | VAE ms | host/step ms | memory MiB |",
-            "|---|---|---|---|---|---|---|"]  # fmt: skip
-    keys = ("end_to_end_ms", "unet_step_ms", "text_encoder_ms", "vae_decode_ms", "host_per_step_ms",
-            "device_memory_mib")  # fmt: skip
-    for r in result["systems"]:
-        if "error" in r:
-            rows.append(f"| {r['system']} | failed: {r['error'][:160]} | | | | | |")
-            continue
-        rows.append("| " + " | ".join([r["system"], *("-" if r[k] is None else str(r[k]) for k in keys)]) + " |")
-    speedup = result.get("speedup_vs_diffusers")
-    rows.append(f"\n{result['device']}, {result['steps']} steps, {result['size']}x{result['size']}, batch 1, CFG 7.5; "
-                f"best sdrt speedup over diffusers end to end: {speedup}")  # fmt: skip
-    return "\n".join(rows) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512)
@@ -315,22 +286,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class Writer:
-    """Writes the result (JSON and Markdown, atomically) after every system, so a later failure or timeout keeps
-    what finished."""
-
-    def __init__(self, folder: Path, stem: str):
-        self.folder, self.stem = folder, stem
-
-    def __call__(self, result: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        for suffix, text in ((".json", json.dumps(result, indent=2) + "\n"), (".md", markdown(result))):
-            path = self.folder / f"{self.stem}{suffix}"
-            scratch = path.with_name(f".{path.name}.tmp")
-            scratch.write_text(text, encoding="utf-8")
-            scratch.replace(path)
-
-
 def dry_run(args: argparse.Namespace) -> int:
     """What a GPU run would do, without one: the imports the run needs, the variants, and the writer."""
     import export.tiny  # noqa: F401  (the checkpoint maker the run uses)
@@ -351,20 +306,6 @@ def _has_diffusers() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("diffusers") is not None
-
-
-def header(args: argparse.Namespace, device: dict) -> dict:
-    return {
-        **device,
-        "python": platform.python_version(),
-        "versions": versions(),
-        "command": " ".join(["python -m benchmarks.gpu", *(sys.argv[1:] if sys.argv[0].endswith("gpu.py") else [])]),
-        "size": args.size,
-        "steps": args.steps,
-        "runs": args.runs,
-        "systems": [],
-        "speedup_vs_diffusers": None,
-    }
 
 
 def _attempt(label: str, bench) -> dict:
@@ -403,13 +344,6 @@ def run(args: argparse.Namespace, device: dict, write) -> dict:
         result["speedup_vs_diffusers"] = speedup(systems)
         write(result)
     return result
-
-
-def speedup(systems: list[dict]) -> float | None:
-    """diffusers' end-to-end time over the fastest sdrt system's (None where either is missing)."""
-    peer = next((s["end_to_end_ms"] for s in systems if s["system"] == DIFFUSERS and "error" not in s), None)
-    best = min((s["end_to_end_ms"] for s in systems if s["system"] != DIFFUSERS and "error" not in s), default=None)
-    return round(peer / best, 3) if peer and best else None
 
 
 if __name__ == "__main__":
