@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,7 +23,7 @@ from runtime.output import to_uint8
 from tests.conftest import needs_torch
 from tests.serving.conftest import SIZE, needs_server
 from tests.serving.test_faults import LONG, _idle, _wait_for_step, slow_device  # noqa: F401 (a fixture)
-from tests.serving.test_server import BODY, _pixels, _png_text
+from tests.serving.test_server import BODY, ROOT, _pixels, _png_text
 
 pytestmark = [needs_torch, needs_server]
 
@@ -87,6 +89,18 @@ def test_model_hash_agrees_and_hires_denoising_strength(http):
     assert info["denoising_strength"] == 0.6 and fields["Denoising strength"] == "0.6"
     assert _pixels(data["images"][0]).shape == (2 * SIZE, 2 * SIZE, 3)
     assert json.loads(http.post("/sdapi/v1/txt2img", json=BODY).json()["info"])["denoising_strength"] is None
+
+
+def test_hires_fix_stays_within_the_limits(http, proto):
+    limits = proto[1].state.limits  # A1111's hires fix makes width * hr_scale: the final size is what must fit
+    scale = limits.max_side // SIZE + 1
+    response = http.post("/sdapi/v1/txt2img", json=dict(BODY, enable_hr=True, hr_scale=scale))
+    assert response.status_code == 422
+    assert f"width must be at most {limits.max_side}, not {SIZE * scale}" in response.json()["detail"]
+    response = http.post("/sdapi/v1/txt2img", json=dict(BODY, enable_hr=True, hr_resize_x=limits.max_side + 8))
+    assert response.status_code == 422 and "hires" in response.json()["detail"]
+    steps = dict(BODY, enable_hr=True, hr_scale=1, hr_second_pass_steps=limits.max_steps + 1)
+    assert http.post("/sdapi/v1/txt2img", json=steps).status_code == 422
 
 
 def test_progress_job_timestamp_and_interrupted(http, service, slow_device):  # noqa: F811
@@ -179,6 +193,17 @@ def test_cors_as_a1111_sets_it_up(http):
     assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
     simple = http.get("/health", headers={"Origin": "http://allowed.example"})
     assert simple.headers["access-control-allow-origin"] == "http://allowed.example"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--read-timeout", "0", "the read timeout must be more than 0 seconds, not 0.0"),
+    ("--cors-allow-origins-regex", "([", "the CORS origin regex '([': unterminated character set at position 1"),
+])  # fmt: skip
+def test_serve_refuses_bad_http_options_before_loading(flag, value, message):
+    """One line and exit code 2, before the (missing) model is looked at."""
+    argv = [sys.executable, str(ROOT / "cli.py"), "serve", "--model", "/nonexistent", flag, value]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {message}"]
 
 
 def _raw_request(url: str, head: bytes, body: bytes) -> tuple[bytes, float]:
