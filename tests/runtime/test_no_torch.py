@@ -31,10 +31,10 @@ def test_import_runtime_does_not_import_torch():
 
 
 @needs_torch
-def test_generate_from_onnx_without_torch(tiny_sd1, tmp_path):
+def test_generate_from_onnx_without_torch(tiny_sd1, shared_engines):
     from export import export_model
 
-    artifacts = export_model(tiny_sd1, tmp_path / "engines", progress=False)
+    artifacts = export_model(tiny_sd1, shared_engines, progress=False)  # the session's export
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(artifacts)], cwd=REPO, capture_output=True, text=True, timeout=300
     )
