@@ -12,12 +12,13 @@ from .lora_files import attention_only, module_weights, write_kohya, write_old_d
 
 
 @pytest.fixture(scope="session")
-def lora_engines(tiny_sd1, shared_engines) -> Path:
-    """The artifact root holding the tiny sd1 export (with its weight maps): the session's shared one."""
+def lora_engines(tiny_sd1, tmp_path_factory) -> Path:
+    """The artifact root holding only the tiny sd1 export (with its weight maps): tests look at its one folder."""
     from export import export_model
 
-    export_model(tiny_sd1, shared_engines, progress=False)
-    return shared_engines
+    engines = tmp_path_factory.mktemp("lora-engines")
+    export_model(tiny_sd1, engines, progress=False)
+    return engines
 
 
 @pytest.fixture(scope="session")
