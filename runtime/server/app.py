@@ -126,16 +126,23 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
+def _invalid(exc: SdrtError) -> JSONResponse:
+    """A 422 as FastAPI and A1111 answer it: `detail`, a list of {loc, msg, type}; loc names the refused field."""
+    field = getattr(exc, "field", None)
+    loc = ["body", *field.split(".")] if field else ["body"]
+    return JSONResponse({"detail": [{"loc": loc, "msg": str(exc), "type": "value_error"}]}, status_code=422)
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SdrtError)
     async def sdrt_error(request: Request, exc: SdrtError):
         status = next((code for kind, code in STATUS_OF.items() if isinstance(exc, kind)), 500)
-        return _error(status, str(exc))
+        return _invalid(exc) if status == 422 else _error(status, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        return JSONResponse({"detail": problems or "invalid request", "errors": _plain(exc.errors())}, 422)
+        problems = _plain(exc.errors()) or [{"loc": ["body"], "msg": "invalid request", "type": "value_error"}]
+        return JSONResponse({"detail": problems}, 422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -161,9 +168,15 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 def _plain(errors: list) -> list:
-    """Validation errors as JSON-safe dicts (pydantic puts exception objects in `ctx`)."""
-    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-            for e in errors]
+    """Validation errors as JSON-safe dicts (pydantic puts exception objects in `ctx`), the failing field named in
+    the message too."""
+    return [{"loc": [str(p) for p in e.get("loc", ())], "msg": _named(e), "type": str(e.get("type", ""))}
+            for e in errors]  # fmt: skip
+
+
+def _named(error: dict) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ())[1:])  # without "body"
+    return f"{where}: {error.get('msg', '')}" if where else str(error.get("msg", ""))
 
 
 async def _run(request: Request, calls: list[a1111.Call]) -> tuple[list, str | None]:

@@ -60,11 +60,11 @@ def check_setting(key: str, value, model, served: str) -> object:
     if key in NO_EFFECT_SETTINGS:
         wanted = NO_EFFECT_SETTINGS[key]
         if wanted is not None and value != wanted:
-            raise InvalidRequestError(f"{key}: only {wanted!r} is supported by this server, not {value!r}")
+            raise FieldError(key, f"only {wanted!r} is supported by this server, not {value!r}")
         if key == "sd_vae" and value not in ("Automatic", "None", None, (model.info.get("source") or {}).get("vae")):
-            raise InvalidRequestError(f"sd_vae: this server serves one VAE, not {value!r}")
+            raise FieldError(key, f"this server serves one VAE, not {value!r}")
         return None
-    raise InvalidRequestError(f"{key}: this setting is not supported by this server")
+    raise FieldError(key, "this setting is not supported by this server")
 
 
 def check_checkpoint(key: str, wanted, model, served: str) -> None:
@@ -77,7 +77,7 @@ def check_checkpoint(key: str, wanted, model, served: str) -> None:
         name = ""  # another checkpoint of the same name
     stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0] if "." in name else name
     if text not in (model_hash(model), served) and model.name not in (name, stem):
-        raise InvalidRequestError(f"{key}: this server serves only {served!r}, not {wanted!r}")
+        raise FieldError(key, f"this server serves only {served!r}, not {wanted!r}")
 
 
 def apply_settings(settings: dict, changes: dict, model, served: str) -> dict:
@@ -103,8 +103,16 @@ def effective_settings(body, state, model, served: str) -> dict:
 # ---- fields ------------------------------------------------------------------------------------------------------
 
 
+class FieldError(InvalidRequestError):
+    """A request field (or setting) that cannot be honoured; `field` names it (the 422's loc)."""
+
+    def __init__(self, field: str, why: str):
+        super().__init__(f"{field}: {why}")
+        self.field = field
+
+
 def _refuse(field: str, why: str) -> None:
-    raise InvalidRequestError(f"{field}: {why}")
+    raise FieldError(field, why)
 
 
 def refuse_unsupported(body, served_checkpoint: str, model) -> None:

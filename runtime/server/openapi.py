@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 
 from ..pipelines.hires import HIRES_UPSCALERS
 from ..samplers import SAMPLER_NAMES, resolve_sampler
-from .schemas import ErrorResponse
+from .schemas import ErrorResponse, ValidationErrorResponse
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ ERRORS = {
     413: "too large for this server: the body is over --max-body-mb, a prompt is over the prompt limits "
     "(--max-prompt-chars, --max-prompt-chunks, --max-and-terms), or the request's estimated memory is over "
     "--memory-budget; `detail` names the size, batch or prompt length that fits",
-    422: "a field is invalid or over a limit; `detail` names it",
+    422: "a field is invalid, over a limit or not supported: `detail` lists {loc, msg, type}, msg naming the field",
     429: "the queue is full; retry later",
     503: "the server is shutting down",
     507: "an allocation failed while generating (the machine ran out of memory); `detail` names the size",
@@ -41,7 +41,8 @@ NULL_ANSWER = {200: {"description": "null (A1111 answers nothing)", "content": {
 
 def error_responses(codes: tuple[int, ...], null: bool = False) -> dict:
     """FastAPI `responses=` for these codes, each with the ErrorResponse body; `null`: the route answers null."""
-    answers = {code: {"model": ErrorResponse, "description": ERRORS[code]} for code in codes}
+    answers = {code: {"model": ValidationErrorResponse if code == 422 else ErrorResponse,
+                      "description": ERRORS[code]} for code in codes}  # fmt: skip
     return {**answers, **NULL_ANSWER} if null else answers
 
 

@@ -163,10 +163,21 @@ class SDModelItem(_Body):
 
 
 class ErrorResponse(_Body):
-    """Every 4xx/5xx answer: one line in `detail`; validation errors also list each problem."""
+    """Every 4xx/5xx answer but 422: one line in `detail`."""
 
     detail: str = Field(description="what is wrong, in one line")
-    errors: list[dict[str, Any]] | None = Field(default=None, description="422 only: [{loc, msg, type}]")
+
+
+class ValidationProblem(_Body):
+    loc: list[str | int] = Field(description='where: ["body", field name, ...]')
+    msg: str = Field(description="what is wrong, naming the field, in one line")
+    type: str
+
+
+class ValidationErrorResponse(_Body):
+    """A 422, as FastAPI and A1111 answer it: each problem with its location."""
+
+    detail: list[ValidationProblem]
 
 
 class HealthResponse(_Body):

@@ -54,3 +54,9 @@ def client(server):
 
     with httpx.Client(base_url=server[0], timeout=120) as client:
         yield client
+
+
+def detail_text(response) -> str:
+    """An error answer's message: `detail` itself, or a 422's problems ([{loc, msg, type}]) joined by "; "."""
+    detail = response.json()["detail"]
+    return detail if isinstance(detail, str) else "; ".join(problem["msg"] for problem in detail)
