@@ -166,8 +166,9 @@ def test_unreadable_manifest_raises_artifact_error(tmp_path):
 
 @needs_torch
 def test_progress_bars_when_asked_are_labelled_by_mode(tiny_sd1, sd1_artifact, capfd):
-    import runtime
     from PIL import Image
+
+    import runtime
 
     sd = runtime.load(tiny_sd1, progress=True)
     capfd.readouterr()
