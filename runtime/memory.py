@@ -10,6 +10,7 @@ The coefficients were calibrated against the peak RSS of real runs of the tiny S
 sides 32 to 128 (tests/serving/test_resources.py checks that the estimate stays an upper bound within 2x). The
 estimate covers the working memory of one request on top of the loaded weights; stages run one after another and
 give their memory back (the sessions run without ONNX Runtime's memory arena), so the peak is the largest stage's.
+A VAE call that runtime.vae_tiling tiles is estimated as one tile's call plus the host's copies of the whole image.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ UNET_CONV_FACTOR = 12  # live float tensors per (pixel x input channel) at a UNe
 VAE_CONV_FACTOR = 6  # the same in the VAE decoder (no skips)
 TEXT_FACTOR = 16  # live [rows, 77, hidden] tensors in the text encoder
 OVERHEAD_BYTES = 32 * 2**20  # latents, noise, images and copies on the host
+IMAGE_COPIES = 4  # whole-image float32 copies a tiled VAE call holds on the host (joined, scaled, clipped, transposed)
 BUDGET_FRACTION = 0.8  # of the memory available when the budget is first needed
 GIB = 2**30
 
@@ -127,6 +129,13 @@ def vae_bytes(facts: dict, latent_height: int, latent_width: int, images: int) -
     return int(images * FLOAT_BYTES * (ATTENTION_FACTOR * attention + VAE_CONV_FACTOR * conv))
 
 
+def tiled_vae_bytes(facts: dict, tile_height: int, tile_width: int, height: int, width: int, images: int) -> int:
+    """Peak bytes of a tiled VAE decode or encode (runtime.vae_tiling): one image's call on one tile of
+    tile_height x tile_width latent pixels, plus the host's copies of the whole output ([images, 3, H, W] float32:
+    the tiles joined, scaled, clipped and transposed)."""
+    return vae_bytes(facts, tile_height, tile_width, 1) + IMAGE_COPIES * images * 3 * height * width * FLOAT_BYTES
+
+
 def text_bytes(facts: dict, texts: int) -> int:
     """Peak bytes of one text-encoder call on `texts` chunks of 77 tokens."""
     per_text = TEXT_FACTOR * TEXT_TOKENS * facts["text_hidden"] + facts["text_heads"] * TEXT_TOKENS**2
@@ -134,17 +143,33 @@ def text_bytes(facts: dict, texts: int) -> int:
 
 
 def estimate(
-    info: dict, width: int, height: int, images: int, rows: int, chunks: int = 1, texts: int | None = None
+    info: dict,
+    width: int,
+    height: int,
+    images: int,
+    rows: int,
+    chunks: int = 1,
+    texts: int | None = None,
+    vae_tiling: bool | None = None,
 ) -> Estimate:
     """The estimate of generating `images` images of width x height, the UNet running on `rows` latents per call
-    (images x (1 + AND terms) with guidance) with `chunks` x 77 text tokens; `texts`: prompts per text-encoder call."""
+    (images x (1 + AND terms) with guidance) with `chunks` x 77 text tokens; `texts`: prompts per text-encoder call.
+    The VAE term is that of a tiled call where runtime.vae_tiling tiles this size (`vae_tiling`: the model's
+    option, None: auto)."""
+    from .vae_tiling import tiles_of, use_tiling
+
     facts = model_facts(info)
     factor = info["vae_scale_factor"]
     latent_height, latent_width = math.ceil(height / factor), math.ceil(width / factor)
+    vae = vae_bytes(facts, latent_height, latent_width, images)
+    tiles = tiles_of(info)
+    if use_tiling(info, tiles, latent_height, latent_width, vae_tiling):
+        tile_height, tile_width = min(latent_height, tiles.latent_size), min(latent_width, tiles.latent_size)
+        vae = tiled_vae_bytes(facts, tile_height, tile_width, height, width, images)
     return Estimate(
         text_encoder=text_bytes(facts, texts if texts is not None else rows),
         unet=unet_bytes(facts, latent_height, latent_width, rows, chunks),
-        vae=vae_bytes(facts, latent_height, latent_width, images),
+        vae=vae,
     )
 
 

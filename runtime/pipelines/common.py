@@ -11,6 +11,7 @@ from ..denoiser import Denoiser
 from ..errors import NumericalError
 from ..rng import TorchGenerator, noise_source
 from ..samplers import SamplerSpec, Schedule, sample
+from ..vae_tiling import decode_tiled, encode_tiled, model_tiling
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -65,12 +66,22 @@ def run_sampler(
 def decode_latents(model: StableDiffusion, latents: np.ndarray) -> np.ndarray:
     """VAE decode: latents [B, 4, h, w] -> float32 images [B, H, W, 3] in [0, 1]; NaN or Inf is an error.
 
-    Whether a GPU backend's fp16 decode overflowed and was computed again in fp32 (NanGuard.retried) is recorded as
-    `model.vae_retried`, which the infotext reports."""
+    A large latent is decoded in tiles as diffusers' `vae.enable_tiling()` does, by `model.vae_tiling` (None: auto,
+    True, False; runtime.vae_tiling says when). Whether a GPU backend's fp16 decode overflowed and was computed again
+    in fp32 (NanGuard.retried) is recorded as `model.vae_retried`, which the infotext reports."""
     scaled = (latents / np.float32(model.info["vae_scaling_factor"])).astype(np.float32)
     session = model.backend.session("vae_decoder")
-    image = session.run({"latent": scaled}, ["image"])["image"]  # [B, 3, H, W]
-    model.vae_retried = bool(getattr(session, "retried", False))  # this decode's; a batch's requests all read it
+    retried = False
+
+    def decode(latent: np.ndarray) -> np.ndarray:
+        nonlocal retried
+        image = session.run({"latent": latent}, ["image"])["image"]  # [B, 3, H, W]
+        retried = retried or bool(getattr(session, "retried", False))
+        return image
+
+    tiles = model_tiling(model, *scaled.shape[2:])
+    image = decode(scaled) if tiles is None else decode_tiled(decode, scaled, tiles)
+    model.vae_retried = retried  # this decode's; a batch's requests all read it
     if not np.isfinite(image).all():
         raise NumericalError("the VAE decoder produced NaN/Inf values (an overflow); no image was written")
     image = np.clip(image / 2 + 0.5, 0.0, 1.0)
@@ -81,9 +92,17 @@ def encode_images(model: StableDiffusion, images: np.ndarray, generators: list[T
     """VAE encoder + posterior sample per image from its own stream, times the scaling factor.
 
     images: float32 [1 or B, 3, H, W] in [-1, 1] (one image is used for every stream) -> latents [B, 4, h, w].
+    A large image is encoded in tiles as diffusers' `vae.enable_tiling()` does (see decode_latents).
     """
     session = model.backend.session("vae_encoder")
-    moments = session.run({"image": images.astype(np.float32)}, ["latent_parameters"])["latent_parameters"]
+
+    def encode(image: np.ndarray) -> np.ndarray:
+        return session.run({"image": image}, ["latent_parameters"])["latent_parameters"]  # [n, 2 * 4, h, w]
+
+    images = images.astype(np.float32)
+    factor = model.info["vae_scale_factor"]
+    tiles = model_tiling(model, images.shape[2] // factor, images.shape[3] // factor)
+    moments = encode(images) if tiles is None else encode_tiled(encode, images, tiles)
     mean, logvar = np.split(moments, 2, axis=1)  # each [n, 4, h, w]
     std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
     n = len(moments)
