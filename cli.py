@@ -29,6 +29,8 @@ PICKLE_HELP = "also read .bin/.pt pickle files (checkpoint weights; embeddings a
 ENGINES_HELP = f"artifact folder (default: ${HOME_VARIABLE}/engines, else ~/.cache/sdrt/engines)"
 QUIET_HELP = "no progress bars or log lines (before or after the subcommand)"
 MODEL_HELP = "diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)"
+PRECISION_HELP = ("what the backend computes in: fp32 (every backend), int8 (onnxruntime: quantised UNet MatMuls), "
+                  "bf16 (openvino, on a CPU with bf16 instructions)")
 BUDGET_HELP = ("working memory a request may use, e.g. 6G or 512M (default: 80%% of the memory available at the "
                "first request; none on the GPU backends)")
 
@@ -140,7 +142,7 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     progress = not args.quiet
     sd = runtime.load(
         args.model, backend=args.backend, engines_dir=args.engines, progress=progress, allow_pickle=args.allow_pickle,
-        **_checkpoint_options(args),
+        precision=args.precision, **_checkpoint_options(args),
     )  # fmt: skip
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
@@ -255,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             styles)  # fmt: skip
     budget = memory_budget(args)
     sd = runtime.load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle,
-                      **_checkpoint_options(args))  # fmt: skip
+                      precision=args.precision, **_checkpoint_options(args))  # fmt: skip
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     sd.set_lora_dir(args.lora_dir, allow_pickle=args.allow_pickle)
@@ -277,6 +279,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860, help="TCP port (A1111's is 7860)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="what runs the models")
+    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
     p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     _add_checkpoint_options(p)
@@ -400,6 +403,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     _add_lora_options(p)
     p.add_argument("--eta", type=float, default=None, help="DDIM noise multiplier in [0, 1] (default 0)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="what runs the models")
+    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
     p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.add_argument("--memory-budget", default=None, metavar="SIZE", help=BUDGET_HELP)
     p.add_argument("--output", default="sdrt-output.png", help="image file: .png, .jpg, .webp or .npy (float32 array)")

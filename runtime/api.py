@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__
 from .admission import PromptLimits, admit, allocation_errors, txt2img_passes
-from .backends import Backend, check_backend, open_backend
+from .backends import Backend, check_backend, check_precision, open_backend
 from .cache import engines_dir_or_default
 from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
 from .errors import ArtifactError, InvalidRequestError, ModelError
@@ -57,12 +57,22 @@ class GenerationResult:
 class StableDiffusion:
     """A loaded model: tokenizer, model facts and one backend session per component."""
 
-    def __init__(self, name: str, key: str, info: dict, tokenizer: ClipTokenizer, backend: Backend, progress: bool):
+    def __init__(
+        self,
+        name: str,
+        key: str,
+        info: dict,
+        tokenizer: ClipTokenizer,
+        backend: Backend,
+        progress: bool,
+        precision: str = "fp32",
+    ):
         self.name = name
         self.key = key  # "<folder>-<short hash>", also the Model hash of the infotext
         self.info = info  # runtime.checkpoint.describe_checkpoint(...)
         self.tokenizer = tokenizer
         self.backend = backend
+        self.precision = precision  # what the backend computes in (runtime.backends.PRECISIONS)
         self.show_progress = progress
         self.embeddings = EmbeddingDatabase()  # textual inversion, by name (load_embeddings)
         self.embedding_lookup = self.embeddings.lookup(tokenizer)
@@ -284,6 +294,7 @@ class StableDiffusion:
             "Clip skip": request.clip_skip if request.clip_skip > 1 else None,  # A1111 writes it from 2 on
             **_sampler_option_parameters(request),
             "Backend": self.backend.name,
+            "Precision": None if self.precision == "fp32" else self.precision,
             "Version": f"sdrt {__version__}",
         }
 
@@ -304,7 +315,7 @@ def _noise_factor(request: Img2ImgRequest) -> dict:
 
 
 def _mask_blur(request: InpaintRequest) -> dict:
-    """"Mask blur" (A1111's key) when x and y agree, else "Mask blur x" and "Mask blur y"."""
+    """ "Mask blur" (A1111's key) when x and y agree, else "Mask blur x" and "Mask blur y"."""
     blur_y = request.mask_blur if request.mask_blur_y is None else request.mask_blur_y
     if blur_y == request.mask_blur:
         return {"Mask blur": request.mask_blur}
@@ -337,6 +348,7 @@ def load(
     vae: str | Path | None = None,
     tokenizer: str | Path | None = None,
     prediction_type: str | None = None,
+    precision: str = "fp32",
 ) -> StableDiffusion:
     """Load `model` (a diffusers folder, a Hub id in the local cache, an exported artifact folder, or a single-file
     checkpoint: .safetensors in the original LDM layout, or .ckpt/.pt with `allow_pickle`).
@@ -348,8 +360,12 @@ def load(
 
     Artifacts go to `engines_dir`, by default the per-user cache ($SDRT_HOME/engines, see runtime.cache). Progress
     bars and export log lines show only with `progress=True`. A broken artifact of a checkpoint (ArtifactError) is
-    exported again with one warning; any other load failure (backend, device, engine) is raised as it is."""
+    exported again with one warning; any other load failure (backend, device, engine) is raised as it is.
+
+    `precision`: what the backend computes in: "fp32" (default, every backend), "int8" (onnxruntime: the UNet's
+    MatMuls quantised), "bf16" (openvino, on a CPU with bf16 instructions); checked before any work."""
     check_backend(backend)
+    check_precision(backend, precision)
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file():
         if vae or tokenizer or prediction_type:
@@ -357,7 +373,7 @@ def load(
         manifest = read_manifest(path)
         source = Path(manifest.source.get("path", ""))
         source = source if source.is_dir() else None
-        return _open(manifest.model_key, manifest.model, path, source, backend, progress, allow_pickle)
+        return _open(manifest.model_key, manifest.model, path, source, backend, progress, allow_pickle, precision)
     engines = engines_dir_or_default(engines_dir)
     checkpoint = prepare_checkpoint(model, engines, vae, tokenizer, prediction_type, allow_pickle)
     info = describe_checkpoint(checkpoint)
@@ -367,11 +383,11 @@ def load(
         return _open(key, info, tokenizer_dir, checkpoint, backend, progress, allow_pickle, tokenizer_only=True)
     artifacts = ensure_exported(checkpoint, engines, key, progress, allow_pickle)
     try:
-        return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle)
+        return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle, precision)
     except ArtifactError as exc:  # only a broken artifact: a backend, device or engine failure is not fixed by this
         logger.warning("%s; exporting %s again", str(exc).removesuffix(REEXPORT_HINT), checkpoint)
         artifacts = ensure_exported(checkpoint, engines, key, progress, allow_pickle, force=True)
-        return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle)
+        return _open(key, info, artifacts, checkpoint, backend, progress, allow_pickle, precision)
 
 
 def _open_image(image):
@@ -433,13 +449,16 @@ def _open(
     backend_name: str,
     progress: bool,
     allow_pickle: bool,
+    precision: str = "fp32",
     tokenizer_only: bool = False,
 ) -> StableDiffusion:
     tokenizer = ClipTokenizer.from_folder(folder if tokenizer_only else folder / "tokenizer")
     artifacts = None if tokenizer_only else folder
-    backend = open_backend(backend_name, artifacts=artifacts, checkpoint=checkpoint, allow_pickle=allow_pickle)
+    backend = open_backend(
+        backend_name, artifacts=artifacts, checkpoint=checkpoint, allow_pickle=allow_pickle, precision=precision
+    )
     components = PIPELINE_COMPONENTS + (("depth_estimator",) if info.get("depth_estimator") else ())
     for component in components:  # load now, so a broken model fails here and not mid-request
         backend.session(component)
     name = (info.get("source") or {}).get("model") or key.rsplit("-", 1)[0]  # a single file: its stem
-    return StableDiffusion(name, key, info, tokenizer, backend, progress)
+    return StableDiffusion(name, key, info, tokenizer, backend, progress, precision)

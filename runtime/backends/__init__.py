@@ -14,8 +14,14 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, InvalidRequestError
 
-BACKENDS = ("onnxruntime", "torch", "onnxruntime-cuda", "tensorrt", "torch-cuda")
+BACKENDS = ("onnxruntime", "torch", "openvino", "onnxruntime-cuda", "tensorrt", "torch-cuda")
 GPU_BACKENDS = ("onnxruntime-cuda", "tensorrt", "torch-cuda")  # NVIDIA GPU only; runtime.backends.gpu checks them
+# The precisions `load(..., precision=)` offers per backend; the others compute in fp32 only through it (the GPU
+# backends' fp16 models come from `export --precision fp16`). int8: the UNet's MatMuls quantised at export.
+PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
+# The package each CPU backend imports, and how to install it
+PACKAGES = {"onnxruntime": ("onnxruntime", "pip install onnxruntime"), "torch": ("torch", "pip install -e .[export]"),
+            "openvino": ("openvino", "pip install -e .[openvino]")}  # fmt: skip
 
 
 class Session(Protocol):
@@ -58,18 +64,37 @@ def check_backend(name: str) -> str:
         from .gpu import check_gpu_backend
 
         return check_gpu_backend(name)
-    package = {"onnxruntime": "onnxruntime", "torch": "torch"}[name]
+    package, install = PACKAGES[name]
     if importlib.util.find_spec(package) is None:
-        raise BackendUnavailableError(f"the {name} backend needs the {package!r} package, which is not installed")
+        raise BackendUnavailableError(
+            f"the {name} backend needs the {package!r} package, which is not installed ({install})"
+        )
     if name == "torch" and importlib.util.find_spec("diffusers") is None:
         raise BackendUnavailableError("the torch backend needs 'diffusers' (pip install -e .[export])")
     return name
 
 
-def open_backend(name: str, *, artifacts: Path | None, checkpoint: Path | None, allow_pickle: bool = False) -> Backend:
-    """The backend `name` over an artifact folder (onnxruntime) or a diffusers checkpoint folder (torch; .bin
-    pickle weights only with allow_pickle)."""
+def check_precision(backend: str, precision: str) -> str:
+    """Validate `precision` for the (valid) backend `backend`, and that this machine can compute in it; return it."""
+    valid = PRECISIONS.get(backend, ("fp32",))
+    if precision not in valid:
+        note = " (fp16 models for it come from `export --precision fp16`)" if backend in GPU_BACKENDS else ""
+        choices = " or ".join(valid)
+        raise InvalidRequestError(f"the {backend} backend computes in {choices}, not precision {precision!r}{note}")
+    if backend == "openvino" and precision != "fp32":
+        from .openvino import require_precision
+
+        require_precision(precision)
+    return precision
+
+
+def open_backend(
+    name: str, *, artifacts: Path | None, checkpoint: Path | None, allow_pickle: bool = False, precision: str = "fp32"
+) -> Backend:
+    """The backend `name` over an artifact folder (onnxruntime, openvino) or a diffusers checkpoint folder (torch;
+    .bin pickle weights only with allow_pickle), computing in `precision` (PRECISIONS)."""
     check_backend(name)
+    check_precision(name, precision)
     if name in GPU_BACKENDS:
         from .gpu import open_gpu_backend
 
@@ -77,7 +102,12 @@ def open_backend(name: str, *, artifacts: Path | None, checkpoint: Path | None, 
     if name == "onnxruntime":
         from .onnxruntime import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(artifacts)
+        options = {} if precision == "fp32" else {"precision": precision}  # fp32: also before int8 existed
+        return OnnxRuntimeBackend(artifacts, **options)
+    if name == "openvino":
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(artifacts, precision=precision)
     from .torch import TorchBackend
 
     return TorchBackend(checkpoint, allow_pickle)
