@@ -1,7 +1,8 @@
 """Export driver: a diffusers Stable Diffusion folder -> `engines/<model-key>/` (ONNX models, tokenizer, manifest).
 
 Each component is traced with the TorchScript exporter (fp32, opset 17) into a private work folder inside the
-artifact folder, cleaned there (onnx_clean), then renamed into `onnx/`. The manifest is written last and removed
+artifact folder, cleaned there (onnx_clean), then renamed into `onnx/`; the UNet and the VAE also get their CPU graph
+beside it (onnx_cpu: fused attention for ONNX Runtime's CPU provider). The manifest is written last and removed
 before a rebuild starts, so an interrupted export never looks finished.
 """
 
@@ -29,6 +30,7 @@ from runtime.cache import engines_dir_or_default
 from runtime.checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
 from runtime.errors import BackendUnavailableError, ModelError
 from runtime.manifest import (
+    DERIVED_GRAPHS,
     FINAL_NORM_FILE,
     MANIFEST_NAME,
     TOKEN_EMBEDDING_FILE,
@@ -37,6 +39,8 @@ from runtime.manifest import (
     TensorInfo,
     atomic_write_bytes,
     component_files,
+    derived_graph_file,
+    derived_graph_stamp,
     files_intact,
     read_manifest,
     write_manifest,
@@ -268,7 +272,24 @@ def export_component(spec: ComponentSpec, load: Callable[[], Any], folder: Path,
         precision="fp32",
         sha256=digest,
     )
-    return replace(info, size=sum(p.stat().st_size for p in component_files(folder, info)))
+    info = replace(info, size=sum(p.stat().st_size for p in component_files(folder, info)))
+    write_derived_graphs(folder, info, spec.name)
+    return info
+
+
+def write_derived_graphs(folder: Path, info: ComponentInfo, component: str) -> None:
+    """Write the component's CPU graph (onnx_cpu) and remove derived graphs of the model it replaced (the int8 UNet
+    is made again on first use)."""
+    from .onnx_cpu import write_cpu_graph
+
+    for kind, components in DERIVED_GRAPHS.items():
+        if component in components and kind != "cpu":
+            stale = folder / derived_graph_file(info, kind)
+            stale.unlink(missing_ok=True)
+            stale.with_name(stale.name + ".data").unlink(missing_ok=True)
+    if component in DERIVED_GRAPHS["cpu"]:
+        cpu = folder / derived_graph_file(info, "cpu")
+        write_cpu_graph(folder / info.file, cpu, derived_graph_stamp(folder, info, "cpu"))
 
 
 def weight_fingerprints(component: str, module) -> dict | None:

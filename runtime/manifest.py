@@ -6,10 +6,16 @@ Layout of an artifact folder (`engines/<model-key>/`):
     onnx/<component>.onnx   one model per component (fp32 for the CPU execution provider)
     onnx/text_encoder_token_embedding.npy   CLIP's token embedding table, float32 [vocab, D]
     onnx/text_encoder_final_norm.npz        CLIP's final LayerNorm: weight [D], bias [D], eps
+    onnx/<component>.cpu.onnx    the CPU execution provider's graph (fused attention; export.onnx_cpu), for the UNet
+                                 and VAE; it reads the weights of `<component>.onnx.data` when the model has that file
+    onnx/unet.int8.onnx          the CPU graph with int8 MatMul weights (precision "int8"), made on first use
+Both are derived from `<component>.onnx`, whose sha256 (as this manifest records it) their ONNX metadata names: one
+that is missing, unloadable or made from another export is made again from it, never trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,6 +35,13 @@ COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 TOKEN_EMBEDDING_FILE = "onnx/text_encoder_token_embedding.npy"
 FINAL_NORM_FILE = "onnx/text_encoder_final_norm.npz"
 TEXT_TABLE_FILES = (TOKEN_EMBEDDING_FILE, FINAL_NORM_FILE)
+# Graphs derived from a component's model for ONNX Runtime's CPU execution provider: kind -> the components that have
+# one. "cpu": attention as MultiHeadAttention (export.onnx_cpu); "int8": that graph, MatMul weights quantised.
+DERIVED_GRAPHS = {"cpu": ("unet", "vae_decoder", "vae_encoder"), "int8": ("unet",)}
+DERIVED_GRAPH_VERSION = {"cpu": "1", "int8": "1"}  # a derived graph of another version is made again
+DERIVED_VERSION_KEY = "sdrt.derived_graph"  # ONNX metadata of a derived graph: "<kind>/<version>"
+DERIVED_SOURCE_KEY = "sdrt.source_sha256"  # ONNX metadata of a derived graph: its model's sha256, as recorded here
+DERIVED_FILE_KEY = "sdrt.source_file_sha256"  # ... and the sha256 of the model's .onnx file alone (without .data)
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,31 @@ def component_files(folder: Path, info: ComponentInfo) -> list[Path]:
     return [path, data] if data.is_file() else [path]
 
 
+def derived_graph_file(info: ComponentInfo, kind: str) -> str:
+    """The derived graph of kind `kind` beside a component's model: onnx/unet.onnx -> onnx/unet.cpu.onnx."""
+    if kind not in DERIVED_GRAPHS:
+        raise ValueError(f"unknown derived graph {kind!r}")
+    stem, _, suffix = info.file.rpartition(".")
+    return f"{stem}.{kind}.{suffix}"
+
+
+def derived_graph_stamp(folder: Path, info: ComponentInfo, kind: str) -> dict[str, str]:
+    """The ONNX metadata a derived graph of the component's model as it is now carries (checked when it is loaded).
+
+    The model's .onnx file is hashed (not its .data file: the graph of a model over 2 GiB is a few MB), so a derived
+    graph never outlives a model file that was replaced or damaged (the backend then loads that model and reports
+    it)."""
+    digest = hashlib.sha256()
+    with (Path(folder) / info.file).open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return {
+        DERIVED_VERSION_KEY: f"{kind}/{DERIVED_GRAPH_VERSION[kind]}",
+        DERIVED_SOURCE_KEY: info.sha256,
+        DERIVED_FILE_KEY: digest.hexdigest(),
+    }
+
+
 def files_intact(folder: Path, manifest: Manifest) -> bool:
     """Whether every component file exists with the size the manifest recorded, and the text tables exist."""
     return artifact_problem(folder, manifest) is None
@@ -115,6 +153,8 @@ def artifact_problem(folder: Path, manifest: Manifest) -> str | None:
     """What is wrong with an artifact folder's files (a missing file, a size the manifest did not record), or None.
 
     Cheap: nothing is re-hashed. An export older than the text tables is not intact, so it is exported again.
+    Derived graphs (DERIVED_GRAPHS) are not looked at: the backend that reads one makes it again when it is missing
+    or does not match (runtime.backends.onnxruntime).
     """
     for info in manifest.components.values():
         files = component_files(folder, info)

@@ -1,4 +1,11 @@
-"""ONNX Runtime backend: the exported fp32 ONNX models on the CPU execution provider."""
+"""ONNX Runtime backend: the exported fp32 ONNX models on the CPU execution provider.
+
+On the CPU provider alone, the UNet and the VAE run their CPU graphs (runtime.manifest.DERIVED_GRAPHS: attention as
+MultiHeadAttention, export.onnx_cpu), made at export and, for artifact folders older than that, on first use; one
+that is missing, unloadable or made from another export is made again (one warning). Where it cannot be made (no
+`onnx` package installed) the exported graph runs, with a warning. Precision "int8" runs the UNet's int8 graph
+(MatMul weights quantised, made on first use); LoRA cannot change its weights, so it refuses UNet LoRAs.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,24 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import AllocationError, ArtifactError, ModelError
-from ..manifest import FINAL_NORM_FILE, REEXPORT_HINT, TOKEN_EMBEDDING_FILE, read_manifest
+from ..errors import AllocationError, ArtifactError, BackendUnavailableError, InvalidRequestError, ModelError
+from ..manifest import (
+    DERIVED_GRAPHS,
+    FINAL_NORM_FILE,
+    REEXPORT_HINT,
+    TOKEN_EMBEDDING_FILE,
+    derived_graph_file,
+    derived_graph_stamp,
+    read_manifest,
+)
 from ..memory import format_bytes
 from . import TextTables
 
 logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")  # int8: the UNet's constant-weight MatMuls, dynamic quantisation, CPU provider only
+CPU_PROVIDERS = ["CPUExecutionProvider"]
+STALE = "was made from another model file or by another version"
 
 
 class OnnxRuntimeSession:
@@ -54,6 +73,10 @@ class OnnxRuntimeSession:
             reason = text.splitlines()[0][:200] if text else type(exc).__name__
             raise ModelError(f"{self.component} failed in onnxruntime: {reason}") from exc
         return dict(zip(names, values))
+
+    def metadata(self) -> dict[str, str]:
+        """The model's ONNX metadata properties."""
+        return dict(self._session.get_modelmeta().custom_metadata_map)
 
 
 def _is_allocation_failure(reason: str) -> bool:
@@ -127,10 +150,17 @@ def read_text_tables(folder: Path, hidden_size: int) -> TextTables:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, artifacts: Path, providers: list[str] | None = None):
+    def __init__(self, artifacts: Path, providers: list[str] | None = None, precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise InvalidRequestError(
+                f"unknown precision {precision!r} for the onnxruntime backend; choose one of: {', '.join(PRECISIONS)}"
+            )
         self.folder = Path(artifacts)
         self.manifest = read_manifest(self.folder)
-        self.providers = providers or ["CPUExecutionProvider"]
+        self.providers = providers or list(CPU_PROVIDERS)
+        if precision == "int8" and self.providers != CPU_PROVIDERS:
+            raise InvalidRequestError("precision int8 runs on ONNX Runtime's CPU execution provider only")
+        self.precision = precision
         self._sessions: dict[str, OnnxRuntimeSession] = {}
         self._text_tables: TextTables | None = None
         self.weights = OnnxWeights(self)  # LoRA: initializer overrides per component
@@ -144,17 +174,72 @@ class OnnxRuntimeBackend:
             raise ArtifactError(f"{path} is missing{REEXPORT_HINT}")
         return path
 
+    def graph_kind(self, component: str) -> str | None:
+        """The derived graph of `component` that runs here (manifest.DERIVED_GRAPHS), or None: the exported one."""
+        if self.providers != CPU_PROVIDERS:
+            return None
+        if self.precision == "int8" and component in DERIVED_GRAPHS["int8"]:
+            return "int8"
+        return "cpu" if component in DERIVED_GRAPHS["cpu"] else None
+
     def session(self, component: str) -> OnnxRuntimeSession:
         if component not in self._sessions:
             path = self.model_path(component)
             overrides = self.weights.overrides.get(component)
-            logger.debug("loading %s from %s (%d weights overridden)", component, path, len(overrides or {}))
-            if component == "text_encoder":
-                session = OnnxRuntimeTextEncoder(path, self.providers, self.text_tables(), overrides)
+            kind = self.graph_kind(component)
+            logger.debug(
+                "loading %s from %s, graph %s (%d weights overridden)", component, path, kind, len(overrides or {})
+            )
+            if kind:
+                self._sessions[component] = self._derived_session(component, kind, overrides)
             else:
-                session = OnnxRuntimeSession(path, component, self.providers, overrides)
-            self._sessions[component] = session
+                self._sessions[component] = self._open(path, component, overrides)
         return self._sessions[component]
+
+    def _open(self, path: Path, component: str, overrides: dict[str, np.ndarray] | None) -> OnnxRuntimeSession:
+        if component == "text_encoder":
+            return OnnxRuntimeTextEncoder(path, self.providers, self.text_tables(), overrides)
+        return OnnxRuntimeSession(path, component, self.providers, overrides)
+
+    def _derived_session(self, component: str, kind: str, overrides) -> OnnxRuntimeSession:
+        """The session of a derived graph, made (again) when missing, unloadable or stale. Where the CPU graph cannot
+        be made, the exported graph's session (one warning); a broken export raises ArtifactError (api re-exports)."""
+        info = self.manifest.components[component]
+        path = self.folder / derived_graph_file(info, kind)
+        stamp = derived_graph_stamp(self.folder, info, kind)
+        if path.is_file():
+            session, problem = self._open_stamped(path, component, stamp, overrides)
+            if session is not None:
+                return session
+            if problem == STALE:  # the export was replaced (or damaged: making it again tells)
+                logger.info("%s %s; making it again from %s", path, problem, info.file)
+            else:
+                logger.warning("%s %s; making it again from %s", path, problem, info.file)
+        else:
+            logger.info("making %s from %s (first use)", path, info.file)
+        problem = make_derived_graph(self.folder, component, kind)
+        if problem is None:
+            session, problem = self._open_stamped(path, component, stamp, overrides)
+            if session is not None:
+                return session
+        session = self._open(self.model_path(component), component, overrides)  # ArtifactError: a broken export
+        if kind == "int8":
+            raise ModelError(f"cannot make the int8 {component} from {info.file} ({problem})")
+        logger.warning("%s: its CPU graph %s; running the exported graph", component, problem)
+        return session
+
+    def _open_stamped(
+        self, path: Path, component: str, stamp: dict, overrides=None
+    ) -> tuple[OnnxRuntimeSession | None, str]:
+        """(session, "") when the graph at `path` loads and carries `stamp`, else (None, why)."""
+        try:
+            session = self._open(path, component, overrides)
+        except ModelError as exc:
+            return None, f"cannot be loaded ({str(exc).removesuffix(REEXPORT_HINT)})"
+        metadata = session.metadata()
+        if any(metadata.get(key) != value for key, value in stamp.items()):
+            return None, STALE
+        return session, ""
 
     def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
         """Diffusers parameter -> shape, for the parameters this export's weight map reaches."""
@@ -167,7 +252,10 @@ class OnnxRuntimeBackend:
     def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
         """Replace parameters by full new values (diffusers names); None or {} restores the base weights.
 
-        Every call starts from base; a component whose overrides change gets a new session."""
+        Every call starts from base; a component whose overrides change gets a new session. The int8 UNet's weights
+        are quantised copies, so UNet patches are refused at that precision."""
+        if self.precision == "int8" and any((patches or {}).get(c) for c in DERIVED_GRAPHS["int8"]):
+            raise InvalidRequestError("LoRA cannot change the int8 UNet's weights: use precision fp32 with LoRAs")
         for component in self.weights.set_patches(patches or {}):
             self._sessions.pop(component, None)
             self.session(component)
@@ -204,3 +292,27 @@ class OnnxWeights:
             self.overrides[component] = self.source.initializer_values(component, values)
             changed.append(component)
         return changed
+
+
+def make_derived_graph(folder: Path, component: str, kind: str) -> str | None:
+    """Write the derived graph `kind` of `component` in an artifact folder (int8: the CPU graph first); return None,
+    or what went wrong (the exported graph can still run)."""
+    try:
+        from export.onnx_cpu import write_cpu_graph, write_int8_graph
+    except ImportError as exc:
+        if kind == "int8":
+            raise BackendUnavailableError(
+                f"precision int8 quantises the UNet once, which needs the onnx package ({exc}): "
+                "pip install -e .[export]"
+            ) from exc
+        return f"cannot be made without the onnx package ({exc})"
+    info = read_manifest(folder).components[component]
+    cpu = folder / derived_graph_file(info, "cpu")
+    try:
+        write_cpu_graph(folder / info.file, cpu, derived_graph_stamp(folder, info, "cpu"))
+        if kind == "int8":
+            write_int8_graph(cpu, folder / derived_graph_file(info, "int8"), derived_graph_stamp(folder, info, "int8"))
+    except Exception as exc:  # onnx/protobuf errors of a model the rewrite cannot read
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        return f"could not be made ({reason})"
+    return None
