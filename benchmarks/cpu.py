@@ -1,209 +1,275 @@
-"""CPU benchmark: sdrt (ONNX Runtime CPU) against diffusers (torch CPU) on the same checkpoint, in one run.
+"""CPU benchmark: sdrt's CPU paths against diffusers on torch, variants interleaved in one run.
 
-    python -m benchmarks.cpu --model sd15-shaped --size 256 --steps 4        # SD-1.5 shapes, random weights
-    python -m benchmarks.cpu --model tiny --steps 20                         # runtime overhead per step
+    flock /work/bench/heavy.lock python -m benchmarks.cpu --model /work/bench/sd15-shaped-checkpoint \\
+        --engines /work/bench/engines-bench --sizes 512 256 --rounds 3 --steps 4
+    python -m benchmarks.cpu --model tiny --sizes 64 --rounds 1 --steps 2          # a quick check of the harness
 
-Per stage (text encoder, one UNet call, VAE decode) and end to end, medians over --runs after a warm-up,
-plus the runtime's own per-step overhead: sampling-loop time not spent inside the UNet session.
-Writes JSON (default benchmarks/results/<date>-cpu-<model>.json).
+Variants (--variants: a comma-separated subset): sdrt onnxruntime fp32 and int8, sdrt openvino fp32 and bf16,
+diffusers torch fp32, fp32 with libjemalloc preloaded, and bf16. Each (round, variant) runs in a process of its
+own (benchmarks/cpu_worker.py): load, a one-step warm-up, one timed txt2img (Euler, CFG 7.5, a fixed seed), its
+peak RSS. A round runs every variant once, in an order rotated by one each round (A B C, B C A, ...), so a slow
+spell of the shared machine falls on all of them; medians and min/max over the rounds. speedup_end_to_end:
+diffusers torch fp32's end-to-end median over the variant's. Image difference, in 8-bit levels: each sdrt variant
+against sdrt onnxruntime fp32 (and that against diffusers torch fp32), torch bf16 and jemalloc against torch fp32.
+Issue 20's targets are computed at every size. Before the rounds each sdrt variant is loaded once (export,
+quantisation and compile caches are made then, not timed); a variant that cannot run here is recorded as skipped
+with the reason. The record (JSON) is rewritten after every measurement, so an interrupted run keeps what finished:
+benchmarks/results/<date>-cpu-<model>.json by default. Runs on the SD 1.5-shaped checkpoint hold the shared lock.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes.util
 import datetime
 import json
+import os
 import platform
-import statistics
-import time
+import shlex
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-PROMPT = "a photo of an astronaut riding a horse on the moon"
-SAMPLER = "Euler"
+from benchmarks.cpu_report import add_comparisons, markdown, summarize, targets
+from benchmarks.cpu_worker import CFG_SCALE, PROMPT, SAMPLER, SEED, VARIANTS
+
+REPO = Path(__file__).resolve().parents[1]
+ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MALLOC_CONF")  # what changes the workers' threads or allocator
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+JEMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib64/libjemalloc.so.2",
+    "/usr/local/lib/libjemalloc.so.2",
+    "/usr/lib/libjemalloc.so.2",
+)
 
 
-def _timed_calls(obj, name: str, log: list[float]):
-    """Wrap obj.name so every call appends its duration (s) to log; returns the restore function."""
-    original = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        result = original(*args, **kwargs)
-        log.append(time.perf_counter() - start)
-        return result
-
-    setattr(obj, name, wrapper)
-    return lambda: setattr(obj, name, original)
-
-
-def bench_sdrt(folder: Path, engines: Path, size: int, steps: int, runs: int) -> dict:
-    import runtime
-    from runtime.pipelines.conditioning import encode_groups
-
-    sd = runtime.load(folder, backend="onnxruntime", engines_dir=engines)
-    options = dict(steps=steps, seed=1, width=size, height=size, sampler=SAMPLER, cfg_scale=7.5)
-    sd.txt2img(PROMPT, **options)  # warm-up
-    unet_log, vae_log, totals, text_times = [], [], [], []
-    restore_unet = _timed_calls(sd.backend.session("unet"), "run", unet_log)
-    restore_vae = _timed_calls(sd.backend.session("vae_decoder"), "run", vae_log)
+def device_facts() -> dict:
+    """The CPU by name (lscpu's model name), its usable cores, and the instruction sets the variants care about."""
     try:
-        for _ in tqdm(range(runs), desc="sdrt", leave=False):
-            start = time.perf_counter()
-            encode_groups(sd, [[""], [PROMPT]], "Original", 1)
-            text_times.append(time.perf_counter() - start)
-            unet_log.clear()
-            vae_log.clear()
-            start = time.perf_counter()
-            sd.txt2img(PROMPT, **options)
-            totals.append(time.perf_counter() - start)
-    finally:
-        restore_unet()
-        restore_vae()
-    return {
-        "text_encoder_s": statistics.median(text_times),
-        "unet_step_s": statistics.median(unet_log),
-        "vae_decode_s": statistics.median(vae_log),
-        "end_to_end_s": statistics.median(totals),
-        "end_to_end_runs_s": totals,
-        "runtime_overhead_per_step_s": _overhead_per_step(sd, steps, options),
-    }
-
-
-def _overhead_per_step(sd, steps: int, options: dict) -> float:
-    """Median over steps of (sampler step time - UNet session time), measured inside one generation."""
-    marks: list[tuple[float, float]] = []  # (time the UNet call started, time it ended)
-    unet = sd.backend.session("unet")
-    unet_run = unet.run
-
-    def timed_run(feeds, outputs=None):
-        start = time.perf_counter()
-        result = unet_run(feeds, outputs)
-        marks.append((start, time.perf_counter()))
-        return result
-
-    unet.run = timed_run
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        name = platform.processor() or platform.machine()
     try:
-        sd.txt2img(PROMPT, **options)
-    finally:
-        del unet.run
-    # between the end of one UNet call and the start of the next lies everything the runtime adds to a step
-    gaps = [marks[i + 1][0] - marks[i][1] for i in range(len(marks) - 1)]
-    return statistics.median(gaps) if gaps else 0.0
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        flags = set()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"model_name": name, "cores": cores, "memory_gib": round(memory, 1),
+            "flags": {flag: flag in flags for flag in CPU_FLAGS}}  # fmt: skip
 
 
-def bench_diffusers(folder: Path, size: int, steps: int, runs: int) -> dict:
-    import diffusers
-    import torch
-
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-
-    def generate():
-        generator = torch.Generator("cpu").manual_seed(1)
-        kwargs = dict(num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, generator=generator)
-        return pipe(PROMPT, output_type="np", **kwargs)
-
-    generate()  # warm-up
-    unet_log, vae_log, text_times, totals = [], [], [], []
-    restore_unet = _timed_calls(pipe.unet, "forward", unet_log)
-    restore_vae = _timed_calls(pipe.vae, "decode", vae_log)
-    try:
-        for _ in tqdm(range(runs), desc="diffusers", leave=False):
-            start = time.perf_counter()
-            with torch.inference_mode():
-                pipe.encode_prompt(PROMPT, "cpu", 1, True, "")
-            text_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            generate()
-            totals.append(time.perf_counter() - start)
-    finally:
-        restore_unet()
-        restore_vae()
-    return {
-        "text_encoder_s": statistics.median(text_times),
-        "unet_step_s": statistics.median(unet_log),
-        "vae_decode_s": statistics.median(vae_log),
-        "end_to_end_s": statistics.median(totals),
-        "end_to_end_runs_s": totals,
-    }
+def find_jemalloc(given: str | None) -> Path | None:
+    """libjemalloc's shared library: the one given, else the system's (ldconfig's or a usual path)."""
+    if given:
+        return Path(given) if Path(given).is_file() else None
+    found = ctypes.util.find_library("jemalloc")
+    candidates = [*JEMALLOC_PATHS, *([found] if found and found.startswith("/") else [])]
+    path = next((Path(p) for p in candidates if Path(p).is_file()), None)
+    if path is None and found:  # a bare soname: the loader finds it on its own path
+        path = Path(found)
+    return path
 
 
-def make_model(kind: str, workdir: Path) -> Path:
-    from export.tiny import TinyConfig, make_tiny_checkpoint
-
-    folder = workdir / f"{kind}-checkpoint"
-    if not (folder / "model_index.json").is_file():
-        make_tiny_checkpoint(folder, TinyConfig(variant="sd15-shaped" if kind == "sd15-shaped" else "sd1"))
-    return folder
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("sd15-shaped", "tiny"), default="sd15-shaped")
-    parser.add_argument("--size", type=int, default=None, help="default: 256 (sd15-shaped), 64 (tiny)")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workdir", default="/tmp/sdrt-bench")
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    size = args.size or (256 if args.model == "sd15-shaped" else 64)
-    workdir = Path(args.workdir)
-    folder = make_model(args.model, workdir)
-    sdrt = bench_sdrt(folder, workdir / "engines", size, args.steps, args.runs)
-    ref = bench_diffusers(folder, size, args.steps, args.runs)
-    stages = ("text_encoder_s", "unet_step_s", "vae_decode_s", "end_to_end_s")
-    step = sdrt["unet_step_s"] + sdrt["runtime_overhead_per_step_s"]
-    record = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {_cpu_count()} cores)",
-        "command": "python -m benchmarks.cpu " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "date": datetime.date.today().isoformat(),
-        "model": args.model,
-        "size": size,
-        "steps": args.steps,
-        "sampler": SAMPLER,
-        "versions": _versions(),
-        "sdrt_onnxruntime_cpu": sdrt,
-        "diffusers_torch_cpu": ref,
-        "ratio_sdrt_over_diffusers": {k: sdrt[k] / ref[k] for k in stages},
-        "runtime_overhead_fraction_of_step": sdrt["runtime_overhead_per_step_s"] / step,
-    }
-    out = Path(args.out or f"benchmarks/results/{record['date']}-cpu-{args.model}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    _print_table(record, stages)
-    return record
-
-
-def _print_table(record: dict, stages: tuple[str, ...]) -> None:
-    sdrt, ref = record["sdrt_onnxruntime_cpu"], record["diffusers_torch_cpu"]
-    ratio = record["ratio_sdrt_over_diffusers"]
-    print(f"| stage | sdrt ORT CPU (ms) | diffusers CPU (ms) | sdrt/diffusers |  [{record['device']}]")
-    print("|---|---|---|---|")
-    for stage in stages:
-        print(f"| {stage[:-2]} | {sdrt[stage] * 1e3:.1f} | {ref[stage] * 1e3:.1f} | {ratio[stage]:.2f} |")
-    overhead = sdrt["runtime_overhead_per_step_s"]
-    print(f"runtime overhead per step: {overhead * 1e6:.0f} us = {record['runtime_overhead_fraction_of_step']:.2%}")
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _versions() -> dict:
+def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for package in ("numpy", "onnxruntime", "torch", "diffusers", "transformers"):
+    for package in ("numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:
             pass
+    found["sdrt_commit"] = _git("rev-parse", "--short", "HEAD")
+    changed = _git("status", "--porcelain", "--", "runtime", "export")
+    found["sdrt_uncommitted_files"] = len(changed.splitlines()) if changed else 0  # runtime/ and export/ as measured
     return found
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def run_worker(name: str, args: argparse.Namespace, size: int, steps: int, image: Path | None, env: dict) -> dict:
+    """One worker process; its JSON line, or {"failed": the reason} (exit status, the last line of its errors)."""
+    command = [sys.executable, "-m", "benchmarks.cpu_worker", name, "--model", str(args.model_folder),
+               "--engines", str(args.engines), "--size", str(size), "--steps", str(steps)]  # fmt: skip
+    if image is not None:
+        command += ["--image", str(image)]
+    try:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.worker_timeout)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no result within {args.worker_timeout} s"}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    errors = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    return {"failed": f"exit {done.returncode}: {(errors or ['no output'])[-1][:300]}"}
+
+
+def worker_env(name: str, jemalloc: Path | None) -> dict:
+    env = dict(os.environ)
+    env.pop("LD_PRELOAD", None)  # no variant inherits another allocator
+    if VARIANTS[name].jemalloc and jemalloc is not None:
+        env["LD_PRELOAD"] = str(jemalloc)
+    return env
+
+
+def prepare(names: list[str], args: argparse.Namespace, jemalloc: Path | None) -> dict[str, str]:
+    """The variants that cannot run here -> why. Loads each sdrt variant once (its artifacts are made now)."""
+    skipped = {}
+    for name in tqdm(names, desc="prepare", leave=False):
+        if VARIANTS[name].jemalloc and jemalloc is None:
+            where = f"{args.jemalloc} is not a file" if args.jemalloc else "none here (apt install libjemalloc2)"
+            skipped[name] = f"no libjemalloc to preload: {where}"
+        elif VARIANTS[name].family == "sdrt":
+            result = run_worker(name, args, args.sizes[0], 0, None, worker_env(name, jemalloc))
+            if "skipped" in result or "failed" in result:
+                skipped[name] = result.get("skipped") or f"load failed: {result['failed']}"
+    return skipped
+
+
+def rotated(names: list[str], round_index: int) -> list[str]:
+    """Round r runs the variants starting from the r-th: A B C, B C A, C A B, ..."""
+    shift = round_index % len(names) if names else 0
+    return names[shift:] + names[:shift]
+
+
+def measure_all(record: dict, names: list[str], args: argparse.Namespace, jemalloc: Path | None, write) -> None:
+    """Every size: the rounds of the runnable variants, then their summaries, comparisons and targets."""
+    skipped = record["skipped"]
+    runnable = [n for n in names if n not in skipped]
+    bar = tqdm(total=len(args.sizes) * args.rounds * len(runnable), desc="measure")
+    for size in args.sizes:
+        runs: dict[str, list[dict]] = {n: [] for n in runnable}
+        images: dict[str, Path] = {}
+        for round_index in range(args.rounds):
+            for name in rotated(runnable, round_index):
+                bar.set_postfix_str(f"{size}px round {round_index + 1} {name}")
+                image = args.workdir / f"image-{size}-{name}.npy"
+                result = run_worker(name, args, size, args.steps, image, worker_env(name, jemalloc))
+                if "skipped" in result:  # a variant that loaded in prepare but refuses this size
+                    result = {"failed": result["skipped"]}
+                if "failed" not in result and image.is_file():
+                    images[name] = image
+                runs[name].append({k: v for k, v in result.items() if k != "variant"})
+                record["results"][str(size)] = _size_block(names, skipped, runs, images)
+                write(record)
+                bar.update()
+    bar.close()
+
+
+def _size_block(names: list[str], skipped: dict[str, str], runs: dict[str, list[dict]], images: dict) -> dict:
+    variants = {}
+    for name in names:
+        if name in skipped:
+            variants[name] = {"status": "skipped", "reason": skipped[name]}
+        elif runs.get(name):
+            variants[name] = summarize(runs[name])
+    add_comparisons(variants, images)
+    return {"variants": variants, "targets": targets(variants)}
+
+
+def resolve_model(model: str, workdir: Path) -> tuple[str, Path]:
+    """(the record's model name, its checkpoint folder): "tiny" and "sd15-shaped" are built under workdir once."""
+    if model in ("tiny", "sd15-shaped"):
+        from export.tiny import TinyConfig, make_tiny_checkpoint
+
+        folder = workdir / f"{model}-checkpoint"
+        if not (folder / "model_index.json").is_file():
+            make_tiny_checkpoint(folder, TinyConfig(variant="sd1" if model == "tiny" else "sd15-shaped"))
+        return model, folder
+    folder = Path(model).expanduser()
+    return folder.name.removesuffix("-checkpoint"), folder
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="sd15-shaped", help='a checkpoint folder, or "tiny"/"sd15-shaped" (built)')
+    parser.add_argument("--engines", help="sdrt's artifact folder (default: <workdir>/engines)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 256], help="square sizes, in run order")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
+    parser.add_argument("--jemalloc", help="libjemalloc.so path (default: the system's, where installed)")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "sdrt-bench"))
+    parser.add_argument("--worker-timeout", type=int, default=3600, help="seconds one measurement may take")
+    parser.add_argument("--out", help="the record's path (default: benchmarks/results/<date>-cpu-<model>.json)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        parser.error(f"unknown variants {unknown}; choose from: {', '.join(VARIANTS)}")
+    if args.rounds < 1 or args.steps < 1 or any(s < 64 or s % 8 for s in args.sizes):
+        parser.error("--rounds and --steps must be positive, every size a multiple of 8 of at least 64")
+    args.names = names
+    args.workdir = Path(args.workdir)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model_name, args.model_folder = resolve_model(args.model, args.workdir)
+    args.engines = Path(args.engines) if args.engines else args.workdir / "engines"
+    date = datetime.date.today().isoformat()
+    out = Path(args.out or REPO / f"benchmarks/results/{date}-cpu-{model_name}.json")
+    jemalloc = find_jemalloc(args.jemalloc)
+    record = {
+        "benchmark": "cpu",
+        "date": date,
+        "command": "python -m benchmarks.cpu " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "device": device_facts(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "model": model_name,
+        "sizes": args.sizes,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "order": "each round runs every variant once, the order rotated by one per round; one process each",
+        "sampler": SAMPLER,
+        "cfg_scale": CFG_SCALE,
+        "seed": SEED,
+        "prompt": PROMPT,
+        "jemalloc": None if jemalloc is None else str(jemalloc),
+        "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
+        "load_average_1min": {"start": os.getloadavg()[0]},
+        "skipped": {},
+        "results": {},
+    }
+    write = _writer(out)
+    record["skipped"] = prepare(args.names, args, jemalloc)
+    measure_all(record, args.names, args, jemalloc, write)
+    record["load_average_1min"]["end"] = os.getloadavg()[0]
+    write(record)
+    print(markdown(record))
+    print(f"wrote {out}")
+    return record
+
+
+def _writer(path: Path):
+    """Write the record atomically (temporary file, then rename)."""
+
+    def write(record: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f".{path.name}.tmp")
+        scratch.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        scratch.replace(path)
+
+    return write
 
 
 if __name__ == "__main__":
