@@ -60,7 +60,9 @@ class OpenVinoSession:
             if overrides:
                 compiled = core.compile_model(_with_constants(core.read_model(path), overrides), DEVICE, config)
             else:
-                compiled = core.compile_model(str(path), DEVICE, {**config, "CACHE_DIR": str(cache_dir(path))})
+                folder = cache_dir(path)
+                cache = {} if folder is None else {"CACHE_DIR": str(folder)}
+                compiled = core.compile_model(str(path), DEVICE, {**config, **cache})
         except RuntimeError as exc:
             raise _load_error(path, exc) from exc
         self.loaded_from_cache = not overrides and bool(compiled.get_property("LOADED_FROM_CACHE"))
@@ -97,13 +99,18 @@ class OpenVinoTextEncoder(OpenVinoSession):
         return super().run(feeds, outputs)
 
 
-def cache_dir(path: Path) -> Path:
+def cache_dir(path: Path) -> Path | None:
     """<artifacts>/openvino-cache/<component>-<size>-<mtime>: OpenVINO keys a model file's cache by its path and
     the compile options only, so the folder name carries what changes when the file is exported again. Folders of
-    earlier files of the same component are removed."""
+    earlier files of the same component are removed. None (no cache) where the artifact folder is read-only."""
     stat = path.stat()
     root = path.parent.parent / CACHE_FOLDER
     folder = root / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        logger.warning("no openvino model cache for %s (%s): it is compiled at every start", path, exc)
+        return None
     for stale in root.glob(f"{path.stem}-*"):
         if stale != folder and stale.name.rsplit("-", 2)[0] == path.stem:
             shutil.rmtree(stale, ignore_errors=True)
