@@ -19,7 +19,8 @@ When to tile (`vae_tiling` of the loaded model: None, True or False):
 The tile is the VAE config's `sample_size` in pixels (diffusers' `tile_sample_min_size`) and that divided by the
 VAE's scale factor in latent pixels (`tile_latent_min_size`); the model facts carry it as `vae_sample_size`, and a
 manifest without that fact is read from the source checkpoint's vae/config.json when the folder still exists, else
-taken as the UNet's sample size times the VAE scale factor (what every SD 1.x/2.x checkpoint publishes).
+taken as the UNet's sample size times the VAE scale factor (SD 1.5's configs agree: 64 x 8 = 512).
+A tiled call runs one image of a batch at a time, so its memory does not grow with the batch either.
 """
 
 from __future__ import annotations
@@ -96,7 +97,11 @@ def model_tiling(model, latent_height: int, latent_width: int) -> VaeTiles | Non
     None when it runs untiled."""
     tiles = model_tiles(model)
     mode = check_vae_tiling(getattr(model, "vae_tiling", None))
-    return tiles if use_tiling(model.info, tiles, latent_height, latent_width, mode) else None
+    if not use_tiling(model.info, tiles, latent_height, latent_width, mode):
+        return None
+    logger.debug("VAE in %d-pixel tiles for latents %dx%d (vae_tiling %s)", tiles.sample_size, latent_height,
+                 latent_width, mode)  # fmt: skip
+    return tiles
 
 
 def check_vae_tiling(value) -> bool | None:
