@@ -13,7 +13,6 @@ error, one line).
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import resource
@@ -55,6 +54,7 @@ class Variant:
 
 SDRT_FP32 = "sdrt-onnxruntime-fp32"
 DIFFUSERS_FP32 = "diffusers-torch-fp32"
+DIFFUSERS_FP32_JEMALLOC = "diffusers-torch-fp32-jemalloc"
 DIFFUSERS_BF16 = "diffusers-torch-bf16"
 VARIANTS = {
     v.name: v
@@ -64,7 +64,7 @@ VARIANTS = {
         Variant("sdrt-openvino-fp32", "sdrt", "openvino", "fp32"),
         Variant("sdrt-openvino-bf16", "sdrt", "openvino", "bf16"),
         Variant(DIFFUSERS_FP32, "diffusers", "torch", "fp32"),
-        Variant("diffusers-torch-fp32-jemalloc", "diffusers", "torch", "fp32", jemalloc=True),
+        Variant(DIFFUSERS_FP32_JEMALLOC, "diffusers", "torch", "fp32", jemalloc=True),
         Variant(DIFFUSERS_BF16, "diffusers", "torch", "bf16"),
     )
 }
@@ -114,12 +114,16 @@ def load_sdrt(variant: Variant, model: Path, engines: Path, clock: Clock):
     """The loaded StableDiffusion with its sessions timed, and a generate(steps) -> float [H, W, 3] in [0, 1]."""
     import runtime
 
-    options = {"backend": variant.backend, "engines_dir": engines}
-    if "precision" in inspect.signature(runtime.load).parameters:
-        options["precision"] = variant.precision
-    elif not variant.exact:
-        raise _Unavailable(f"runtime.load has no precision option here, so no {variant.precision}")
-    sd = runtime.load(model, **options)
+    options = {} if variant.exact else {"precision": variant.precision}  # fp32: every backend's default
+    try:
+        sd = runtime.load(model, backend=variant.backend, engines_dir=engines, **options)
+    except TypeError as exc:
+        if "precision" not in str(exc):
+            raise
+        raise _Unavailable(f"runtime.load takes no precision here, so no {variant.precision}") from exc
+    computes_in = getattr(sd, "precision", "fp32")
+    if computes_in != variant.precision:
+        raise _Unavailable(f"the {variant.backend} backend loaded in {computes_in}, not {variant.precision}")
     timed = {}
     for stage in clock.calls:
         session = sd.backend.session(stage)
