@@ -20,8 +20,10 @@ benchmarks/results/<date>-cpu-<model>.json by default. Runs on the SD 1.5-shaped
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes.util
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -107,7 +109,10 @@ def run_worker(name: str, args: argparse.Namespace, size: int, steps: int, image
     if image is not None:
         command += ["--image", str(image)]
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.worker_timeout)
+        with _held(args.lock):
+            done = subprocess.run(
+                command, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.worker_timeout
+            )
     except subprocess.TimeoutExpired:
         return {"failed": f"no result within {args.worker_timeout} s"}
     lines = done.stdout.strip().splitlines()
@@ -118,6 +123,20 @@ def run_worker(name: str, args: argparse.Namespace, size: int, steps: int, image
             pass
     errors = [line for line in done.stderr.strip().splitlines() if line.strip()]
     return {"failed": f"exit {done.returncode}: {(errors or ['no output'])[-1][:300]}"}
+
+
+@contextlib.contextmanager
+def _held(lock: str | None):
+    """An exclusive flock on `lock` for the duration (none without one): heavy runs of several people take turns."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def worker_env(name: str, jemalloc: Path | None) -> dict:
@@ -207,6 +226,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jemalloc", help="libjemalloc.so path (default: the system's, where installed)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "sdrt-bench"))
     parser.add_argument("--worker-timeout", type=int, default=3600, help="seconds one measurement may take")
+    parser.add_argument("--lock", help="take an flock on this file for each measurement, not the whole run (then do "
+                        "not also run under flock(1) on the same file: it would wait on itself)")  # fmt: skip
     parser.add_argument("--out", help="the record's path (default: benchmarks/results/<date>-cpu-<model>.json)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
