@@ -75,7 +75,8 @@ class StaticSession:
         return {port.get_any_name(): value for port, value in self._request.infer(feeds).items()}
 
 
-def run(folder: Path, size: int, rounds: int, static: bool = False) -> dict:
+def run(folder: Path, size: int, rounds: int, static: bool = False, out: Path | None = None) -> dict:
+    """The benchmark; with `out`, the result so far is written there after every timed round."""
     import openvino as ov
 
     from runtime.backends.onnxruntime import OnnxRuntimeSession
@@ -101,13 +102,36 @@ def run(folder: Path, size: int, rounds: int, static: bool = False) -> dict:
         variants.append("openvino-fp32-static")
     times = {(v, c): [] for v in variants for c in inputs}
     outputs = {}
+    result = {}
     for round_index in tqdm(range(rounds + 1), desc="rounds (the first is warm-up)"):
         for component, feeds in inputs.items():
             for variant in variants:
-                result, seconds = _timed(f"{variant} {component}", sessions[variant, component].run, feeds)
+                values, seconds = _timed(f"{variant} {component}", sessions[variant, component].run, feeds)
                 if round_index:
                     times[variant, component].append(seconds)
-                outputs[variant, component] = next(iter(result.values()))
+                outputs[variant, component] = next(iter(values.values()))
+        if round_index:
+            meta = {
+                "device": f"{ov.Core().get_property('CPU', 'FULL_DEVICE_NAME')}, {os.cpu_count()} CPUs",
+                "cpu_capabilities": capabilities,
+                "openvino": ov.__version__,
+                "python": platform.python_version(),
+                "size": size,
+                "unet_batch": 2,
+                "vae_batch": 1,
+                "rounds": round_index,
+                "load_average": list(os.getloadavg()),
+            }
+            summary = _summary(times, outputs, variants, capabilities)
+            result = {"meta": meta, "openvino_start": start_up, "summary": summary}
+            if out:
+                out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def _summary(times: dict, outputs: dict, variants: list[str], capabilities: list[str]) -> dict:
+    """Per variant and component: medians and spread, speed-up and output difference against onnxruntime fp32;
+    bf16's difference to openvino fp32."""
     summary = {}
     for (variant, component), values in times.items():
         reference = outputs["onnxruntime-fp32", component]
@@ -120,30 +144,18 @@ def run(folder: Path, size: int, rounds: int, static: bool = False) -> dict:
             "output_std": float(reference.std()),
         }
     for variant in variants[1:]:
-        for component in inputs:
-            entry = summary[variant][component]
+        for component, entry in summary[variant].items():
             entry["speedup_vs_onnxruntime_fp32"] = (
                 summary["onnxruntime-fp32"][component]["median_s"] / entry["median_s"]
             )
-    if "bf16" in precisions:
-        for component in inputs:
+    if "openvino-bf16" in variants:
+        for component, entry in summary["openvino-bf16"].items():
             diff = np.abs(outputs["openvino-bf16", component] - outputs["openvino-fp32", component])
-            summary["openvino-bf16"][component]["max_abs_diff_vs_openvino_fp32"] = float(diff.max())
-            summary["openvino-bf16"][component]["mean_abs_diff_vs_openvino_fp32"] = float(diff.mean())
+            entry["max_abs_diff_vs_openvino_fp32"] = float(diff.max())
+            entry["mean_abs_diff_vs_openvino_fp32"] = float(diff.mean())
     else:
         summary["openvino-bf16"] = {"unsupported": f"CPU plugin OPTIMIZATION_CAPABILITIES: {', '.join(capabilities)}"}
-    meta = {
-        "device": f"{ov.Core().get_property('CPU', 'FULL_DEVICE_NAME')}, {os.cpu_count()} CPUs",
-        "cpu_capabilities": capabilities,
-        "openvino": ov.__version__,
-        "python": platform.python_version(),
-        "size": size,
-        "unet_batch": 2,
-        "vae_batch": 1,
-        "rounds": rounds,
-        "load_average_end": list(os.getloadavg()),
-    }
-    return {"meta": meta, "openvino_start": start_up, "summary": summary}
+    return summary
 
 
 def main() -> None:
@@ -154,11 +166,8 @@ def main() -> None:
     parser.add_argument("--static", action="store_true", help="also openvino fp32 compiled for these shapes")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args = parser.parse_args()
-    result = run(args.artifacts, args.size, args.rounds, args.static)
-    text = json.dumps(result, indent=1)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
+    result = run(args.artifacts, args.size, args.rounds, args.static, args.json)
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
