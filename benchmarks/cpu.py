@@ -31,6 +31,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -172,10 +173,15 @@ def measure_all(record: dict, names: list[str], args: argparse.Namespace, jemall
     skipped = record["skipped"]
     runnable = [n for n in names if n not in skipped]
     bar = tqdm(total=len(args.sizes) * args.rounds * len(runnable), desc="measure")
+    budget = Budget(args.max_minutes)
     for size in args.sizes:
         runs: dict[str, list[dict]] = {n: [] for n in runnable}
         images: dict[str, Path] = {}
         for round_index in range(args.rounds):
+            if not budget.allows_another_round(round_index):
+                record["stopped_early"] = f"{size}px after {round_index} rounds: --max-minutes {args.max_minutes}"
+                write(record)
+                break
             for name in rotated(runnable, round_index):
                 bar.set_postfix_str(f"{size}px round {round_index + 1} {name}")
                 image = args.workdir / f"image-{size}-{name}.npy"
@@ -188,7 +194,29 @@ def measure_all(record: dict, names: list[str], args: argparse.Namespace, jemall
                 record["results"][str(size)] = _size_block(names, skipped, runs, images)
                 write(record)
                 bar.update()
+            record["rounds_done"][str(size)] = round_index + 1
+            budget.round_done()
+        if "stopped_early" in record:
+            break
     bar.close()
+
+
+class Budget:
+    """Whether another round fits in --max-minutes, judged by the last round's duration (no limit without one)."""
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.monotonic() + 60 * minutes
+        self.round_started = time.monotonic()
+        self.last_round = 0.0
+
+    def allows_another_round(self, round_index: int) -> bool:
+        self.round_started = time.monotonic()
+        if self.end is None:
+            return True
+        return self.round_started + (self.last_round if round_index else 0.0) <= self.end
+
+    def round_done(self) -> None:
+        self.last_round = time.monotonic() - self.round_started
 
 
 def _size_block(names: list[str], skipped: dict[str, str], runs: dict[str, list[dict]], images: dict) -> dict:
@@ -225,6 +253,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, of: " + ", ".join(VARIANTS))
     parser.add_argument("--jemalloc", help="libjemalloc.so path (default: the system's, where installed)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "sdrt-bench"))
+    parser.add_argument("--max-minutes", type=float, help="start no round that would end past this (by the last one)")
     parser.add_argument("--worker-timeout", type=int, default=3600, help="seconds one measurement may take")
     parser.add_argument("--lock", help="take an flock on this file for each measurement, not the whole run (then do "
                         "not also run under flock(1) on the same file: it would wait on itself)")  # fmt: skip
@@ -269,10 +298,12 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
         "load_average_1min": {"start": os.getloadavg()[0]},
         "skipped": {},
+        "rounds_done": {},
         "results": {},
     }
     write = _writer(out)
     record["skipped"] = prepare(args.names, args, jemalloc)
+    write(record)
     measure_all(record, args.names, args, jemalloc, write)
     record["load_average_1min"]["end"] = os.getloadavg()[0]
     write(record)

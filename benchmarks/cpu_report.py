@@ -129,7 +129,8 @@ def markdown(record: dict) -> str:
     """One table per size: the medians (min-max), peak RSS, speedup and image difference of every variant."""
     lines = []
     for size, block in record["results"].items():
-        lines += [f"\n{size}x{size}, {record['steps']} steps, {record['rounds']} interleaved rounds, "
+        rounds = record.get("rounds_done", {}).get(size, record["rounds"])
+        lines += [f"\n{size}x{size}, {record['steps']} steps, {rounds} interleaved rounds, "
                   f"{record['device']['model_name']} ({record['device']['cores']} cores)\n",
                   "| variant | text encoder s | UNet step s | VAE decode s | end to end s | peak RSS GiB | speedup | "
                   "image difference (mean / max, 8-bit) |",

@@ -22,7 +22,7 @@ def test_cpu_benchmark_writes_a_well_formed_record(tiny_sd1, shared_engines, tmp
     assert record["command"].startswith("python -m benchmarks.cpu --model")
     assert record["device"]["cores"] >= 1 and isinstance(record["device"]["flags"]["avx512f"], bool)
     assert record["device"]["model_name"] and "onnxruntime" in record["versions"]
-    assert record["environment"]["OMP_NUM_THREADS"] == "1"
+    assert record["environment"]["OMP_NUM_THREADS"] == "1" and record["rounds_done"] == {"64": 1}
     block = record["results"]["64"]
     results = block["variants"]
     skipped = results["diffusers-torch-fp32-jemalloc"]
@@ -60,3 +60,12 @@ def test_rounds_rotate_and_arguments_are_checked(capsys) -> None:
             cpu.parse_args(argv)
         assert exit_info.value.code == 2
     assert "unknown variants ['sdrt-onnxruntime-fp16']" in capsys.readouterr().err
+
+
+def test_budget_starts_no_round_that_the_last_one_says_would_overrun() -> None:
+    unlimited, budget = cpu.Budget(None), cpu.Budget(1.0)
+    assert unlimited.allows_another_round(0) and budget.allows_another_round(0)
+    budget.round_done()
+    assert budget.allows_another_round(1)  # the first round took about nothing
+    budget.last_round = 61.0  # a round as long as the whole minute
+    assert not budget.allows_another_round(2) and unlimited.allows_another_round(2)
