@@ -257,6 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker-timeout", type=int, default=3600, help="seconds one measurement may take")
     parser.add_argument("--lock", help="take an flock on this file for each measurement, not the whole run (then do "
                         "not also run under flock(1) on the same file: it would wait on itself)")  # fmt: skip
+    parser.add_argument("--note", help="a sentence the record keeps (why a variant was left out, the machine's state)")
     parser.add_argument("--out", help="the record's path (default: benchmarks/results/<date>-cpu-<model>.json)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt": PROMPT,
         "jemalloc": None if jemalloc is None else str(jemalloc),
         "environment": {k: os.environ[k] for k in ENVIRONMENT if k in os.environ},
+        "note": args.note,
         "load_average_1min": {"start": os.getloadavg()[0]},
         "skipped": {},
         "rounds_done": {},
