@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import threading
@@ -186,7 +187,9 @@ def test_health_answers_while_huge_prompts_are_refused(server, client):
     for thread in threads:
         thread.join()
     assert answers == [413] * len(prompts)
-    assert max(latencies) < 0.5, max(latencies)
+    # a blocked event loop held /health for seconds to minutes (10 MiB tokenised on it); on two shared cores a busy
+    # machine alone delays one answer by up to ~1 s, so the bound is on the typical answer and the worst one apart
+    assert statistics.median(latencies) < 0.25 and max(latencies) < 3.0, (statistics.median(latencies), max(latencies))
 
 
 RSS_WORKLOAD = """
