@@ -122,8 +122,11 @@ def run_worker(name: str, args: argparse.Namespace, size: int, steps: int, image
             return json.loads(lines[-1])
         except json.JSONDecodeError:
             pass
-    errors = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    return {"failed": f"exit {done.returncode}: {(errors or ['no output'])[-1][:300]}"}
+    if done.returncode < 0:
+        return {"failed": f"stopped by signal {-done.returncode}"}
+    errors = [line for line in done.stderr.strip().splitlines() if line.strip() and "it/s]" not in line]
+    raised = [line for line in errors if "Error" in line or "Exception" in line]  # the traceback's last line
+    return {"failed": f"exit {done.returncode}: {((raised or errors) or ['no output'])[-1][:300]}"}
 
 
 @contextlib.contextmanager

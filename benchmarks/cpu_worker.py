@@ -6,8 +6,8 @@ Loads the variant, warms it up with a one-step generation at the measured size (
 shape once), then times one txt2img (Euler, CFG 7.5, a fixed seed): the text encoder, each UNet call, the VAE
 decode and the whole generation. It saves the image (uint8 [H, W, 3], rounded as diffusers rounds) and prints one
 JSON line: the times, the peak RSS of the process (VmHWM; ru_maxrss beside it; loading included), or
-{"skipped": reason} where the variant cannot run here (its backend or precision is not available: sdrt's typed
-error, one line).
+{"skipped": reason} where the variant cannot run here (sdrt refuses its backend or precision: the typed error's
+line). Any other failure ends the process with the traceback.
 """
 
 from __future__ import annotations
@@ -179,7 +179,7 @@ class _Unavailable(Exception):
 
 
 def measure(variant: Variant, model: Path, engines: Path, size: int, steps: int, image_path: Path | None) -> dict:
-    from runtime.errors import SdrtError
+    from runtime.errors import BackendUnavailableError, InvalidRequestError
 
     clock = Clock()
     start = time.perf_counter()
@@ -188,7 +188,7 @@ def measure(variant: Variant, model: Path, engines: Path, size: int, steps: int,
             generate = load_sdrt(variant, model, engines, clock)
         else:
             generate = load_diffusers(variant, model, clock)
-    except (SdrtError, _Unavailable) as exc:
+    except (BackendUnavailableError, InvalidRequestError, _Unavailable) as exc:  # this backend or precision: not here
         return {"skipped": (str(exc).strip().splitlines() or [type(exc).__name__])[0]}
     load_s = time.perf_counter() - start
     rss_after_load = _peak_rss_gib()

@@ -3,6 +3,7 @@ medians, speedups, image differences and skip reasons."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -69,3 +70,11 @@ def test_budget_starts_no_round_that_the_last_one_says_would_overrun() -> None:
     assert budget.allows_another_round(1)  # the first round took about nothing
     budget.last_round = 61.0  # a round as long as the whole minute
     assert not budget.allows_another_round(2) and unlimited.allows_another_round(2)
+
+
+def test_a_worker_that_fails_is_recorded_with_its_error_line(tmp_path) -> None:
+    args = argparse.Namespace(model_folder=tmp_path / "absent", engines=tmp_path / "engines", worker_timeout=120,
+                              lock=None)  # fmt: skip
+    name = "sdrt-onnxruntime-fp32"
+    result = cpu.run_worker(name, args, 64, 1, None, cpu.worker_env(name, None))
+    assert result["failed"].startswith("exit 1: runtime.errors.ModelError: model") and "absent" in result["failed"]
