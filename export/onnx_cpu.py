@@ -80,6 +80,7 @@ def write_int8_graph(src: Path, out: Path, stamp: dict[str, str]) -> None:
             os.replace(path, out.parent / path.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        Path(src).with_name(Path(src).stem + "-inferred.onnx").unlink(missing_ok=True)  # the quantiser's, on failure
 
 
 def _set_stamp(model: onnx.ModelProto, stamp: dict[str, str]) -> None:

@@ -224,7 +224,7 @@ class OnnxRuntimeBackend:
                 return session
         session = self._open(self.model_path(component), component, overrides)  # ArtifactError: a broken export
         if kind == "int8":
-            raise ModelError(f"cannot make the int8 {component} from {info.file} ({problem})")
+            raise ModelError(f"the int8 {component} {problem}")
         logger.warning("%s: its CPU graph %s; running the exported graph", component, problem)
         return session
 
@@ -313,6 +313,6 @@ def make_derived_graph(folder: Path, component: str, kind: str) -> str | None:
         if kind == "int8":
             write_int8_graph(cpu, folder / derived_graph_file(info, "int8"), derived_graph_stamp(folder, info, "int8"))
     except Exception as exc:  # onnx/protobuf errors of a model the rewrite cannot read
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        return f"could not be made ({reason})"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        return f"could not be made from {info.file} ({reason})"
     return None
