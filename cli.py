@@ -33,6 +33,9 @@ PRECISION_HELP = ("what the backend computes in: fp32 (every backend), int8 (onn
                   "bf16 (openvino, on a CPU with bf16 instructions)")
 BUDGET_HELP = ("working memory a request may use, e.g. 6G or 512M (default: 80%% of the memory available at the "
                "first request; none on the GPU backends)")
+VAE_TILING_HELP = ("decode and encode the image in overlapping tiles as diffusers' vae.enable_tiling(): auto tiles "
+                   "only images over one VAE tile whose untiled decode would need over 4 GiB")
+VAE_TILING = {"auto": None, "on": True, "off": False}
 
 
 def memory_budget(args: argparse.Namespace) -> int | None:
@@ -147,6 +150,7 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     sd.memory_budget = budget  # None: the default, measured before the first request
+    sd.vae_tiling = VAE_TILING[args.vae_tiling]
     options = dict(
         negative_prompt=args.negative_prompt,
         steps=args.steps,
@@ -262,6 +266,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     sd.set_lora_dir(args.lora_dir, allow_pickle=args.allow_pickle)
     sd.memory_budget = budget
+    sd.vae_tiling = VAE_TILING[args.vae_tiling]
     config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
     with Service(sd, config) as service:
         print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
@@ -293,6 +298,7 @@ def _add_serve_command(sub) -> None:
     p.add_argument("--max-images", type=int, default=16, help="most batch_size * n_iter accepted (default 16)")
     p.add_argument("--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE", help=BUDGET_HELP)
+    p.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"), help=VAE_TILING_HELP)
     p.add_argument("--max-prompt-chars", type=int, default=20000, help="characters per prompt, checked first")
     p.add_argument("--max-prompt-chunks", type=int, default=20, help="75-token chunks per prompt (20: 1500 tokens)")
     p.add_argument("--max-and-terms", type=int, default=16, help="AND sub-prompts per prompt")
@@ -406,6 +412,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
     p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.add_argument("--memory-budget", default=None, metavar="SIZE", help=BUDGET_HELP)
+    p.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"), help=VAE_TILING_HELP)
     p.add_argument("--output", default="sdrt-output.png", help="image file: .png, .jpg, .webp or .npy (float32 array)")
     p.add_argument("--watermark", nargs="?", const="StableDiffusionV1", default=None, metavar="TEXT",
                    help="embed an invisible DWT-DCT watermark (default text StableDiffusionV1)")  # fmt: skip

@@ -56,6 +56,7 @@ class Admission:
     prompt: PromptSize
     estimate: Estimate
     budget: int | None
+    vae_tiling: bool | None = None  # the model's option (runtime.vae_tiling): None is auto
 
 
 def check_prompt_text(prompt: str, negative_prompt: str, limits: PromptLimits, kind: str = "") -> int:
@@ -103,9 +104,12 @@ def rows_per_image(request, prompt: PromptSize) -> int:
     return prompt.terms + (1 if guided else 0)
 
 
-def request_estimate(info: dict, width: int, height: int, batch: int, rows: int, prompt: PromptSize) -> Estimate:
-    """The estimate of one pass at width x height of `batch` images with `rows` UNet rows per image."""
-    base = estimate(info, width, height, batch, batch * rows, prompt.chunks, prompt.texts)
+def request_estimate(
+    info: dict, width: int, height: int, batch: int, rows: int, prompt: PromptSize, vae_tiling: bool | None = None
+) -> Estimate:
+    """The estimate of one pass at width x height of `batch` images with `rows` UNet rows per image; `vae_tiling`:
+    the model's tiling option (None: auto)."""
+    base = estimate(info, width, height, batch, batch * rows, prompt.chunks, prompt.texts, vae_tiling)
     conditioning = prompt.combos * batch * rows * prompt.chunks * 77 * info["text_hidden_size"] * 4
     return Estimate(base.text_encoder + conditioning, base.unet + conditioning, base.vae)
 
@@ -155,9 +159,10 @@ def admit(
     sizes = sizes or ((request.width, request.height),)
     rows = rows_per_image(request, prompt)
     budget = memory_budget(model)
-    estimates = [request_estimate(model.info, w, h, request.batch_size, rows, prompt) for w, h in sizes]
+    tiling = getattr(model, "vae_tiling", None)
+    estimates = [request_estimate(model.info, w, h, request.batch_size, rows, prompt, tiling) for w, h in sizes]
     worst = max(range(len(sizes)), key=lambda i: estimates[i].peak)
-    admission = Admission(mode, tuple(sizes), request.batch_size, rows, prompt, estimates[worst], budget)
+    admission = Admission(mode, tuple(sizes), request.batch_size, rows, prompt, estimates[worst], budget, tiling)
     if budget is not None and estimates[worst].peak > budget:
         raise ResourceError(_refusal(model.info, admission, sizes[worst]))
     check_shapes = getattr(getattr(model, "backend", None), "check_request", None)  # engines of fixed profiles
@@ -193,7 +198,10 @@ def fits_together(info: dict, admissions: list[Admission], images: int) -> bool:
     terms, chunks, combos = (max(getattr(p, name) for p in prompts) for name in ("terms", "chunks", "combos"))
     prompt = PromptSize(terms, chunks, sum(p.texts for p in prompts), combos)
     rows = max(a.rows for a in admissions)
-    return all(request_estimate(info, w, h, images, rows, prompt).peak <= budget for w, h in admissions[0].sizes)
+    tiling = admissions[0].vae_tiling
+    return all(
+        request_estimate(info, w, h, images, rows, prompt, tiling).peak <= budget for w, h in admissions[0].sizes
+    )
 
 
 def largest_fitting(info: dict, width: int, height: int, fits_size) -> tuple[int, int] | None:
@@ -212,17 +220,20 @@ def largest_fitting(info: dict, width: int, height: int, fits_size) -> tuple[int
 def _refusal(info: dict, admission: Admission, size: tuple[int, int]) -> str:
     width, height = size
     budget, batch, rows, prompt = admission.budget, admission.batch, admission.rows, admission.prompt
+    tiling = admission.vae_tiling
     need = admission.estimate.peak
     what = f"{width}x{height}" + (f" (batch {batch})" if batch > 1 else "")
     if len(admission.sizes) > 1 and size != admission.sizes[0]:
         what = f"the hires pass at {what}"
     message = f"{what} needs ~{format_bytes(need)} of working memory, over the memory budget of {format_bytes(budget)}"
-    if batch > 1 and request_estimate(info, width, height, 1, rows, prompt).peak <= budget:
-        fitting_batch = max(b for b in range(1, batch) if request_estimate(info, width, height, b, rows, prompt).peak
-                            <= budget)  # fmt: skip
+
+    def need_of(w: int, h: int, images: int) -> int:
+        return request_estimate(info, w, h, images, rows, prompt, tiling).peak
+
+    if batch > 1 and need_of(width, height, 1) <= budget:
+        fitting_batch = max(b for b in range(1, batch) if need_of(width, height, b) <= budget)
         return f"{message}; at most batch {fitting_batch} fits at this size"
-    smaller = largest_fitting(info, width, height,
-                              lambda w, h: request_estimate(info, w, h, 1, rows, prompt).peak <= budget)  # fmt: skip
+    smaller = largest_fitting(info, width, height, lambda w, h: need_of(w, h, 1) <= budget)
     if smaller is None:
         return f"{message}; no size fits (raise --memory-budget or shorten the prompt)"
     return f"{message}; at most {smaller[0]}x{smaller[1]} fits" + (" at batch 1" if batch > 1 else "")

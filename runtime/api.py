@@ -91,6 +91,9 @@ class StableDiffusion:
         self.memory_budget: int | None = None
         self.prompt_limits = PromptLimits()
         self.admission = None
+        # VAE tiling (runtime.vae_tiling): None tiles only images over one tile whose untiled decode would need over
+        # 4 GiB per image; True tiles as diffusers' vae.enable_tiling() does; False never tiles
+        self.vae_tiling: bool | None = None
 
     def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
         """Load the textual-inversion embeddings of `folder` (usable by name in prompts); return their names."""

@@ -195,3 +195,30 @@ def test_vae_tiling_option_is_checked():
         check_vae_tiling("yes")
     with pytest.raises(InvalidRequestError, match="not 1"):
         check_vae_tiling(1)
+
+
+@needs_torch
+def test_cli_and_admission_follow_the_option(models, tiny_sd1, tmp_path, capsys):
+    """`--vae-tiling on|off` gives the image of the API with vae_tiling True|False (the tiled one is diffusers' with
+    enable_tiling(), above), and admission estimates the VAE as that option tiles it."""
+    import cli
+    from runtime.admission import admit
+    from runtime.request import Txt2ImgRequest
+
+    sd, _ = models
+    options = dict(prompt="a cat", steps=1, seed=3, width=WIDTH, height=HEIGHT)
+    estimates = {}
+    for flag, tiling in (("on", True), ("off", False)):
+        sd.vae_tiling = tiling
+        try:
+            expected = sd.txt2img(**options).images
+            request = Txt2ImgRequest(**options)
+            estimates[flag] = admit(sd, request, record=False).estimate.vae
+        finally:
+            sd.vae_tiling = None
+        out = tmp_path / f"{flag}.npy"
+        argv = ["--quiet", "txt2img", "--model", str(tiny_sd1), "--prompt", "a cat", "--steps", "1", "--seed", "3"]
+        argv += ["--width", str(WIDTH), "--height", str(HEIGHT), "--vae-tiling", flag, "--output", str(out)]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        np.testing.assert_array_equal(np.load(out), expected)
+    assert estimates["on"] < estimates["off"]  # the tiled VAE's estimate is one tile's, not the whole image's
