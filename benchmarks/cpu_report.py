@@ -137,7 +137,8 @@ def markdown(record: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, r in block["variants"].items():
             if r["status"] != "ok":
-                lines.append(f"| {name} | {r['status']}: {r['reason'][:120]} | | | | | | |")
+                reason = r["reason"][:120].replace("|", "/")  # a table cell
+                lines.append(f"| {name} | {r['status']}: {reason} | | | | | | |")
                 continue
             cells = [_cell(r[k], "{:.2f}" if k == "peak_rss_gib" else "{:.3g}") for k in MEASURES]
             diffs = "; ".join(f"{d['mean_abs']:.2f} / {d['max_abs']} vs {ref}" for ref, d in
