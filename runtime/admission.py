@@ -57,6 +57,7 @@ class Admission:
     estimate: Estimate
     budget: int | None
     vae_tiling: bool | None = None  # the model's option (runtime.vae_tiling): None is auto
+    fused: frozenset[str] = frozenset()  # components whose attention runs fused (the backend's fused_attention())
 
 
 def check_prompt_text(prompt: str, negative_prompt: str, limits: PromptLimits, kind: str = "") -> int:
@@ -105,13 +106,26 @@ def rows_per_image(request, prompt: PromptSize) -> int:
 
 
 def request_estimate(
-    info: dict, width: int, height: int, batch: int, rows: int, prompt: PromptSize, vae_tiling: bool | None = None
+    info: dict,
+    width: int,
+    height: int,
+    batch: int,
+    rows: int,
+    prompt: PromptSize,
+    vae_tiling: bool | None = None,
+    fused: frozenset[str] = frozenset(),
 ) -> Estimate:
     """The estimate of one pass at width x height of `batch` images with `rows` UNet rows per image; `vae_tiling`:
-    the model's tiling option (None: auto)."""
-    base = estimate(info, width, height, batch, batch * rows, prompt.chunks, prompt.texts, vae_tiling)
+    the model's tiling option (None: auto); `fused`: the components whose attention runs fused (runtime.memory)."""
+    base = estimate(info, width, height, batch, batch * rows, prompt.chunks, prompt.texts, vae_tiling, fused)
     conditioning = prompt.combos * batch * rows * prompt.chunks * 77 * info["text_hidden_size"] * 4
     return Estimate(base.text_encoder + conditioning, base.unet + conditioning, base.vae)
+
+
+def fused_components(model) -> frozenset[str]:
+    """The components of `model` whose loaded session runs attention fused (the backend's `fused_attention()`)."""
+    fused_attention = getattr(getattr(model, "backend", None), "fused_attention", None)
+    return frozenset(fused_attention()) if callable(fused_attention) else frozenset()
 
 
 def memory_budget(model) -> int | None:
@@ -159,10 +173,12 @@ def admit(
     sizes = sizes or ((request.width, request.height),)
     rows = rows_per_image(request, prompt)
     budget = memory_budget(model)
-    tiling = getattr(model, "vae_tiling", None)
-    estimates = [request_estimate(model.info, w, h, request.batch_size, rows, prompt, tiling) for w, h in sizes]
+    tiling, fused = getattr(model, "vae_tiling", None), fused_components(model)
+    estimates = [request_estimate(model.info, w, h, request.batch_size, rows, prompt, tiling, fused) for w, h in sizes]
     worst = max(range(len(sizes)), key=lambda i: estimates[i].peak)
-    admission = Admission(mode, tuple(sizes), request.batch_size, rows, prompt, estimates[worst], budget, tiling)
+    admission = Admission(
+        mode, tuple(sizes), request.batch_size, rows, prompt, estimates[worst], budget, tiling, fused
+    )
     if budget is not None and estimates[worst].peak > budget:
         raise ResourceError(_refusal(model.info, admission, sizes[worst]))
     check_shapes = getattr(getattr(model, "backend", None), "check_request", None)  # engines of fixed profiles
@@ -198,9 +214,10 @@ def fits_together(info: dict, admissions: list[Admission], images: int) -> bool:
     terms, chunks, combos = (max(getattr(p, name) for p in prompts) for name in ("terms", "chunks", "combos"))
     prompt = PromptSize(terms, chunks, sum(p.texts for p in prompts), combos)
     rows = max(a.rows for a in admissions)
-    tiling = admissions[0].vae_tiling
+    tiling, fused = admissions[0].vae_tiling, admissions[0].fused
     return all(
-        request_estimate(info, w, h, images, rows, prompt, tiling).peak <= budget for w, h in admissions[0].sizes
+        request_estimate(info, w, h, images, rows, prompt, tiling, fused).peak <= budget
+        for w, h in admissions[0].sizes
     )
 
 
@@ -220,7 +237,7 @@ def largest_fitting(info: dict, width: int, height: int, fits_size) -> tuple[int
 def _refusal(info: dict, admission: Admission, size: tuple[int, int]) -> str:
     width, height = size
     budget, batch, rows, prompt = admission.budget, admission.batch, admission.rows, admission.prompt
-    tiling = admission.vae_tiling
+    tiling, fused = admission.vae_tiling, admission.fused
     need = admission.estimate.peak
     what = f"{width}x{height}" + (f" (batch {batch})" if batch > 1 else "")
     if len(admission.sizes) > 1 and size != admission.sizes[0]:
@@ -228,7 +245,7 @@ def _refusal(info: dict, admission: Admission, size: tuple[int, int]) -> str:
     message = f"{what} needs ~{format_bytes(need)} of working memory, over the memory budget of {format_bytes(budget)}"
 
     def need_of(w: int, h: int, images: int) -> int:
-        return request_estimate(info, w, h, images, rows, prompt, tiling).peak
+        return request_estimate(info, w, h, images, rows, prompt, tiling, fused).peak
 
     if batch > 1 and need_of(width, height, 1) <= budget:
         fitting_batch = max(b for b in range(1, batch) if need_of(width, height, b) <= budget)

@@ -11,6 +11,8 @@ sides 32 to 128 (tests/serving/test_resources.py checks that the estimate stays 
 estimate covers the working memory of one request on top of the loaded weights; stages run one after another and
 give their memory back (the sessions run without ONNX Runtime's memory arena), so the peak is the largest stage's.
 A VAE call that runtime.vae_tiling tiles is estimated as one tile's call plus the host's copies of the whole image.
+Where a component's attention runs fused (the onnxruntime backend's CPU graphs: MultiHeadAttention, which never
+holds the scores), its attention term is left out.
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ def model_facts(info: dict) -> dict:
     return facts
 
 
-def unet_bytes(facts: dict, latent_height: int, latent_width: int, rows: int, chunks: int) -> int:
-    """Peak bytes of one UNet call on `rows` latents [rows, C, h, w] with `chunks` x 77 text tokens."""
+def unet_bytes(facts: dict, latent_height: int, latent_width: int, rows: int, chunks: int, fused: bool = False) -> int:
+    """Peak bytes of one UNet call on `rows` latents [rows, C, h, w] with `chunks` x 77 text tokens; `fused`: its
+    attention runs as one operator that never holds the scores (MultiHeadAttention on the CPU graph)."""
     channels = facts["unet_channels"]
     context = TEXT_TOKENS * chunks
     attention, conv = 0, 0
@@ -113,15 +116,17 @@ def unet_bytes(facts: dict, latent_height: int, latent_width: int, rows: int, ch
         lowest = 2 ** (len(channels) - 1)
         pixels = math.ceil(latent_height / lowest) * math.ceil(latent_width / lowest)
         attention = max(attention, facts["unet_heads"][-1] * pixels * (pixels + context))
+    if fused:
+        attention = 0
     return int(rows * FLOAT_BYTES * (ATTENTION_FACTOR * attention + UNET_CONV_FACTOR * conv))
 
 
-def vae_bytes(facts: dict, latent_height: int, latent_width: int, images: int) -> int:
+def vae_bytes(facts: dict, latent_height: int, latent_width: int, images: int, fused: bool = False) -> int:
     """Peak bytes of one VAE decode of `images` latents [images, 4, h, w] (also a bound for the encoder, which
-    works on fewer channels at full size)."""
+    works on fewer channels at full size); `fused`: as unet_bytes."""
     channels = list(reversed(facts["vae_channels"]))  # the decoder goes from the widest level to the image
     latent_pixels = latent_height * latent_width
-    attention = latent_pixels**2 if facts["vae_mid_attention"] else 0
+    attention = latent_pixels**2 if facts["vae_mid_attention"] and not fused else 0
     conv = 0
     for level, width in enumerate(channels):
         inputs = max(width, channels[level - 1]) if level else width  # upsampled from the level before
@@ -129,11 +134,15 @@ def vae_bytes(facts: dict, latent_height: int, latent_width: int, images: int) -
     return int(images * FLOAT_BYTES * (ATTENTION_FACTOR * attention + VAE_CONV_FACTOR * conv))
 
 
-def tiled_vae_bytes(facts: dict, tile_height: int, tile_width: int, height: int, width: int, images: int) -> int:
+def tiled_vae_bytes(
+    facts: dict, tile_height: int, tile_width: int, height: int, width: int, images: int, fused: bool = False
+) -> int:
     """Peak bytes of a tiled VAE decode or encode (runtime.vae_tiling): one image's call on one tile of
     tile_height x tile_width latent pixels, plus the host's copies of the whole output ([images, 3, H, W] float32:
     the tiles joined, scaled, clipped and transposed)."""
-    return vae_bytes(facts, tile_height, tile_width, 1) + IMAGE_COPIES * images * 3 * height * width * FLOAT_BYTES
+    return (
+        vae_bytes(facts, tile_height, tile_width, 1, fused) + IMAGE_COPIES * images * 3 * height * width * FLOAT_BYTES
+    )
 
 
 def text_bytes(facts: dict, texts: int) -> int:
@@ -151,24 +160,27 @@ def estimate(
     chunks: int = 1,
     texts: int | None = None,
     vae_tiling: bool | None = None,
+    fused: frozenset[str] = frozenset(),
 ) -> Estimate:
     """The estimate of generating `images` images of width x height, the UNet running on `rows` latents per call
     (images x (1 + AND terms) with guidance) with `chunks` x 77 text tokens; `texts`: prompts per text-encoder call.
     The VAE term is that of a tiled call where runtime.vae_tiling tiles this size (`vae_tiling`: the model's
-    option, None: auto)."""
+    option, None: auto). `fused`: the components whose attention is one fused operator (runtime.backends: the
+    onnxruntime backend's CPU graphs), without the attention scores' memory."""
     from .vae_tiling import tiles_of, use_tiling
 
     facts = model_facts(info)
     factor = info["vae_scale_factor"]
     latent_height, latent_width = math.ceil(height / factor), math.ceil(width / factor)
-    vae = vae_bytes(facts, latent_height, latent_width, images)
+    vae_fused = "vae_decoder" in fused and "vae_encoder" in fused
+    vae = vae_bytes(facts, latent_height, latent_width, images, vae_fused)
     tiles = tiles_of(info)
     if use_tiling(info, tiles, latent_height, latent_width, vae_tiling):
         tile_height, tile_width = min(latent_height, tiles.latent_size), min(latent_width, tiles.latent_size)
-        vae = tiled_vae_bytes(facts, tile_height, tile_width, height, width, images)
+        vae = tiled_vae_bytes(facts, tile_height, tile_width, height, width, images, vae_fused)
     return Estimate(
         text_encoder=text_bytes(facts, texts if texts is not None else rows),
-        unet=unet_bytes(facts, latent_height, latent_width, rows, chunks),
+        unet=unet_bytes(facts, latent_height, latent_width, rows, chunks, "unet" in fused),
         vae=vae,
     )
 

@@ -38,6 +38,8 @@ STALE = "was made from another model file or by another version"
 
 
 class OnnxRuntimeSession:
+    derived = False  # runs a derived graph (runtime.manifest.DERIVED_GRAPHS): its attention is fused
+
     def __init__(
         self, path: Path, component: str, providers: list[str], overrides: dict[str, np.ndarray] | None = None
     ):
@@ -196,6 +198,13 @@ class OnnxRuntimeBackend:
                 self._sessions[component] = self._open(path, component, overrides)
         return self._sessions[component]
 
+    def fused_attention(self) -> list[str]:
+        """The components whose attention runs as MultiHeadAttention, one fused operator that never holds the
+        attention scores (runtime.memory estimates them without): those running a derived graph, and those not loaded
+        yet that will (a derived graph that cannot be made falls back to the exported one, which then tells)."""
+        components = [c for c in self.manifest.components if self.graph_kind(c)]
+        return [c for c in components if c not in self._sessions or self._sessions[c].derived]
+
     def _open(self, path: Path, component: str, overrides: dict[str, np.ndarray] | None) -> OnnxRuntimeSession:
         if component == "text_encoder":
             return OnnxRuntimeTextEncoder(path, self.providers, self.text_tables(), overrides)
@@ -239,6 +248,7 @@ class OnnxRuntimeBackend:
         metadata = session.metadata()
         if any(metadata.get(key) != value for key, value in stamp.items()):
             return None, STALE
+        session.derived = True
         return session, ""
 
     def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
