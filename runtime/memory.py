@@ -12,7 +12,7 @@ estimate covers the working memory of one request on top of the loaded weights; 
 give their memory back (the sessions run without ONNX Runtime's memory arena), so the peak is the largest stage's.
 A VAE call that runtime.vae_tiling tiles is estimated as one tile's call plus the host's copies of the whole image.
 Where a component's attention runs fused (the onnxruntime backend's CPU graphs: MultiHeadAttention, which never
-holds the scores), its attention term is left out.
+holds the scores), its attention term is that of the operator's own copies of queries, keys, values and output.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ TEXT_TOKENS = 77  # tokens per prompt chunk
 ATTENTION_FACTOR = 1.25  # the scores plus the softmax's working copy of part of them
 UNET_CONV_FACTOR = 12  # live float tensors per (pixel x input channel) at a UNet level: skips, norms, conv buffers
 VAE_CONV_FACTOR = 6  # the same in the VAE decoder (no skips)
+FUSED_COPIES = 4  # [tokens, channels] float tensors a fused attention holds: queries, keys, values, output
 TEXT_FACTOR = 16  # live [rows, 77, hidden] tensors in the text encoder
 OVERHEAD_BYTES = 32 * 2**20  # latents, noise, images and copies on the host
 IMAGE_COPIES = 4  # whole-image float32 copies a tiled VAE call holds on the host (joined, scaled, clipped, transposed)
@@ -109,15 +110,14 @@ def unet_bytes(facts: dict, latent_height: int, latent_width: int, rows: int, ch
         heads = facts["unet_heads"][level]
         if facts["unet_cross_attention"][level]:
             keys = context + (pixels if facts["unet_self_attention"][level] else 0)
-            attention = max(attention, heads * pixels * keys)
+            attention = max(attention, FUSED_COPIES * pixels * width if fused else heads * pixels * keys)
         skip = channels[min(level + 1, len(channels) - 1)]  # the up path concatenates the skip of this level
         conv = max(conv, pixels * (width + skip))
     if facts["unet_mid_attention"]:
         lowest = 2 ** (len(channels) - 1)
         pixels = math.ceil(latent_height / lowest) * math.ceil(latent_width / lowest)
-        attention = max(attention, facts["unet_heads"][-1] * pixels * (pixels + context))
-    if fused:
-        attention = 0
+        scores = facts["unet_heads"][-1] * pixels * (pixels + context)
+        attention = max(attention, FUSED_COPIES * pixels * channels[-1] if fused else scores)
     return int(rows * FLOAT_BYTES * (ATTENTION_FACTOR * attention + UNET_CONV_FACTOR * conv))
 
 
@@ -126,7 +126,9 @@ def vae_bytes(facts: dict, latent_height: int, latent_width: int, images: int, f
     works on fewer channels at full size); `fused`: as unet_bytes."""
     channels = list(reversed(facts["vae_channels"]))  # the decoder goes from the widest level to the image
     latent_pixels = latent_height * latent_width
-    attention = latent_pixels**2 if facts["vae_mid_attention"] and not fused else 0
+    attention = 0
+    if facts["vae_mid_attention"]:
+        attention = FUSED_COPIES * latent_pixels * channels[0] if fused else latent_pixels**2
     conv = 0
     for level, width in enumerate(channels):
         inputs = max(width, channels[level - 1]) if level else width  # upsampled from the level before
