@@ -149,7 +149,39 @@ def read_text_tables(folder: Path, hidden_size: int) -> TextTables:
     return TextTables(token_embedding, weight.astype(np.float32), bias.astype(np.float32), eps)
 
 
-class OnnxRuntimeBackend:
+class OnnxFileBackend:
+    """What every backend that runs the export's ONNX files shares: LoRA as initializer overrides (`weights`: an
+    OnnxWeights), and the text tables read beside the text encoder. Subclasses set folder, manifest, _sessions,
+    _text_tables and weights, and define session(component)."""
+
+    def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
+        """Diffusers parameter -> shape, for the parameters this export's weight map reaches."""
+        return self.weights.parameter_shapes(component)
+
+    def base_parameters(self, component: str, names) -> dict[str, np.ndarray]:
+        """The base float32 values of parameters (diffusers names), read from the ONNX file (cached)."""
+        return self.weights.base_parameters(component, names)
+
+    def check_patches(self, patches: dict[str, dict[str, np.ndarray]]) -> None:
+        """Raise InvalidRequestError where this backend cannot take these weights (by default it takes any)."""
+
+    def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
+        """Replace parameters by full new values (diffusers names); None or {} restores the base weights.
+
+        Every call starts from base; a component whose overrides change gets a new session."""
+        self.check_patches(patches or {})
+        for component in self.weights.set_patches(patches or {}):
+            self._sessions.pop(component, None)
+            self.session(component)
+
+    def text_tables(self) -> TextTables:
+        """The token embedding table (memory-mapped) and final norm saved beside the ONNX text encoder."""
+        if self._text_tables is None:
+            self._text_tables = read_text_tables(self.folder, self.manifest.model["text_hidden_size"])
+        return self._text_tables
+
+
+class OnnxRuntimeBackend(OnnxFileBackend):
     name = "onnxruntime"
 
     def __init__(self, artifacts: Path, providers: list[str] | None = None, precision: str = "fp32"):
@@ -251,30 +283,10 @@ class OnnxRuntimeBackend:
         session.derived = True
         return session, ""
 
-    def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
-        """Diffusers parameter -> shape, for the parameters this export's weight map reaches."""
-        return self.weights.parameter_shapes(component)
-
-    def base_parameters(self, component: str, names) -> dict[str, np.ndarray]:
-        """The base float32 values of parameters (diffusers names), read from the ONNX file (cached)."""
-        return self.weights.base_parameters(component, names)
-
-    def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
-        """Replace parameters by full new values (diffusers names); None or {} restores the base weights.
-
-        Every call starts from base; a component whose overrides change gets a new session. The int8 UNet's weights
-        are quantised copies, so UNet patches are refused at that precision."""
-        if self.precision == "int8" and any((patches or {}).get(c) for c in DERIVED_GRAPHS["int8"]):
+    def check_patches(self, patches: dict[str, dict[str, np.ndarray]]) -> None:
+        """The int8 UNet's weights are quantised copies, so UNet patches are refused at that precision."""
+        if self.precision == "int8" and any(patches.get(c) for c in DERIVED_GRAPHS["int8"]):
             raise InvalidRequestError("LoRA cannot change the int8 UNet's weights: use precision fp32 with LoRAs")
-        for component in self.weights.set_patches(patches or {}):
-            self._sessions.pop(component, None)
-            self.session(component)
-
-    def text_tables(self) -> TextTables:
-        """The token embedding table (memory-mapped) and final norm saved beside the ONNX text encoder."""
-        if self._text_tables is None:
-            self._text_tables = read_text_tables(self.folder, self.manifest.model["text_hidden_size"])
-        return self._text_tables
 
 
 class OnnxWeights:

@@ -21,7 +21,7 @@ import openvino as ov
 from ..errors import AllocationError, ArtifactError, BackendUnavailableError, InvalidRequestError, ModelError
 from ..manifest import REEXPORT_HINT, read_manifest
 from . import TextTables
-from .onnxruntime import OnnxWeights, read_text_tables
+from .onnxruntime import OnnxFileBackend, OnnxWeights
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _load_error(path: Path, exc: Exception) -> ModelError:
     return ModelError(f"cannot load {path} in openvino ({_reason(text)})")
 
 
-class OpenVinoBackend:
+class OpenVinoBackend(OnnxFileBackend):
     name = "openvino"
 
     def __init__(self, artifacts: Path, precision: str = "fp32"):
@@ -185,25 +185,3 @@ class OpenVinoBackend:
                 session = OpenVinoSession(path, component, self.core, self.config, overrides)
             self._sessions[component] = session
         return self._sessions[component]
-
-    def parameter_shapes(self, component: str) -> dict[str, tuple[int, ...]]:
-        """Diffusers parameter -> shape, for the parameters this export's weight map reaches."""
-        return self.weights.parameter_shapes(component)
-
-    def base_parameters(self, component: str, names) -> dict[str, np.ndarray]:
-        """The base float32 values of parameters (diffusers names), read from the ONNX file (cached)."""
-        return self.weights.base_parameters(component, names)
-
-    def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
-        """Replace parameters by full new values (diffusers names); None or {} restores the base weights.
-
-        Every call starts from base; a component whose overrides change is compiled again."""
-        for component in self.weights.set_patches(patches or {}):
-            self._sessions.pop(component, None)
-            self.session(component)
-
-    def text_tables(self) -> TextTables:
-        """The token embedding table (memory-mapped) and final norm saved beside the ONNX text encoder."""
-        if self._text_tables is None:
-            self._text_tables = read_text_tables(self.folder, self.manifest.model["text_hidden_size"])
-        return self._text_tables
