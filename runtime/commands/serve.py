@@ -1,0 +1,96 @@
+"""`serve`: load the model once and serve the A1111-compatible HTTP API (runtime.server)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InvalidRequestError
+from . import (
+    BUDGET_HELP,
+    ENGINES_HELP,
+    PICKLE_HELP,
+    PRECISION_HELP,
+    VAE_TILING,
+    VAE_TILING_HELP,
+    add_checkpoint_options,
+    checkpoint_options,
+    memory_budget,
+)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Load the model once and serve the A1111-compatible HTTP API until interrupted."""
+    from .. import load
+    from ..server import serve
+    from ..server.a1111 import Limits
+    from ..server.options import ServerOptions
+    from ..serving import Service, ServiceConfig
+    from ..styles import read_styles_csv
+
+    if args.request_timeout is not None and args.request_timeout <= 0:
+        raise InvalidRequestError(f"--request-timeout must be positive, not {args.request_timeout}")
+    limits = Limits(max_side=args.max_side, max_steps=args.max_steps, max_images=args.max_images,
+                    max_body_bytes=int(args.max_body_mb * 2**20), request_timeout=args.request_timeout,
+                    max_prompt_chars=args.max_prompt_chars, max_prompt_chunks=args.max_prompt_chunks,
+                    max_and_terms=args.max_and_terms)  # fmt: skip
+    limits.prompt_limits()  # a bad prompt limit is an error before the model loads
+    styles = read_styles_csv(args.styles) if args.styles else ()  # an unreadable file too
+    options = ServerOptions(args.cors_allow_origins or (), args.cors_allow_origins_regex, args.read_timeout,
+                            styles)  # fmt: skip
+    budget = memory_budget(args)
+    sd = load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle,
+                      precision=args.precision, **checkpoint_options(args))  # fmt: skip
+    if args.embeddings:
+        sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
+    sd.set_lora_dir(args.lora_dir, allow_pickle=args.allow_pickle)
+    sd.memory_budget = budget
+    sd.vae_tiling = VAE_TILING[args.vae_tiling]
+    config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
+    with Service(sd, config) as service:
+        print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
+        serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info", options=options)
+    return 0
+
+
+def add_serve_command(sub) -> None:
+    """`serve`: the HTTP server (runtime.server)."""
+    from ..backends import BACKENDS
+
+    p = sub.add_parser("serve", help="serve the A1111-compatible HTTP API (needs the serve extra)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="diffusers folder, Hub id in the local cache, artifact folder, or single file (.safetensors)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port (A1111's is 7860)")
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="what runs the models")
+    p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
+    p.add_argument("--engines", default=None, help=ENGINES_HELP)
+    p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
+    add_checkpoint_options(p)
+    p.add_argument("--lora-dir", default=None, help="folder where <lora:name:weight> prompt tags find their files")
+    p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
+    p.add_argument("--no-batching", action="store_true", help="run every request alone (default: batch compatible)")
+    p.add_argument("--max-batch-images", type=int, default=8, help="images per batched UNet run (default 8)")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default: none)")
+    p.add_argument("--max-side", type=int, default=2048, help="largest width/height accepted (default 2048)")
+    p.add_argument("--max-steps", type=int, default=150, help="most steps accepted (default 150)")
+    p.add_argument("--max-images", type=int, default=16, help="most batch_size * n_iter accepted (default 16)")
+    p.add_argument("--max-body-mb", type=float, default=32, help="request body limit in MiB (default 32)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE", help=BUDGET_HELP)
+    p.add_argument("--vae-tiling", default="auto", choices=("auto", "on", "off"), help=VAE_TILING_HELP)
+    p.add_argument("--max-prompt-chars", type=int, default=20000, help="characters per prompt, checked first")
+    p.add_argument("--max-prompt-chunks", type=int, default=20, help="75-token chunks per prompt (20: 1500 tokens)")
+    p.add_argument("--max-and-terms", type=int, default=16, help="AND sub-prompts per prompt")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request body may stall before a 408 (default 30)")  # fmt: skip
+    p.add_argument("--cors-allow-origins", default=None, help="allowed CORS origins, comma-separated (as A1111)")
+    p.add_argument("--cors-allow-origins-regex", default=None, help="allowed CORS origins as a regular expression")
+    p.add_argument(
+        "--styles",
+        default=None,
+        metavar="CSV",
+        help="prompt styles file in A1111's format (name,prompt,negative_prompt), used by request styles",
+    )
+    p.set_defaults(func=cmd_serve)
