@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .admission import PromptLimits, admit, allocation_errors, txt2img_passes
 from .backends import Backend, check_backend, check_precision, open_backend
 from .cache import engines_dir_or_default
 from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
 from .errors import ArtifactError, InvalidRequestError, ModelError
+from .infotext import generation_parameters, image_infotexts, mask_blur, model_parameters, noise_factor
 from .lora.requests import with_loras
 from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
-from .output import format_parameters
 from .pipelines.img2img import img2img
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
@@ -171,7 +170,7 @@ class StableDiffusion:
         admit(self, request, "img2img")
         resized = resize_image(image, request.width, request.height, request.resize_mode)
         images = img2img(self, request, to_model_input(resized))
-        extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode, **_noise_factor(request)}
+        extra = {"Denoising strength": request.strength, "Resize mode": request.resize_mode, **noise_factor(request)}
         return self._result(request, images, extra, watermark)
 
     @allocation_errors
@@ -185,7 +184,7 @@ class StableDiffusion:
         request = InpaintRequest(prompt, init_image=image, mask=mask, **options)
         request = validate_inpaint(request, self.info, image.size)
         admit(self, request, "inpaint")
-        extra = {"Denoising strength": request.strength, **_mask_blur(request), **_noise_factor(request)}
+        extra = {"Denoising strength": request.strength, **mask_blur(request), **noise_factor(request)}
         if request.inpainting_fill != "original":
             extra["Masked content"] = request.inpainting_fill
         if request.inpaint_full_res:
@@ -275,72 +274,11 @@ class StableDiffusion:
 
             images = embed_watermark(images, watermark)
         seeds = [request.seed + i for i in range(request.batch_size)]
-        params = dict(self._parameters(request), **extra)
+        model = model_parameters(self.info, self.key, self.name)
+        params = dict(generation_parameters(request, model, self.backend.name, self.precision), **extra)
         if getattr(self, "vae_retried", False):  # set by decode_latents: the fp16 VAE overflowed (A1111 retries)
             params["VAE precision"] = "fp32 retry after fp16 NaN"
-        per_image = [dict(params, Seed=s, **_variation_seed(request, i)) for i, s in enumerate(seeds)]
-        infotexts = [format_parameters(request.prompt, request.negative_prompt, p) for p in per_image]
-        return GenerationResult(images, seeds, infotexts, request, params)
-
-    def _parameters(self, request: Txt2ImgRequest) -> dict:
-        return {
-            "Steps": request.steps,
-            "Sampler": request.sampler,
-            "Schedule type": None if request.schedule == "default" else request.schedule,
-            "CFG scale": request.cfg_scale,
-            "Eta": request.eta,
-            "Seed": request.seed,
-            "Size": f"{request.width}x{request.height}",
-            **self._model_parameters(),
-            **_variation_seed(request, 0),
-            "Seed resize from": "{}x{}".format(*request.seed_resize_from) if request.seed_resize_from else None,
-            "Clip skip": request.clip_skip if request.clip_skip > 1 else None,  # A1111 writes it from 2 on
-            **_sampler_option_parameters(request),
-            "Backend": self.backend.name,
-            "Precision": None if self.precision == "fp32" else self.precision,
-            "Version": f"sdrt {__version__}",
-        }
-
-    def _model_parameters(self) -> dict:
-        """A1111's `Model hash`/`Model` (a single file's sha256[:10] and stem) and `VAE hash`/`VAE` (an override)."""
-        source = self.info.get("source") or {}
-        return {
-            "Model hash": source.get("model_hash") or self.key.rsplit("-", 1)[-1],
-            "Model": source.get("model") or self.name,
-            "VAE hash": source.get("vae_hash"),
-            "VAE": source.get("vae"),
-        }
-
-
-def _noise_factor(request: Img2ImgRequest) -> dict:
-    """A1111's "Noise multiplier" (initial_noise_multiplier), written when it is not 1."""
-    return {"Noise multiplier": request.noise_multiplier} if request.noise_multiplier != 1 else {}
-
-
-def _mask_blur(request: InpaintRequest) -> dict:
-    """ "Mask blur" (A1111's key) when x and y agree, else "Mask blur x" and "Mask blur y"."""
-    blur_y = request.mask_blur if request.mask_blur_y is None else request.mask_blur_y
-    if blur_y == request.mask_blur:
-        return {"Mask blur": request.mask_blur}
-    return {"Mask blur x": request.mask_blur, "Mask blur y": blur_y}
-
-
-def _variation_seed(request: Txt2ImgRequest, index: int) -> dict:
-    """A1111's "Variation seed" (subseed + index) and "Variation seed strength", when a variation is applied."""
-    if not request.subseed_strength:
-        return {}
-    return {"Variation seed": request.subseed + index, "Variation seed strength": request.subseed_strength}
-
-
-def _sampler_option_parameters(request: Txt2ImgRequest) -> dict:
-    """A1111's infotext keys for the sampler options a request sets away from their defaults."""
-    from .request import SAMPLER_OPTION_DEFAULTS, sampler_of
-
-    options = dict(sampler_of(request)[0].options)
-    keys = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
-    return {key: options[name] for name, key in keys.items()
-            if name in options and options[name] != SAMPLER_OPTION_DEFAULTS[name]}  # fmt: skip
-
+        return GenerationResult(images, seeds, image_infotexts(request, params, seeds), request, params)
 
 def load(
     model: str | Path,
