@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=("fp32", "fp16"),
-        help="fp16: also write GPU models under <artifacts>/fp16 (the VAE stays fp32 if it upcasts)",
+        choices=("fp32", "fp16", "int8"),
+        help="fp32: also the onnxruntime CPU graphs (fused attention); int8: those and the int8 UNet (generation's "
+        "--precision int8); fp16: the GPU models under <artifacts>/fp16 (the VAE stays fp32 if it upcasts)",
     )
     add_checkpoint_options(p)
     p.set_defaults(func=cmd_export)

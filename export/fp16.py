@@ -48,11 +48,13 @@ def fp16_folder(folder: Path) -> Path:
     return Path(folder) / FP16_DIR
 
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def export_with_precision(model, engines_dir: Path, precision: str = "fp32", force: bool = False, **options) -> Path:
-    """export_model, then (precision "fp16") the fp16 conversion of its result; return the folder to load."""
+    """export_model, then the fp16 conversion of its result (precision "fp16", for the GPU backends), or the
+    onnxruntime CPU backend's derived graphs (fp32: the fused CPU graphs; int8: those and the int8 UNet); return the
+    folder to load."""
     from runtime.errors import InvalidRequestError
 
     from .onnx_export import export_model
@@ -60,7 +62,11 @@ def export_with_precision(model, engines_dir: Path, precision: str = "fp32", for
     if precision not in PRECISIONS:
         raise InvalidRequestError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     folder = export_model(model, engines_dir, force=force, **options)
-    if precision == "fp32":
+    if precision != "fp16":
+        from runtime.backends.onnxruntime import make_cpu_graphs
+
+        for path in make_cpu_graphs(folder, precision):
+            logger.info("CPU graph: %s", path)
         return folder
     return export_fp16(folder, force=force, progress=options.get("progress", True))
 

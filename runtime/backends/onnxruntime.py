@@ -289,6 +289,22 @@ class OnnxRuntimeBackend(OnnxFileBackend):
             raise InvalidRequestError("LoRA cannot change the int8 UNet's weights: use precision fp32 with LoRAs")
 
 
+def make_cpu_graphs(folder: Path, precision: str = "fp32") -> list[Path]:
+    """Make the derived graphs the onnxruntime CPU backend runs at `precision` (the fused CPU graphs; at int8 also
+    the quantised UNet), or check the ones there: the export's last step, so that the first generation does not
+    make them. Each is opened once and let go again. Returns their paths."""
+    backend = OnnxRuntimeBackend(folder, precision=precision)
+    made = []
+    for component, info in backend.manifest.components.items():
+        kind = backend.graph_kind(component)
+        if kind:
+            session = backend.session(component)
+            backend._sessions.pop(component)
+            if session.derived:
+                made.append(backend.folder / derived_graph_file(info, kind))
+    return made
+
+
 class OnnxWeights:
     """The initializer overrides the current LoRA set needs, per component (names from the export's weight map)."""
 

@@ -150,3 +150,26 @@ def test_without_onnx_the_exported_graph_runs_with_one_warning(artifact_copy, ca
     (line,) = warnings_of(caplog)
     assert "unet: its CPU graph cannot be made without the onnx package" in line, line
     assert not cpu_graph(artifact_copy).exists() and np.isfinite(output).all()
+
+
+def test_export_makes_the_derived_graphs_once(sd1_export, artifact_copy, caplog):
+    """`cli.py export --precision int8` leaves the CPU graphs and the int8 UNet beside the export (here: an export
+    that has none yet), and the backend then runs them without making them again."""
+    import cli
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend
+    from runtime.manifest import derived_graph_file, read_manifest
+
+    manifest = read_manifest(artifact_copy)
+    wanted = [artifact_copy / derived_graph_file(manifest.components[c], "cpu") for c in COMPONENTS]
+    wanted.append(artifact_copy / derived_graph_file(manifest.components["unet"], "int8"))
+    for path in wanted:
+        path.unlink(missing_ok=True)
+    engines = str(artifact_copy.parent)  # the copy is this folder's export of the same source: reused
+    argv = ["--quiet", "export", "--model", str(sd1_export.source), "--engines", engines, "--precision", "int8"]
+    assert cli.main(argv) == 0
+    made = {path: path.stat().st_mtime_ns for path in wanted}
+    backend = OnnxRuntimeBackend(artifact_copy, precision="int8")
+    with caplog.at_level(logging.INFO, logger="runtime.backends.onnxruntime"):
+        assert all(backend.session(c).derived for c in COMPONENTS)
+    assert not [r.getMessage() for r in caplog.records if "making" in r.getMessage()]
+    assert {path: path.stat().st_mtime_ns for path in wanted} == made
