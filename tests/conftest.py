@@ -12,6 +12,14 @@ import pytest
 HAS_TORCH = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("diffusers") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch/diffusers not installed (export extras)")
 
+# Parallel workers (pytest-xdist) share the machine's cores: every thread pool that assumes it owns them all spins
+# against the other worker's (measured on 2 cores: sampler parity cases 3x slower). Before torch is first imported,
+# one thread for torch/OpenMP and for the runtime's CPU backends (runtime.backends.cpu_threads); subprocesses inherit
+# it. Set either variable yourself to override.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("SDRT_CPU_THREADS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def sdrt_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
@@ -38,8 +46,9 @@ def shared_engines(sdrt_home: Path) -> Path:
 
 def single_torch_thread():
     """A fixture body for test folders that export or run tiny models with torch: on two shared CPU cores torch's
-    own thread pool makes them many times slower, so run torch on one thread and restore the count afterwards.
-    A folder's conftest registers it: `one_torch_thread = pytest.fixture(scope="session", autouse=True)(...)`."""
+    own thread pool makes them many times slower, so run torch on one thread and restore the count afterwards
+    (also without xdist, where OMP_NUM_THREADS is not set above). A folder's conftest registers it:
+    `one_torch_thread = pytest.fixture(scope="session", autouse=True)(...)`."""
     if not HAS_TORCH:
         yield
         return

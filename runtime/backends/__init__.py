@@ -6,6 +6,7 @@ The backend is chosen once, at load; the pipeline above never asks which one it 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -22,6 +23,20 @@ PRECISIONS = {"onnxruntime": ("fp32", "int8"), "openvino": ("fp32", "bf16")}
 # The package each CPU backend imports, and how to install it
 PACKAGES = {"onnxruntime": ("onnxruntime", "pip install onnxruntime"), "torch": ("torch", "pip install -e .[export]"),
             "openvino": ("openvino", "pip install -e .[openvino]")}  # fmt: skip
+
+
+THREADS_VARIABLE = "SDRT_CPU_THREADS"  # threads per CPU model run; unset: the CPU backend's default (every core)
+
+
+def cpu_threads() -> int | None:
+    """The threads a CPU backend runs each model on ($SDRT_CPU_THREADS, for processes that share the cores: several
+    servers or test workers on one machine); None: the backend's default. A bad value is an InvalidRequestError."""
+    text = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidRequestError(f"${THREADS_VARIABLE} must be a positive number of threads, not {text!r}")
+    return int(text)
 
 
 class Session(Protocol):

@@ -28,7 +28,7 @@ from ..manifest import (
     read_manifest,
 )
 from ..memory import format_bytes
-from . import TextTables
+from . import TextTables, cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,10 @@ class OnnxRuntimeSession:
         # no memory arena: a run's buffers go back to the system when it ends, so memory follows the current request
         # instead of staying at the largest one served (runtime.memory; README "Serving")
         options.enable_cpu_mem_arena = False
+        threads = cpu_threads() if providers == CPU_PROVIDERS else None
+        if threads:  # the cores are shared: a fixed pool that sleeps when idle instead of spinning
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # the session reads these while it lives (add_initializer keeps no reference): they stay on the session
         self._override_arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (overrides or {}).items()}
         self._override_values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self._override_arrays.items()}

@@ -20,7 +20,7 @@ import openvino as ov
 
 from ..errors import AllocationError, ArtifactError, BackendUnavailableError, InvalidRequestError, ModelError
 from ..manifest import REEXPORT_HINT, read_manifest
-from . import TextTables
+from . import TextTables, cpu_threads
 from .onnxruntime import OnnxFileBackend, OnnxWeights
 
 logger = logging.getLogger(__name__)
@@ -161,6 +161,8 @@ class OpenVinoBackend(OnnxFileBackend):
         self.precision = precision
         self.manifest = read_manifest(self.folder)
         self.config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if cpu_threads():
+            self.config["INFERENCE_NUM_THREADS"] = cpu_threads()
         self._sessions: dict[str, OpenVinoSession] = {}
         self._text_tables: TextTables | None = None
         self.weights = OnnxWeights(self)  # LoRA: initializer overrides per component, as onnxruntime's
