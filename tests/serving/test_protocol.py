@@ -124,15 +124,25 @@ def test_progress_job_timestamp_and_interrupted(http, service, slow_device):  # 
     assert state["interrupted"] is False and state["job_timestamp"] > running["job_timestamp"]
 
 
-def test_skip_stops_the_current_iteration_only(http, service, tiny_model, slow_device):  # noqa: F811
+def test_skip_stops_the_current_iteration_only(http, service, tiny_model, slow_device, monkeypatch):  # noqa: F811
     """A1111's skip ends the running image's sampling but, unlike interrupt, runs the remaining n_iter iterations."""
-    outcome = {}
+    outcome, skipped, read = {}, threading.Event(), threading.Event()
+    next_group = service._next_group
+
+    def held_next_group():  # the next iteration starts (and clears `skipped`, as A1111's) once /progress was read
+        if skipped.is_set():
+            read.wait(30)
+        return next_group()
+
+    monkeypatch.setattr(service, "_next_group", held_next_group)
     body = dict(LONG, steps=30, n_iter=2, enable_hr=True, hr_scale=1, hr_second_pass_steps=1)  # hires: runs alone
     thread = threading.Thread(target=lambda: outcome.update(r=http.post("/sdapi/v1/txt2img", json=body)))
     thread.start()
     _wait_for_step(http)
+    skipped.set()
     assert http.post("/sdapi/v1/skip").status_code == 200
     assert http.get("/sdapi/v1/progress").json()["state"]["skipped"] is True
+    read.set()
     thread.join(60)
     data = outcome["r"].json()
     assert json.loads(data["info"])["all_seeds"] == [LONG["seed"], LONG["seed"] + 1]
