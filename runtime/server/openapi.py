@@ -82,10 +82,22 @@ def stated_openapi(app: FastAPI, limits, schedulers: list[str]) -> Callable[[], 
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             state_limits(schema["components"]["schemas"], limits, schedulers)
+            for name in ("Txt2ImgBody", "Img2ImgBody"):
+                allow_null(schema["components"]["schemas"].get(name, {}).get("properties", {}))
             app.openapi_schema = schema
         return app.openapi_schema
 
     return openapi
+
+
+def allow_null(props: dict) -> None:
+    """State that every property also takes null (schemas.GenerationBody reads null as the field's default, as
+    A1111's bodies do): a property without a null branch becomes anyOf [its schema, null], in place."""
+    for name, prop in list(props.items()):
+        if any(branch.get("type") == "null" for branch in prop.get("anyOf", [])):
+            continue
+        outer = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+        props[name] = {"anyOf": [prop, {"type": "null"}], **outer}
 
 
 def _constrain(prop: dict, **keywords) -> None:

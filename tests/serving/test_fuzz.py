@@ -38,11 +38,12 @@ def fuzz_server(service):
 
 
 def _small(case):
-    """A generated body that leaves out width, height or steps gets A1111's default (512, 512, 50), over this server's
-    limits (a 422): give such a body values within them, so that valid requests generate images."""
+    """A generated body that leaves out width, height or steps (or sends null) gets A1111's default (512, 512, 50),
+    over this server's limits (a 422): give such a body values within them, so that valid requests generate images."""
     if isinstance(case.body, dict) and case.operation.path.endswith("2img"):
         for field, value in (("width", 32), ("height", 32), ("steps", 1)):
-            case.body.setdefault(field, value)
+            if case.body.get(field) is None:
+                case.body[field] = value
     return case
 
 

@@ -282,11 +282,22 @@ def test_openapi_states_limits_enums_errors_and_typed_responses(http, proto):
     assert refs.pop("422") == "ValidationErrorResponse" and refs.pop("200") == "GenerationResponse"
     assert set(refs.values()) == {"ErrorResponse"}
     body = schema["components"]["schemas"]["Txt2ImgBody"]["properties"]
-    assert body["width"]["maximum"] == body["height"]["maximum"] == limits.max_side
-    assert body["steps"]["maximum"] == limits.max_steps and body["batch_size"]["maximum"] == limits.max_images
+
+    def stated(prop, keyword):
+        return next(b[keyword] for b in prop.get("anyOf", [prop]) if keyword in b)
+
+    assert stated(body["width"], "maximum") == stated(body["height"], "maximum") == limits.max_side
+    assert stated(body["steps"], "maximum") == limits.max_steps
+    assert stated(body["batch_size"], "maximum") == limits.max_images
 
     def enum(prop):
-        return next(b["enum"] for b in prop.get("anyOf", [prop]) if "enum" in b)
+        return stated(prop, "enum")
+
+    for name in ("Txt2ImgBody", "Img2ImgBody"):  # null means the default in every field (A1111's bodies)
+        props = schema["components"]["schemas"][name]["properties"]
+        assert all({"type": "null"} in prop.get("anyOf", []) for prop in props.values()), name
+    nulls = dict.fromkeys(("negative_prompt", "seed", "subseed_strength", "n_iter", "cfg_scale", "restore_faces"))
+    assert http.post("/sdapi/v1/txt2img", json=dict(BODY, steps=1, **nulls)).status_code == 200
 
     samplers = {s["name"] for s in http.get("/sdapi/v1/samplers").json()}
     assert samplers <= set(enum(body["sampler_name"])) and "DPM++ 2M Karras" in enum(body["sampler_name"])
