@@ -213,6 +213,6 @@ def test_unknown_precision_is_one_line_before_any_work(tmp_path):
     from export.fp16 import export_with_precision
     from runtime.errors import InvalidRequestError
 
-    with pytest.raises(InvalidRequestError, match=r"^unknown precision 'int8'; choose one of: fp32, fp16$"):
-        export_with_precision(tmp_path / "missing", tmp_path / "engines", "int8")
+    with pytest.raises(InvalidRequestError, match=r"^unknown precision 'bf16'; choose one of: fp32, fp16, int8$"):
+        export_with_precision(tmp_path / "missing", tmp_path / "engines", "bf16")
     assert not (tmp_path / "engines").exists()
