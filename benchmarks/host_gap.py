@@ -3,7 +3,10 @@
 Runs the real txt2img pipeline (request validation, conditioning, seeded noise, sampler, denoiser, progress hook)
 at SD 1.5 shapes, 512x512, batch 1, CFG 7 over a stand-in backend: a UNet session that waits --unet-ms (10 ms: a
 GPU-sized step) per call and returns a fixed noise_pred, a text encoder that returns fixed hidden states, and a VAE
-decoder that returns a fixed image. The wait sleeps, so it releases the GIL as a GPU backend's synchronisation does.
+decoder that returns a fixed image. The wait releases the GIL, as a GPU backend's synchronisation does; `--wait spin`
+(the default) yields in a loop until the time is up, as CUDA's default synchronisation spins while a process has
+fewer CUDA contexts than the machine has cores (cudaDeviceScheduleAuto), so the core stays awake; `--wait sleep`
+sleeps it through, as cudaDeviceScheduleBlockingSync does (the step then starts on a cold core).
 
 The number per sampler is the host time between the end of one UNet call and the start of the next one inside a
 generation: everything sdrt adds to a step on a GPU backend (guidance, parameterisation, the sampler update, noise,
@@ -37,8 +40,8 @@ class StandInUnet:
     """A GPU-sized UNet step: waits `seconds`, returns the same noise_pred array each call (valid until the next
     call, as GPU sessions' host buffers are), and records (start, end) of every call."""
 
-    def __init__(self, seconds: float):
-        self.seconds = seconds
+    def __init__(self, seconds: float, wait: str = "spin"):
+        self.seconds, self.wait = seconds, wait
         self.marks: list[tuple[float, float]] = []
         self._outputs: dict[tuple, np.ndarray] = {}
 
@@ -48,7 +51,11 @@ class StandInUnet:
         out = self._outputs.get(shape)
         if out is None:
             out = self._outputs[shape] = (0.1 * np.random.default_rng(0).standard_normal(shape)).astype(np.float32)
-        time.sleep(max(0.0, self.seconds - (time.perf_counter() - start)))
+        if self.wait == "sleep":
+            time.sleep(max(0.0, self.seconds - (time.perf_counter() - start)))
+        else:
+            while time.perf_counter() - start < self.seconds:
+                time.sleep(0)  # lets other threads (the noise drawn ahead) run, as a spinning sync does
         self.marks.append((start, time.perf_counter()))
         return {"noise_pred": out}
 
@@ -139,8 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=5, help="measured generations per sampler (after one warm-up)")
     parser.add_argument("--unet-ms", type=float, default=10.0, help="the stand-in UNet's time per call")
     parser.add_argument("--samplers", nargs="*", default=list(SAMPLERS), help="A1111 sampler labels")
+    parser.add_argument("--wait", choices=("spin", "sleep"), default="spin",
+                        help="how the stand-in UNet waits: spin (CUDA's default sync) or sleep (blocking sync)")
     args = parser.parse_args(argv)
-    unet = StandInUnet(args.unet_ms / 1e3)
+    unet = StandInUnet(args.unet_ms / 1e3, args.wait)
     with tempfile.TemporaryDirectory() as tmp:
         model = stand_in_model(Path(tmp), unet)
         rows = [bench(model, unet, s, args.steps, args.runs) for s in tqdm(args.samplers, desc="samplers")]
@@ -158,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             "shape": [1, 4, SIZE // 8, SIZE // 8],
             "cfg_scale": 7.0,
             "unet_ms": args.unet_ms,
+            "wait": args.wait,
             "runs": args.runs,
             "python": platform.python_version(),
             "numpy": np.__version__,
