@@ -62,3 +62,23 @@ SD15_TEXT_ENCODER = {
 }
 
 X4_VAE_SCALING_FACTOR = 0.08333
+
+# Stable Diffusion XL base 1.0: its VAE's scaling factor and its scheduler/scheduler_config.json as published
+SDXL_VAE_SCALING_FACTOR = 0.13025
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}

@@ -33,8 +33,10 @@ _CORPUS = (
 # (4 latents + 1 mask + 4 masked-image latents), saved as a StableDiffusionInpaintPipeline; "sd2-depth": SD2 with a
 # 5-channel UNet (latents + depth) and a DPT-hybrid depth estimator (StableDiffusionDepth2ImgPipeline);
 # "x4-upscaler": 7-channel UNet (latents + noised low-res image) with noise-level class embeddings, a x4 VAE and a
-# low-res scheduler (StableDiffusionUpscalePipeline)
-VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler")
+# low-res scheduler (StableDiffusionUpscalePipeline); "sdxl": two text encoders (CLIP and a projected OpenCLIP-style
+# one), a UNet with SDXL's added conditioning (pooled text and size/crop ids), VAE scaling 0.13025
+# (StableDiffusionXLPipeline)
+VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler", "sdxl")
 SD2_TEXT = ("sd2-v", "sd2-depth", "x4-upscaler")  # OpenCLIP-style text encoder: gelu, pad token "!"
 UNET_IN_CHANNELS = {"sd1-inpaint": 9, "sd2-depth": 5, "x4-upscaler": 7}
 
@@ -151,12 +153,22 @@ def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -
     build = _sd15_shaped_modules if config.variant == "sd15-shaped" else _tiny_modules
     text_encoder, unet, vae = build(config, vocab)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}
+    tokenizer_pads = {"tokenizer": pad_token}
+    if config.variant == "sdxl":  # the second encoder's tokenizer pads with "!", as SDXL's OpenCLIP one does
+        tokenizer_pads["tokenizer_2"] = "!"
+        write_tiny_tokenizer(folder / "tokenizer_2", pad_token="!")
+        parts.update(
+            text_encoder_2=_sdxl_text_encoder_2(config, vocab),
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        )
     with quiet_hub_libraries():  # no torchvision warnings, no bar per shard written
-        pipe = _pipeline(config, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+        pipe = _pipeline(config, **parts)
         pipe.save_pretrained(folder, safe_serialization=True)
     # save_pretrained rewrites the tokenizer and schedulers in its own format; keep them as the Hub publishes them
-    (folder / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    write_tiny_tokenizer(folder / "tokenizer", pad_token=pad_token)
+    for part, pad in tokenizer_pads.items():
+        (folder / part / "tokenizer.json").unlink(missing_ok=True)
+        write_tiny_tokenizer(folder / part, pad_token=pad)
     for part, published in _scheduler_configs(config.variant).items():
         (folder / part / "scheduler_config.json").write_text(json.dumps(published, indent=2))
     logger.debug("wrote a random %s checkpoint to %s", config.variant, folder)
@@ -180,6 +192,8 @@ def _pipeline(config: TinyConfig, **parts):
         from .configs import X4_MAX_NOISE_LEVEL
 
         return diffusers.StableDiffusionUpscalePipeline(**parts, **schedulers, max_noise_level=X4_MAX_NOISE_LEVEL)
+    if config.variant == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**parts, **schedulers, force_zeros_for_empty_prompt=True)
     inpaint = config.variant == "sd1-inpaint"
     pipeline_class = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionPipeline
     return pipeline_class(
@@ -191,7 +205,7 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .configs import X4_VAE_SCALING_FACTOR
+    from .configs import SDXL_VAE_SCALING_FACTOR, X4_VAE_SCALING_FACTOR
 
     sd2 = config.variant in SD2_TEXT
     upscaler = config.variant == "x4-upscaler"
@@ -208,16 +222,18 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
         pad_token_id=0 if sd2 else vocab[EOS_TOKEN],
         projection_dim=config.hidden_size,
     )
-    blocks = {"block_out_channels": config.block_out_channels, "attention_head_dim": (2, 4) if sd2 else 8}
+    sdxl = config.variant == "sdxl"
+    blocks = {"block_out_channels": config.block_out_channels, "attention_head_dim": (2, 4) if sd2 or sdxl else 8}
     unet = UNet2DConditionModel(
         sample_size=config.sample_size,
         in_channels=UNET_IN_CHANNELS.get(config.variant, 4),
         out_channels=4,
         layers_per_block=1,
-        cross_attention_dim=config.hidden_size,
-        use_linear_projection=sd2,
+        cross_attention_dim=2 * config.hidden_size if sdxl else config.hidden_size,  # SDXL: both encoders' widths
+        use_linear_projection=sd2 or sdxl,
         norm_num_groups=32,
         **(_X4_UNET if upscaler else dict(blocks, **_UNET_BLOCKS)),
+        **(_sdxl_added_conditioning(config) if sdxl else {}),
     )
     vae_channels = (32, 32, 64) if upscaler else config.vae_channels  # the x4 VAE: 3 levels, 4x per latent pixel
     vae = AutoencoderKL(
@@ -231,11 +247,47 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
         norm_num_groups=32,
         sample_size=config.sample_size * 2 ** (len(vae_channels) - 1),
         **({"scaling_factor": X4_VAE_SCALING_FACTOR} if upscaler else {}),
+        **({"scaling_factor": SDXL_VAE_SCALING_FACTOR, "force_upcast": True} if sdxl else {}),
     )
     modules = CLIPTextModel(text_config), unet, vae
     for module in modules:
         _randomise_norms(module)
     return modules
+
+
+SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim of the tiny SDXL UNet (SDXL base: 256)
+
+
+def _sdxl_added_conditioning(config: TinyConfig) -> dict:
+    """The UNet's "text_time" added conditioning: the pooled projection of text encoder 2 (projection_dim, here the
+    hidden size) and the six size/crop ids, each embedded in addition_time_embed_dim features."""
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": config.hidden_size + 6 * SDXL_TIME_EMBED_DIM,
+    }
+
+
+def _sdxl_text_encoder_2(config: TinyConfig, vocab: dict):
+    """SDXL's second text encoder, tiny: OpenCLIP-style (gelu, pad token "!" at id 0) with a text projection."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=config.hidden_size,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=0,
+        projection_dim=config.hidden_size,
+    )
+    module = CLIPTextModelWithProjection(text_config)
+    _randomise_norms(module)
+    return module
 
 
 def _randomise_norms(module) -> None:
@@ -265,7 +317,7 @@ def _sd15_shaped_modules(config: TinyConfig, vocab: dict):
 def _scheduler_configs(variant: str) -> dict[str, dict]:
     """The scheduler configs each variant's published model has (SD 1.5, SD 2.1 768 v-prediction, SD 2 depth, the
     x4 upscaler and its low-res scheduler), keys as they have them, by checkpoint folder."""
-    from .configs import SD2_DEPTH_SCHEDULER, SD15_SCHEDULER, X4_LOW_RES_SCHEDULER, X4_SCHEDULER
+    from .configs import SD2_DEPTH_SCHEDULER, SD15_SCHEDULER, SDXL_SCHEDULER, X4_LOW_RES_SCHEDULER, X4_SCHEDULER
 
     if variant == "sd2-v":
         config = {k: v for k, v in SD15_SCHEDULER.items() if k != "skip_prk_steps"}
@@ -274,6 +326,8 @@ def _scheduler_configs(variant: str) -> dict[str, dict]:
         return {"scheduler": dict(SD2_DEPTH_SCHEDULER)}
     if variant == "x4-upscaler":
         return {"scheduler": dict(X4_SCHEDULER), "low_res_scheduler": dict(X4_LOW_RES_SCHEDULER)}
+    if variant == "sdxl":
+        return {"scheduler": dict(SDXL_SCHEDULER)}
     return {"scheduler": dict(SD15_SCHEDULER)}
 
 
