@@ -18,6 +18,7 @@ from runtime.samplers.ode import Callback, Model, Noise
 from runtime.samplers.registry import A1111_OPTIONS, SAMPLER_NAMES, SCHEDULE_TYPES, SPECS, SamplerSpec, resolve_sampler
 from runtime.samplers.schedule import Schedule
 from runtime.samplers.schedules import build_schedule
+from runtime.samplers.schedules_kd import kdiffusion_schedule
 
 __all__ = [
     "A1111_OPTIONS",
@@ -32,11 +33,21 @@ __all__ = [
 ]
 
 
-def make_schedule(spec: SamplerSpec, schedule_type: str, scheduler_config: dict, steps: int) -> Schedule:
+def make_schedule(
+    spec: SamplerSpec, schedule_type: str, scheduler_config: dict, steps: int, family: str = "sd1"
+) -> Schedule:
     """The step tables of `spec` for `steps` steps, mirroring diffusers' set_timesteps of spec.diffusers_class built
-    with from_config(scheduler_config, **spec.diffusers_kwargs(schedule_type)). Bad steps -> InvalidRequestError."""
-    overrides = spec.diffusers_kwargs(schedule_type)
-    return build_schedule(spec.diffusers_class, scheduler_config, overrides, steps, spec.schedule_variant)
+    with from_config(scheduler_config, **spec.diffusers_kwargs(schedule_type)), or, for a schedule type diffusers
+    lacks (spec.on_diffusers false), A1111's k-diffusion schedule (schedules_kd; `family` "sd1", "sd2" or "sdxl"
+    picks the Align Your Steps table). Bad steps or an unavailable schedule type -> InvalidRequestError."""
+    spec.check_schedule_type(schedule_type)
+    if spec.on_diffusers(schedule_type):
+        overrides = spec.diffusers_kwargs(schedule_type)
+        return build_schedule(spec.diffusers_class, scheduler_config, overrides, steps, spec.schedule_variant)
+    kd_type = spec.kd_default if schedule_type == "default" else schedule_type
+    return kdiffusion_schedule(
+        spec.kd_tables, kd_type, spec.diffusers_class, scheduler_config, steps, spec.discard_penultimate, family
+    )
 
 
 def sample(

@@ -10,7 +10,22 @@ from dataclasses import dataclass
 from runtime.errors import InvalidRequestError
 from runtime.samplers import ancestral, discrete, multistep, ode
 
-SCHEDULE_TYPES: tuple[str, ...] = ("default", "Karras", "Exponential", "SGM Uniform", "Beta")
+# sdrt's first five (diffusers configurations where the sampler has one), then the rest of A1111 1.10's, which run on
+# the k-diffusion path (schedules_kd) wherever diffusers has no such configuration.
+SCHEDULE_TYPES: tuple[str, ...] = (
+    "default",
+    "Karras",
+    "Exponential",
+    "SGM Uniform",
+    "Beta",
+    "Uniform",
+    "Polyexponential",
+    "KL Optimal",
+    "Align Your Steps",
+    "Simple",
+    "Normal",
+    "DDIM",
+)
 
 # Schedule type -> diffusers config override (REFERENCE.md section 1).
 _SCHEDULE_OVERRIDES: dict[str, dict] = {
@@ -21,7 +36,14 @@ _SCHEDULE_OVERRIDES: dict[str, dict] = {
     "Beta": {"use_beta_sigmas": True},
 }
 _SPACING_ONLY = ("default", "SGM Uniform")
-_ALL = SCHEDULE_TYPES
+_ALL = tuple(_SCHEDULE_OVERRIDES)  # every type with a diffusers configuration
+_A1111 = SCHEDULE_TYPES[1:]  # A1111's, "Automatic" aside
+
+
+def _kd_types(diffusers_types: tuple[str, ...]) -> tuple[str, ...]:
+    """The A1111 schedule types a k-diffusion sampler runs on sdrt's k-diffusion path: those diffusers lacks."""
+    return tuple(t for t in _A1111 if t not in diffusers_types)
+
 
 # A1111's sampler options (its k-diffusion samplers' keyword arguments), with A1111's defaults.
 A1111_OPTIONS: tuple[str, ...] = ("s_churn", "s_tmin", "s_tmax", "s_noise")
@@ -55,6 +77,30 @@ class SamplerSpec:
     stochastic: bool = False  # calls noise() (ancestral / SDE)
     matches_diffusers: bool = True  # False: no exact diffusers counterpart (see description)
     schedule_variant: str | None = None  # sdrt's own schedule builder on top of diffusers_class's config
+    aliases: tuple[str, ...] = ()  # A1111's aliases of the label (k_euler_a, ...); resolve_sampler accepts them
+    # The k-diffusion path (schedules_kd): the schedule types run there, the per-step tables sample_fn reads
+    # ("plain", "heun", "dpm2", "dpm2a", "2s", "sde", "lms", "multistep"), A1111's own schedule type for "default"
+    # of a sampler diffusers lacks (then "default" runs there too), and A1111's discard_next_to_last_sigma.
+    kd_schedule_types: tuple[str, ...] = ()
+    kd_tables: str = "plain"
+    kd_default: str | None = None
+    discard_penultimate: bool = False
+
+    @property
+    def accepted_schedule_types(self) -> tuple[str, ...]:
+        """Every schedule type the sampler runs: the diffusers ones, then the k-diffusion path's."""
+        return self.schedule_types + tuple(t for t in self.kd_schedule_types if t not in self.schedule_types)
+
+    def on_diffusers(self, schedule_type: str) -> bool:
+        """Whether `schedule_type` runs as diffusers' diffusers_class with diffusers_kwargs (else k-diffusion's)."""
+        return self.kd_default is None and schedule_type in self.schedule_types
+
+    def check_schedule_type(self, schedule_type: str) -> None:
+        if schedule_type not in self.accepted_schedule_types:
+            raise InvalidRequestError(
+                f"schedule type {schedule_type!r} is not available for {self.name}; "
+                f"choose one of: {', '.join(self.accepted_schedule_types)}"
+            )
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -94,6 +140,8 @@ _SPECS: tuple[SamplerSpec, ...] = (
         discrete.sample_ddim,
         schedule_types=_SPACING_ONLY,
         options=(("eta", 0.0),),
+        aliases=("ddim",),
+        kd_schedule_types=_kd_types(_SPACING_ONLY),
     ),
     SamplerSpec(
         "PLMS",
@@ -102,6 +150,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         discrete.sample_plms,
         config_overrides=(("skip_prk_steps", True),),
         schedule_types=_SPACING_ONLY,
+        aliases=("plms",),
     ),
     SamplerSpec(
         "Euler",
@@ -109,6 +158,8 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "EulerDiscreteScheduler",
         ode.sample_euler,
         options=_CHURN,
+        aliases=("k_euler",),
+        kd_schedule_types=_kd_types(_ALL),
     ),
     SamplerSpec(
         "Euler a",
@@ -118,6 +169,8 @@ _SPECS: tuple[SamplerSpec, ...] = (
         schedule_types=_SPACING_ONLY,
         options=_S_NOISE,
         stochastic=True,
+        aliases=("k_euler_a", "k_euler_ancestral"),
+        kd_schedule_types=_kd_types(_SPACING_ONLY),
     ),
     SamplerSpec(
         "Heun",
@@ -125,12 +178,18 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "HeunDiscreteScheduler",
         ode.sample_heun,
         options=_CHURN,
+        aliases=("k_heun",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="heun",
     ),
     SamplerSpec(
         "LMS",
         "Linear multistep, order 4, in sigma (k-diffusion's sample_lms)",
         "LMSDiscreteScheduler",
         ode.sample_lms,
+        aliases=("k_lms",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="lms",
     ),
     SamplerSpec(
         "DPM2",
@@ -138,6 +197,10 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "KDPM2DiscreteScheduler",
         ode.sample_dpm_2,
         options=_CHURN,
+        aliases=("k_dpm_2",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="dpm2",
+        discard_penultimate=True,
     ),
     SamplerSpec(
         "DPM2 a",
@@ -146,6 +209,10 @@ _SPECS: tuple[SamplerSpec, ...] = (
         ancestral.sample_dpm_2_ancestral,
         options=_S_NOISE,
         stochastic=True,
+        aliases=("k_dpm_2_a",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="dpm2a",
+        discard_penultimate=True,
     ),
     SamplerSpec(
         "DPM++ 2M",
@@ -153,6 +220,9 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPMSolverMultistepScheduler",
         multistep.sample_dpmpp_2m,
         config_overrides=_DPMPP,
+        aliases=("k_dpmpp_2m",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="multistep",
     ),
     SamplerSpec(
         "DPM++ 2M SDE",
@@ -162,6 +232,9 @@ _SPECS: tuple[SamplerSpec, ...] = (
         config_overrides=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
         options=_S_NOISE,
         stochastic=True,
+        aliases=("k_dpmpp_2m_sde",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="multistep",
     ),
     SamplerSpec(
         "DPM++ 2S a",
@@ -173,6 +246,9 @@ _SPECS: tuple[SamplerSpec, ...] = (
         stochastic=True,
         matches_diffusers=False,
         schedule_variant="dpmpp_2s",
+        aliases=("k_dpmpp_2s_a",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="2s",
     ),
     SamplerSpec(
         "DPM++ SDE",
@@ -183,12 +259,16 @@ _SPECS: tuple[SamplerSpec, ...] = (
         options=_S_NOISE,
         stochastic=True,
         matches_diffusers=False,
+        aliases=("k_dpmpp_sde",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="sde",
     ),
     SamplerSpec(
         "UniPC",
         "UniPC, unified predictor-corrector, order 2, B(h) = e^h - 1 (Zhao et al. 2023)",
         "UniPCMultistepScheduler",
         multistep.sample_unipc,
+        aliases=("unipc",),
     ),
     SamplerSpec(
         "LCM",
@@ -197,6 +277,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         discrete.sample_lcm,
         schedule_types=("default",),
         stochastic=True,
+        aliases=("k_lcm",),
     ),
     SamplerSpec(
         "DDPM",
@@ -210,6 +291,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
 
 SPECS: dict[str, SamplerSpec] = {spec.name: spec for spec in _SPECS}
 SAMPLER_NAMES: tuple[str, ...] = tuple(SPECS)
+_ALIASES: dict[str, SamplerSpec] = {alias.lower(): spec for spec in _SPECS for alias in spec.aliases}
 
 
 def _names_line() -> str:
@@ -223,9 +305,11 @@ def resolve_sampler(name: str, schedule_type: str | None = None) -> tuple[Sample
         raise InvalidRequestError(f"sampler name must be a non-empty string; valid names: {_names_line()}")
     label = " ".join(name.split()).lower()
     types = {t.lower(): t for t in SCHEDULE_TYPES}
-    spec, suffix = None, None
+    spec, suffix = _ALIASES.get(label), None
     for candidate in sorted(SPECS.values(), key=lambda s: -len(s.name)):  # "DPM++ 2M SDE" before "DPM++ 2M"
         base = candidate.name.lower()
+        if spec is not None:
+            break
         if label == base:
             spec = candidate
             break
@@ -246,5 +330,5 @@ def resolve_sampler(name: str, schedule_type: str | None = None) -> tuple[Sample
             )
         suffix = suffix or requested
     schedule = suffix or "default"
-    spec.diffusers_kwargs(schedule)  # raises for a type the sampler lacks
+    spec.check_schedule_type(schedule)
     return spec, schedule

@@ -154,8 +154,14 @@ BUILDERS: dict[str, Callable[[dict, int], Schedule]] = {
     "DPMSolverSDEScheduler": _dpm_sde,
 }
 VARIANTS: dict[str, Callable[[dict, int], Schedule]] = {"dpmpp_2s": _dpmpp_2s}
-VP_SAMPLES = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "LCMScheduler", "DPMSolverMultistepScheduler",
-              "UniPCMultistepScheduler")  # classes whose samples between steps are VP (Schedule.vp_samples)
+VP_SAMPLES = (
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "DDPMScheduler",
+    "LCMScheduler",
+    "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler",
+)  # classes whose samples between steps are VP (Schedule.vp_samples)
 
 
 def build_schedule(

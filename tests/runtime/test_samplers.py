@@ -136,7 +136,7 @@ PARITY = [
     (name, schedule_type)
     for name in SAMPLER_NAMES
     for schedule_type in SCHEDULE_TYPES
-    if schedule_type in SPECS[name].schedule_types and SPECS[name].matches_diffusers
+    if SPECS[name].on_diffusers(schedule_type) and SPECS[name].matches_diffusers
 ]
 
 
@@ -226,7 +226,7 @@ def test_resolve_sampler(label: str, schedule_type, expected) -> None:
         ("", None, "non-empty"),
         ("DPM++ 2M Karras", "Exponential", "names schedule type 'Karras' but schedule type 'Exponential'"),
         ("Euler", "Cosine", "unknown schedule type 'Cosine'; valid types: default, Karras"),
-        ("DDIM Karras", None, "schedule type 'Karras' is not available for DDIM; choose one of: default, SGM Uniform"),
+        ("PLMS Karras", None, "schedule type 'Karras' is not available for PLMS; choose one of: default, SGM Uniform"),
     ],
 )
 def test_resolve_sampler_errors(label: str, schedule_type, message: str) -> None:

@@ -115,8 +115,8 @@ def reference_init_noise_sigma(scheduler, sigma_0: float) -> float:
 CASES = [
     (name, schedule_type)
     for name, schedule_type in itertools.product(SAMPLER_NAMES, SCHEDULE_TYPES)
-    if schedule_type in SPECS[name].schedule_types
-]
+    if SPECS[name].on_diffusers(schedule_type)
+]  # the k-diffusion path's types: tests/runtime/test_samplers_kdiffusion.py
 
 
 # diffusers' KDPM2 set_timesteps costs ~10 ms per step (torch scalars in a Python loop): a smaller grid there.
@@ -163,7 +163,7 @@ def test_prediction_type_leaves_timesteps() -> None:
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_unsupported_schedule_types_raise(name: str) -> None:
     spec = SPECS[name]
-    for schedule_type in set(SCHEDULE_TYPES) - set(spec.schedule_types):
+    for schedule_type in set(SCHEDULE_TYPES) - set(spec.accepted_schedule_types):
         with pytest.raises(InvalidRequestError, match="not available for"):
             make_schedule(spec, schedule_type, SD15, 10)
 
