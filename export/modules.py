@@ -63,6 +63,40 @@ class UNet(nn.Module):
         return output[0]  # [B, C_out, h, w]
 
 
+class SdxlUNet(nn.Module):
+    """SDXL's UNet2DConditionModel: the "text_time" added conditioning as two more inputs, text_embeds [B, P] (text
+    encoder 2's pooled projection) and time_ids [B, 6] (original size, crop top-left, target size)."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        output = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, return_dict=False)
+        return output[0]  # [B, 4, h, w]
+
+
+class TextEncoder2(nn.Module):
+    """SDXL's second text encoder (CLIPTextModelWithProjection) on token ids -> (all hidden states stacked, before
+    the final norm; the pooled, projected text_embeds of the end token's row)."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
+        return torch.stack(output.hidden_states), output.text_embeds  # [L + 1, B, 77, D], [B, P]
+
+
 class DepthEstimator(nn.Module):
     """DPTForDepthEstimation: preprocessed pixel_values [B, 3, S, S] -> predicted_depth [B, S, S] (relative)."""
 

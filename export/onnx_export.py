@@ -56,9 +56,10 @@ WORK_PREFIX = ".export-"  # scratch folders inside an artifact folder: .export-<
 ONNX_DIR = "onnx"
 TOKENIZER_DIR = "tokenizer"
 EXPORT_PACKAGES = ("torch", "diffusers", "transformers", "onnx", "polygraphy", "onnx_graphsurgeon")
-SUPPORTED_VARIANTS = ("sd", "sd-v", "inpaint", "depth", "upscale-x4")
+SUPPORTED_VARIANTS = ("sd", "sd-v", "inpaint", "depth", "upscale-x4", "sdxl")
 TORCH_PARTS = {
     "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",  # SDXL only
     "unet": "unet",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
@@ -96,7 +97,8 @@ def export_model(
     (folder / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the folder is unfinished
     started = time.perf_counter()
     components = _export_components(specs, source, folder, safetensors, progress)
-    copy_tokenizer(source / TOKENIZER_DIR, folder / TOKENIZER_DIR)
+    for tokenizer in tokenizer_dirs(description):
+        copy_tokenizer(source / tokenizer, folder / tokenizer)
     manifest = Manifest(
         model_key=folder.name,
         source={"path": str(source), "fingerprint": digest},
@@ -107,6 +109,11 @@ def export_model(
     write_manifest(folder, manifest)
     logger.info("exported %s in %.1f s", folder, time.perf_counter() - started)
     return folder
+
+
+def tokenizer_dirs(model: dict) -> tuple[str, ...]:
+    """The tokenizer folders a model has: SDXL's second text encoder has its own (it pads with another token)."""
+    return (TOKENIZER_DIR, "tokenizer_2") if model.get("sdxl") else (TOKENIZER_DIR,)
 
 
 def _export_components(
@@ -195,7 +202,7 @@ def is_reusable(folder: Path, digest: str) -> bool:
     expected = set(component_specs(manifest.model))  # the four SD components, plus a depth estimator if any
     if manifest.source.get("fingerprint") != digest or set(manifest.components) != expected:
         return False
-    return files_intact(folder, manifest) and (folder / TOKENIZER_DIR).is_dir()
+    return files_intact(folder, manifest) and all((folder / t).is_dir() for t in tokenizer_dirs(manifest.model))
 
 
 def weight_formats(source: Path, allow_pickle: bool) -> dict[str, bool]:
@@ -218,13 +225,14 @@ def load_module(component: str, source: Path, use_safetensors: bool):
     """The component's torch module from the diffusers folder, fp32, eval mode, in its tracing wrapper."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, DPTForDepthEstimation
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, DPTForDepthEstimation
 
     from . import modules
 
     loaders = {
         "depth_estimator": (DPTForDepthEstimation, modules.DepthEstimator),
         "text_encoder": (CLIPTextModel, modules.TextEncoder),
+        "text_encoder_2": (CLIPTextModelWithProjection, modules.TextEncoder2),
         "unet": (UNet2DConditionModel, modules.UNet),
         "vae_decoder": (AutoencoderKL, modules.VaeDecoder),
         "vae_encoder": (AutoencoderKL, modules.VaeEncoder),
@@ -238,6 +246,8 @@ def load_module(component: str, source: Path, use_safetensors: bool):
     except (OSError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load {source / part}: {reason}") from exc
+    if component == "unet" and model.config.get("addition_embed_type") == "text_time":
+        wrapper = modules.SdxlUNet  # SDXL: pooled text and size/crop ids as two more inputs
     return wrapper(model).eval()
 
 
@@ -343,6 +353,8 @@ def quiet_tracing() -> Iterator[None]:
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+        # SDXL's text encoder 2 picks its pooled row by index (never negative: the end token's position)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator", category=UserWarning)
         # BiT (the DPT-hybrid depth estimator's backbone) standardises its conv weights with batch_norm(training=True)
         # on purpose: exported as written, folded into constants afterwards
         warnings.filterwarnings("ignore", message="ONNX export mode is set to TrainingMode.EVAL", category=UserWarning)

@@ -80,6 +80,8 @@ class ComponentSpec:
             shape = shapes[t.name]
             if t.name == "timestep":
                 feeds[t.name] = np.full(shape, 981.0, dtype=t.dtype)
+            elif t.name == "input_ids":  # token ids, valid in any vocabulary (tracing only needs some)
+                feeds[t.name] = np.arange(shape[-1], dtype=t.dtype)[None].repeat(shape[0], axis=0) % 40
             elif np.issubdtype(t.dtype, np.integer):  # class labels: any valid one
                 feeds[t.name] = np.full(shape, 20, dtype=t.dtype)
             else:
@@ -89,7 +91,7 @@ class ComponentSpec:
 
 def component_specs(model: dict) -> dict[str, ComponentSpec]:
     """The specs of the four Stable Diffusion components, plus the depth estimator of a depth checkpoint that
-    ships one, from a manifest `model` block (describe_checkpoint)."""
+    ships one and SDXL's second text encoder, from a manifest `model` block (describe_checkpoint)."""
     hidden = model["text_hidden_size"]
     tokens = model["text_max_length"]
     context = model["cross_attention_dim"]
@@ -101,6 +103,16 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
     f32 = "float32"
     # the x4 upscaler's UNet also takes the noise level as a class label per row
     labels = (TensorSpec("class_labels", "int64", ("batch",)),) if model.get("unet_num_class_embeds") else ()
+    sdxl = model.get("sdxl")
+    # SDXL's UNet also takes the pooled text embedding of text encoder 2 and the size/crop ids, per row
+    added = (
+        (
+            TensorSpec("text_embeds", f32, ("batch", sdxl["text_projection_dim"])),
+            TensorSpec("time_ids", f32, ("batch", 6)),  # original (h, w), crop (top, left), target (h, w)
+        )
+        if sdxl
+        else ()
+    )
     specs = {
         "text_encoder": ComponentSpec(
             name="text_encoder",
@@ -118,6 +130,7 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
                 TensorSpec("timestep", f32, ("batch",)),
                 TensorSpec("encoder_hidden_states", f32, ("batch", "sequence", context)),
                 *labels,
+                *added,
             ),
             outputs=(TensorSpec("noise_pred", f32, ("batch", latent, "height", "width")),),
             **common,
@@ -135,6 +148,17 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
             **common,
         ),
     }
+    if sdxl:  # the second text encoder: ids in (its token lookup and the pooled row need them), no host tables
+        hidden_2 = sdxl["text_hidden_size_2"]
+        specs["text_encoder_2"] = ComponentSpec(
+            name="text_encoder_2",
+            inputs=(TensorSpec("input_ids", "int32", ("batch", tokens)),),
+            outputs=(
+                TensorSpec("hidden_states", f32, (sdxl["text_num_layers_2"] + 1, "batch", tokens, hidden_2)),
+                TensorSpec("text_embeds", f32, ("batch", sdxl["text_projection_dim"])),  # pooled, projected
+            ),
+            **common,
+        )
     depth = model.get("depth_estimator")
     if depth:  # DPT: a fixed square input (the hybrid one takes its configured size only), depth at that size
         size = depth["image_size"]

@@ -13,10 +13,11 @@ import os
 import re
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import InvalidRequestError, ModelError
 from .memory import memory_facts
 
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # SDXL's second (projected, OpenCLIP bigG) text encoder
 DEPTH_ESTIMATOR = "depth_estimator"  # SD 2 depth's DPT model (optional part)
 DEPTH_PREPROCESSOR = "feature_extractor/preprocessor_config.json"  # its image processor's settings
 LOW_RES_SCHEDULER = "low_res_scheduler/scheduler_config.json"  # the x4 upscaler's noise schedule for the low-res image
@@ -92,10 +93,15 @@ def check_checkpoint_folder(folder: Path) -> None:
     """Raise ModelError naming the first missing part of a diffusers Stable Diffusion folder."""
     if not (folder / "model_index.json").is_file():
         raise ModelError(f"{folder} is not a diffusers checkpoint: model_index.json is missing")
-    for part in REQUIRED_PARTS:
+    sdxl = is_sdxl_folder(folder)
+    if sdxl and not (folder / "text_encoder").is_dir():
+        raise InvalidRequestError(
+            f"{folder} is an SDXL refiner (no text_encoder/): SDXL refiners are not supported yet"
+        )
+    for part in REQUIRED_PARTS + (SDXL_PARTS if sdxl else ()):
         if not (folder / part).is_dir():
             raise ModelError(f"{folder} has no {part}/ folder: the checkpoint is incomplete")
-    for part in ("unet", "vae", "text_encoder"):
+    for part in ("unet", "vae", "text_encoder") + (SDXL_PARTS[:1] if sdxl else ()):
         if not (folder / part / "config.json").is_file():
             raise ModelError(f"{folder / part} has no config.json: the checkpoint is incomplete")
         if not any(p.suffix in WEIGHT_SUFFIXES for p in (folder / part).iterdir()):
@@ -107,6 +113,19 @@ def check_checkpoint_folder(folder: Path) -> None:
             raise ModelError(f"{folder / DEPTH_ESTIMATOR} holds no weights (.safetensors or .bin)")
         if not (folder / DEPTH_PREPROCESSOR).is_file():
             raise ModelError(f"{folder} has a depth estimator but no {DEPTH_PREPROCESSOR} (its image preprocessing)")
+
+
+def is_sdxl_folder(folder: Path) -> bool:
+    """Whether a diffusers folder holds an SDXL model: its pipeline class, a second text encoder, or a UNet with
+    SDXL's "text_time" added conditioning (pooled text embeddings and size/crop ids)."""
+    index = _read_json(folder / "model_index.json")
+    unet_config = folder / "unet" / "config.json"
+    unet = _read_json(unet_config) if unet_config.is_file() else {}
+    return (
+        str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+        or (index.get("text_encoder_2") or [None])[0] is not None
+        or unet.get("addition_embed_type") == "text_time"
+    )
 
 
 def _scheduler_config_path(folder: Path) -> Path:
@@ -128,10 +147,12 @@ def describe_checkpoint(folder: Path) -> dict:
     text = _read_json(folder / "text_encoder" / "config.json")
     scheduler = _read_json(_scheduler_config_path(folder))
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [128, 256, 512, 512])) - 1)
+    sdxl = _sdxl(folder, index, unet) if is_sdxl_folder(folder) else None
     unet_downsamples = sum(1 for kind in unet.get("down_block_types", ())[:-1])  # the last block keeps its size
     return {
         "pipeline_class": index.get("_class_name", "StableDiffusionPipeline"),
-        "variant": _variant(index, unet, scheduler),
+        "variant": "sdxl" if sdxl else _variant(index, unet, scheduler),
+        "family": "sdxl" if sdxl else "sd",  # "sd": SD 1.x / 2.x
         "prediction_type": scheduler.get("prediction_type", "epsilon"),
         "scheduler_config": {k: v for k, v in scheduler.items() if not k.startswith("_")},
         "unet_in_channels": unet.get("in_channels", 4),
@@ -149,7 +170,38 @@ def describe_checkpoint(folder: Path) -> dict:
         "unet_num_class_embeds": unet.get("num_class_embeds"),  # the x4 upscaler's noise-level labels, else None
         "depth_estimator": _depth_estimator(folder),
         "source": _source(folder),
+        "sdxl": sdxl,  # SDXL's second text encoder and added conditioning, else None
         **_low_res_noise(folder, index, unet),
+    }
+
+
+def _sdxl(folder: Path, index: dict, unet: dict) -> dict:
+    """SDXL's facts: text encoder 2 (its width, depth and pooled projection), the UNet's added conditioning and the
+    pipeline's negative-prompt rule; SDXL models sdrt cannot run yet are refused here."""
+    if unet.get("in_channels", 4) != 4:
+        raise InvalidRequestError(
+            f"{folder} is an SDXL model with {unet.get('in_channels')} UNet input channels (inpainting): "
+            "SDXL inpainting models are not supported yet"
+        )
+    if unet.get("addition_embed_type") != "text_time" or index.get("requires_aesthetics_score"):
+        raise InvalidRequestError(
+            f"{folder}: only SDXL base-style models (text_time conditioning, no aesthetic score) are supported yet"
+        )
+    text_2 = _read_json(folder / "text_encoder_2" / "config.json")
+    time_embed_dim = unet.get("addition_time_embed_dim", 256)
+    projection_dim = text_2.get("projection_dim", 1280)
+    expected = unet.get("projection_class_embeddings_input_dim")
+    if expected is not None and expected != projection_dim + 6 * time_embed_dim:
+        raise ModelError(
+            f"{folder}: the UNet's added conditioning takes {expected} features, not text_encoder_2's projection "
+            f"({projection_dim}) + 6 size/crop ids x {time_embed_dim}"
+        )
+    return {
+        "text_hidden_size_2": text_2.get("hidden_size", 1280),
+        "text_num_layers_2": text_2.get("num_hidden_layers", 32),
+        "text_projection_dim": projection_dim,
+        "addition_time_embed_dim": time_embed_dim,
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
     }
 
 
