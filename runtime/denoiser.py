@@ -60,6 +60,9 @@ class Denoiser:
         self.unet = unet
         self.batches = [read_only(b) for b in conditioning.batches]  # text batches, each [N, 77k, D]
         self.call_batch = [int(c) for c in conditioning.call_batch]  # the c-th call uses batches[call_batch[c]]
+        # SDXL: the pooled text of each batch, fed as text_embeds [N, P] beside it; None for other models
+        pooled = getattr(conditioning, "pooled", None)
+        self.pooled = None if pooled is None else [read_only(p) for p in pooled]
         self.guided = conditioning.guided  # batches hold [uncond, cond_1 .. cond_m], B rows each
         self.copies = len(conditioning.cond_weights) + int(self.guided)  # latent copies per UNet call
         self.scales = [np.float32(cfg_scale * w) for w in conditioning.cond_weights]  # guidance per sub-prompt
@@ -109,8 +112,11 @@ class Denoiser:
         sample, latents, timestep, guided = self._buffers_for(x)
         np.multiply(x, np.float32(1.0 / np.sqrt(sigma * sigma + 1.0)), out=latents)  # c_in x in every copy
         timestep.fill(t)
-        text = self.batches[self.call_batch[min(self.calls, len(self.call_batch) - 1)]]  # [N, 77k, D]
-        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": text, **self._extra_feeds}
+        batch = self.call_batch[min(self.calls, len(self.call_batch) - 1)]
+        feeds = {"sample": sample, "timestep": timestep, "encoder_hidden_states": self.batches[batch]}  # [N, 77k, D]
+        if self.pooled is not None:
+            feeds["text_embeds"] = self.pooled[batch]  # [N, P]
+        feeds.update(self._extra_feeds)
         self.on_unet(True)
         model_output = self.unet.run(feeds, ["noise_pred"])["noise_pred"]  # [N, C, h, w]
         self.on_unet(False)

@@ -96,3 +96,10 @@ def tiny_sd2_depth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_x4_upscaler(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny x4 upscaler: 7-channel UNet with noise-level class embeddings, a x4 VAE, a low-res scheduler."""
     return _tiny(tmp_path_factory, "x4-upscaler")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL checkpoint: two text encoders (the second projected), a UNet with text_time added conditioning,
+    VAE scaling 0.13025, SDXL base's Euler scheduler config (a StableDiffusionXLPipeline folder)."""
+    return _tiny(tmp_path_factory, "sdxl")

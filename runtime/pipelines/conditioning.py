@@ -38,6 +38,7 @@ class Conditioning:
     call_batch: np.ndarray  # int [calls]: the batch the c-th UNet call uses (the last entry holds after that)
     cond_weights: np.ndarray  # float32 [m]: AND weights of the m sub-prompts
     guided: bool  # whether the batches hold an uncond part
+    pooled: list[np.ndarray] | None = None  # SDXL: per batch, the UNet's text_embeds [(1 + m) B, P] (pipelines.sdxl)
 
 
 def schedule_steps(sampler: str, steps: int) -> int:
@@ -119,6 +120,10 @@ def build_conditioning(
     clip_skip: int = 1,
 ) -> Conditioning:
     """All text batches a request needs, with the UNet-call -> batch table (steps: the schedule's step count)."""
+    if model.info.get("family") == "sdxl":
+        from .sdxl import build_sdxl_conditioning
+
+        return build_sdxl_conditioning(model, prompt, negative_prompt, batch, cfg_scale, steps, emphasis, clip_skip)
     check_emphasis_mode(emphasis)
     subprompts = split_and(prompt)  # [(text, weight)], AND on the positive prompt only
     guided = cfg_scale > 1.0 or len(subprompts) > 1

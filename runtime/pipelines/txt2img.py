@@ -62,10 +62,20 @@ def sample_latents(
     scale = info["vae_scale_factor"]
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
     x = initial_noise(request, generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
-    denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
+    sdxl = getattr(conditioning, "pooled", None) is not None
+    extra = {"time_ids": sdxl_time_ids(request, len(conditioning.batches[0]))} if sdxl else None  # [N, 6]
+    unet = model.backend.session("unet")
+    denoiser = Denoiser(unet, conditioning, request.cfg_scale, info["prediction_type"], extra_feeds=extra)
     with model.progress(len(schedule.timesteps), "sampling") as tick:
         denoiser.on_call = tick
         return run_sampler(spec, denoiser, x, schedule, generators, callback, interrupted)
+
+
+def sdxl_time_ids(request: Txt2ImgRequest, rows: int) -> np.ndarray:
+    """SDXL's size conditioning, float32 [rows, 6]: original size, crop top-left (0, 0), target size, as diffusers'
+    StableDiffusionXLPipeline gives it by default (both sizes the requested one, for cond and uncond rows)."""
+    size = (request.height, request.width)
+    return np.tile(np.array([*size, 0, 0, *size], dtype=np.float32), (rows, 1))
 
 
 def _inpainting_model_txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:

@@ -1,0 +1,109 @@
+"""SDXL text conditioning, as diffusers' StableDiffusionXLPipeline.encode_prompt computes it for a plain prompt.
+
+Both text encoders read the prompt (each through its own tokenizer: the second pads with "!"); their penultimate
+hidden states are concatenated along the features ([n, 77, D1 + D2]) and the second encoder's pooled, projected
+output is the UNet's `text_embeds` ([n, P]). The negative prompt is encoded the same way, except that an empty one
+is all zeros when the model's `force_zeros_for_empty_prompt` says so. A1111 emphasis applies per encoder, before
+the concatenation; the pooled output is taken before emphasis (as the A1111 web UI does).
+
+Not yet for SDXL (refused with one line): prompts over one chunk of 75 tokens (and BREAK), AND, prompt editing,
+clip skip.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidRequestError
+from ..prompts import apply_emphasis, apply_fixes, check_emphasis_mode, get_schedule, split_and, tokenize_prompt
+from .conditioning import Conditioning
+
+if TYPE_CHECKING:
+    from ..api import StableDiffusion
+
+PENULTIMATE = -2  # SDXL conditions on the layer before the last of both encoders, without the final norm
+
+
+def is_sdxl(info: dict) -> bool:
+    return info.get("family") == "sdxl"
+
+
+def check_sdxl_prompt(prompt: str, steps: int, clip_skip: int) -> None:
+    """InvalidRequestError for the prompt language SDXL does not have yet: AND, prompt editing, clip skip."""
+    if clip_skip > 1:
+        raise InvalidRequestError("clip skip on SDXL models is not supported yet")
+    if len(split_and(prompt)) > 1:
+        raise InvalidRequestError("AND (composable prompts) on SDXL models is not supported yet")
+    if len(get_schedule(prompt, steps)) > 1:
+        raise InvalidRequestError(
+            "prompt editing and alternation ([a:b:n], [a|b]) on SDXL models are not supported yet"
+        )
+
+
+def build_sdxl_conditioning(
+    model: StableDiffusion,
+    prompt: str,
+    negative_prompt: str,
+    batch: int,
+    cfg_scale: float,
+    steps: int,
+    emphasis: str = "Original",
+    clip_skip: int = 1,
+) -> Conditioning:
+    """One UNet text batch [(1 + guided) B, 77, D1 + D2] with its pooled text [(1 + guided) B, P], uncond first."""
+    check_emphasis_mode(emphasis)
+    guided = cfg_scale > 1.0
+    texts = [prompt, negative_prompt] if guided else [prompt]
+    for text in texts:
+        check_sdxl_prompt(text, steps, clip_skip)
+    zero_negative = guided and not negative_prompt and model.info["sdxl"]["force_zeros_for_empty_prompt"]
+    hidden, pooled = encode_sdxl(model, texts[:1] if zero_negative else texts, emphasis)  # [n, 77, D], [n, P]
+    if zero_negative:  # diffusers' force_zeros_for_empty_prompt: no text encoder run for it
+        hidden = np.concatenate([hidden, np.zeros_like(hidden)])
+        pooled = np.concatenate([pooled, np.zeros_like(pooled)])
+    order = [1, 0] if guided else [0]  # uncond first
+    text_batch = np.concatenate([np.repeat(hidden[i : i + 1], batch, axis=0) for i in order])  # [N, 77, D]
+    pooled_batch = np.concatenate([np.repeat(pooled[i : i + 1], batch, axis=0) for i in order])  # [N, P]
+    return Conditioning(
+        [np.ascontiguousarray(text_batch, dtype=np.float32)],
+        np.zeros(steps, dtype=np.int64),
+        np.ones(1, dtype=np.float32),
+        guided,
+        pooled=[np.ascontiguousarray(pooled_batch, dtype=np.float32)],
+    )
+
+
+def encode_sdxl(model: StableDiffusion, texts: list[str], emphasis: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each text through both encoders: (penultimate states concatenated [n, 77, D1 + D2], pooled [n, P])."""
+    chunks_1 = [_one_chunk(tokenize_prompt(t, model.tokenizer, emphasis=emphasis)) for t in texts]
+    chunks_2 = [_one_chunk(tokenize_prompt(t, model.tokenizer_2, emphasis=emphasis)) for t in texts]
+    tables = model.backend.text_tables()
+    inputs_embeds = np.stack([apply_fixes(tables.embed(np.array(p.chunks[0])), p.fixes[0]) for p in chunks_1])
+    hidden_1 = model.backend.session("text_encoder").run({"inputs_embeds": inputs_embeds}, ["hidden_states"])
+    ids_2 = np.array([p.chunks[0] for p in chunks_2], dtype=np.int32)  # [n, 77]
+    encoded_2 = model.backend.session("text_encoder_2").run({"input_ids": ids_2}, ["hidden_states", "text_embeds"])
+    z = [
+        _emphasis(states["hidden_states"][PENULTIMATE], prompts, emphasis)
+        for states, prompts in ((hidden_1, chunks_1), (encoded_2, chunks_2))
+    ]
+    return np.concatenate(z, axis=-1), encoded_2["text_embeds"].astype(np.float32)  # [n, 77, D1 + D2], [n, P]
+
+
+def _emphasis(z: np.ndarray, prompts: list, mode: str) -> np.ndarray:
+    """A1111 emphasis on each text's own encoding (its mean rescale spans that text only)."""
+    rows = [
+        apply_emphasis(z[i : i + 1], np.array([p.multipliers[0]], dtype=np.float32), mode)
+        for i, p in enumerate(prompts)
+    ]
+    return np.concatenate(rows).astype(np.float32, copy=False)  # [n, 77, D]
+
+
+def _one_chunk(prompt):
+    """The tokenized prompt when it fits one chunk of 75 tokens (what SDXL runs so far)."""
+    if len(prompt.chunks) > 1:
+        raise InvalidRequestError(
+            "prompts over 75 tokens (or with BREAK) on SDXL models are not supported yet: shorten the prompt"
+        )
+    return prompt

@@ -1,0 +1,192 @@
+"""SDXL txt2img parity: sdrt (onnxruntime) against diffusers' StableDiffusionXLPipeline on the tiny SDXL checkpoint.
+
+Same folder, same seeds (CPU torch.Generator per image), same scheduler config: mean absolute difference <= 2e-5 and
+max <= 1e-3 on float images in [0, 1] (assert_parity). A1111 emphasis is checked on the conditioning against
+diffusers' own encode_prompt with the emphasis formula applied; what SDXL cannot do yet is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from runtime.errors import InvalidRequestError
+from tests.conftest import needs_torch
+from tests.runtime.test_txt2img_parity import NEGATIVE, PROMPT, SEED, assert_parity
+
+pytestmark = needs_torch
+
+WIDTH, HEIGHT = 64, 48  # non-square
+STEPS, CFG = 8, 6.0
+
+
+@pytest.fixture(scope="module")
+def sdxl(tiny_sdxl, shared_engines):
+    import runtime
+
+    return runtime.load(tiny_sdxl, engines_dir=shared_engines)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sdxl):
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_sdxl, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, pipe.scheduler.config  # the checkpoint's scheduler config, which each case's scheduler reads
+
+
+def reference_images(pipe, sampler: str, schedule: str, negative_prompt: str | None) -> np.ndarray:
+    """diffusers' SDXL pipeline, the sampler's scheduler on the checkpoint's config: float images [2, H, W, 3]."""
+    import diffusers
+    import torch
+
+    from runtime.samplers import resolve_sampler
+
+    pipe, config = pipe
+    spec, schedule_type = resolve_sampler(sampler, schedule)
+    scheduler = getattr(diffusers, spec.diffusers_class).from_config(config, **spec.diffusers_kwargs(schedule_type))
+    pipe.scheduler = scheduler
+    generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(2)]
+    out = pipe(
+        PROMPT,
+        negative_prompt=negative_prompt,
+        num_inference_steps=STEPS,
+        guidance_scale=CFG,
+        num_images_per_prompt=2,
+        generator=generators,
+        height=HEIGHT,
+        width=WIDTH,
+        output_type="np",
+    )
+    return out.images
+
+
+def generate(sd, sampler: str, schedule: str, negative_prompt: str) -> np.ndarray:
+    result = sd.txt2img(
+        PROMPT,
+        negative_prompt=negative_prompt,
+        steps=STEPS,
+        cfg_scale=CFG,
+        seed=SEED,
+        batch_size=2,
+        width=WIDTH,
+        height=HEIGHT,
+        sampler=sampler,
+        schedule=schedule,
+    )
+    return result.images
+
+
+@pytest.mark.parametrize(
+    ("sampler", "schedule", "negative"),
+    [
+        ("Euler a", "default", NEGATIVE),
+        ("DPM++ 2M", "Karras", NEGATIVE),
+        ("DDIM", "default", NEGATIVE),
+        ("UniPC", "default", ""),  # empty negative: zeros (force_zeros_for_empty_prompt), diffusers' None
+    ],
+)
+def test_txt2img_matches_diffusers(sdxl, pipe, sampler, schedule, negative):
+    images = generate(sdxl, sampler, schedule, negative)
+    assert_parity(images, reference_images(pipe, sampler, schedule, negative or None))
+
+
+def test_family_facts(sdxl):
+    info = sdxl.info
+    assert (info["family"], info["variant"], info["vae_scaling_factor"]) == ("sdxl", "sdxl", 0.13025)
+    assert info["sdxl"]["text_projection_dim"] + 6 * info["sdxl"]["addition_time_embed_dim"] == 80
+    assert info["sdxl"]["force_zeros_for_empty_prompt"] is True
+
+
+def test_emphasis_matches_formula_on_diffusers_embeddings(sdxl, pipe):
+    """ "(astronaut:1.3)": per encoder, z *= weight per token then z *= mean before / mean after (A1111 "Original"),
+    on diffusers' penultimate states of each encoder; the pooled text is unweighted."""
+    import torch
+
+    from runtime.pipelines.conditioning import build_conditioning
+
+    pipe, _ = pipe
+    conditioning = build_conditioning(sdxl, "a photo of an (astronaut:1.3) riding a horse", "", 1, 1.0, STEPS)
+    start = 1 + len(pipe.tokenizer("a photo of an", add_special_tokens=False).input_ids)
+    stop = start + len(pipe.tokenizer("astronaut", add_special_tokens=False).input_ids)
+    expected = []
+    with torch.no_grad():
+        for tokenizer, encoder in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2)):
+            ids = tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+            output = encoder(ids, output_hidden_states=True)
+            z = output.hidden_states[-2].double()
+            before = z.mean()
+            z[:, start:stop] *= 1.3
+            expected.append(z * (before / z.mean()))
+    pooled = output.text_embeds.numpy()
+    np.testing.assert_allclose(conditioning.batches[0], torch.cat(expected, dim=-1).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(conditioning.pooled[0], pooled, atol=1e-5, rtol=0)
+    plain = build_conditioning(sdxl, PROMPT, "", 1, 1.0, STEPS)
+    assert np.abs(plain.batches[0] - conditioning.batches[0]).max() > 1e-2  # the weight changed the embeddings
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"hires_scale": 2.0}, "hires fix on SDXL"),
+        ({"loras": ["missing.safetensors"]}, "LoRA on SDXL"),
+        ({"prompt": "a cat <lora:detail:0.5>"}, "LoRA on SDXL"),
+        ({"prompt": "a cat AND a dog"}, "AND (composable prompts) on SDXL"),
+        ({"prompt": "a [cat:dog:0.5]"}, "prompt editing and alternation"),
+        ({"prompt": "a cat BREAK a dog"}, "over 75 tokens (or with BREAK) on SDXL"),
+        ({"prompt": "cat " * 80}, "over 75 tokens (or with BREAK) on SDXL"),
+        ({"clip_skip": 2}, "clip skip on SDXL"),
+    ],
+)
+def test_unsupported_txt2img_options_are_refused(sdxl, options, message):
+    options = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, **options}
+    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sdxl.txt2img(options.pop("prompt"), **options)
+
+
+def test_unsupported_modes_and_backends_are_refused(sdxl, tiny_sdxl, shared_engines, tmp_path):
+    from PIL import Image
+
+    import runtime
+
+    image = Image.new("RGB", (64, 64))
+    for mode, call in {
+        "img2img": lambda: sdxl.img2img("a cat", image),
+        "inpaint": lambda: sdxl.inpaint("a cat", image, image),
+        "outpaint": lambda: sdxl.outpaint("a cat", image, (8, 8, 0, 0)),
+        "textual-inversion embeddings": lambda: sdxl.load_embeddings(tmp_path),
+    }.items():
+        with pytest.raises(InvalidRequestError, match=f"^{mode} on SDXL models is not supported yet"):
+            call()
+    with pytest.raises(InvalidRequestError, match="SDXL models on the torch backend are not supported yet"):
+        runtime.load(tiny_sdxl, backend="torch", engines_dir=shared_engines)
+
+
+def _config_copy(tiny_sdxl, target, edit):
+    """The checkpoint's JSON configs (no weights) with `edit(configs)` applied: enough for family detection."""
+    for path in tiny_sdxl.rglob("*.json"):
+        destination = target / path.relative_to(tiny_sdxl)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, destination)
+    edit(target)
+    return target
+
+
+def test_sdxl_refiner_and_inpainting_models_are_refused(tiny_sdxl, tmp_path):
+    from runtime.checkpoint import check_checkpoint_folder, describe_checkpoint
+
+    refiner = _config_copy(tiny_sdxl, tmp_path / "refiner", lambda f: shutil.rmtree(f / "text_encoder"))
+    with pytest.raises(InvalidRequestError, match="SDXL refiners are not supported yet"):
+        check_checkpoint_folder(refiner)
+
+    def nine_channels(folder):
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps(dict(config, in_channels=9)))
+
+    inpaint = _config_copy(tiny_sdxl, tmp_path / "inpaint", nine_channels)
+    with pytest.raises(InvalidRequestError, match="SDXL inpainting models are not supported yet"):
+        describe_checkpoint(inpaint)
