@@ -51,7 +51,7 @@ def _sdxl_without_loras(method: Callable) -> Callable:
 
     @functools.wraps(method)
     def generate(self: StableDiffusion, prompt: str, *args, **options):
-        if options.get("loras") or extract_lora_tags(prompt)[1]:
+        if self.info.get("family") == "sdxl" and (options.get("loras") or extract_lora_tags(prompt)[1]):
             self._refuse_sdxl("LoRA")
         return method(self, prompt, *args, **options)
 

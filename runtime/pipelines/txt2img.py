@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..denoiser import Denoiser
+from ..errors import InvalidRequestError
 from ..request import sampler_of
 from ..samplers import make_schedule
 from .common import decode_latents, image_generators, run_sampler
@@ -63,6 +64,8 @@ def sample_latents(
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
     x = initial_noise(request, generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
     sdxl = getattr(conditioning, "pooled", None) is not None
+    if info.get("family") == "sdxl" and not sdxl:  # conditioning merged by code that does not carry pooled text yet
+        raise InvalidRequestError("SDXL conditioning without its pooled text (batched serving) is not supported yet")
     extra = {"time_ids": sdxl_time_ids(request, len(conditioning.batches[0]))} if sdxl else None  # [N, 6]
     unet = model.backend.session("unet")
     denoiser = Denoiser(unet, conditioning, request.cfg_scale, info["prediction_type"], extra_feeds=extra)

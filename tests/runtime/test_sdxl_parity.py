@@ -20,7 +20,7 @@ from tests.runtime.test_txt2img_parity import NEGATIVE, PROMPT, SEED, assert_par
 pytestmark = needs_torch
 
 WIDTH, HEIGHT = 64, 48  # non-square
-STEPS, CFG = 8, 6.0
+STEPS, CFG = 6, 6.0
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +190,18 @@ def test_sdxl_refiner_and_inpainting_models_are_refused(tiny_sdxl, tmp_path):
     inpaint = _config_copy(tiny_sdxl, tmp_path / "inpaint", nine_channels)
     with pytest.raises(InvalidRequestError, match="SDXL inpainting models are not supported yet"):
         describe_checkpoint(inpaint)
+
+
+def test_conditioning_without_pooled_text_is_refused(sdxl):
+    """Code that merges conditionings without the pooled text (batched serving) gets one line, not a UNet failure."""
+    from dataclasses import replace
+
+    from runtime.pipelines.common import image_generators
+    from runtime.pipelines.conditioning import build_conditioning
+    from runtime.pipelines.txt2img import sample_latents
+    from runtime.request import Txt2ImgRequest, validate_txt2img
+
+    request = validate_txt2img(Txt2ImgRequest("a cat", steps=2, width=64, height=64, seed=1), sdxl.info)
+    conditioning = replace(build_conditioning(sdxl, "a cat", "", 1, 7.0, 2), pooled=None)
+    with pytest.raises(InvalidRequestError, match="SDXL conditioning without its pooled text"):
+        sample_latents(sdxl, request, conditioning, image_generators(1, 1))
