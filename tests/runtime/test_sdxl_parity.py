@@ -39,7 +39,7 @@ def pipe(tiny_sdxl):
     return pipe, pipe.scheduler.config  # the checkpoint's scheduler config, which each case's scheduler reads
 
 
-def reference_images(pipe, sampler: str, schedule: str, negative_prompt: str | None) -> np.ndarray:
+def reference_images(pipe, sampler: str, schedule: str, negative_prompt: str | None, cfg: float = CFG) -> np.ndarray:
     """diffusers' SDXL pipeline, the sampler's scheduler on the checkpoint's config: float images [2, H, W, 3]."""
     import diffusers
     import torch
@@ -55,7 +55,7 @@ def reference_images(pipe, sampler: str, schedule: str, negative_prompt: str | N
         PROMPT,
         negative_prompt=negative_prompt,
         num_inference_steps=STEPS,
-        guidance_scale=CFG,
+        guidance_scale=cfg,
         num_images_per_prompt=2,
         generator=generators,
         height=HEIGHT,
@@ -65,12 +65,12 @@ def reference_images(pipe, sampler: str, schedule: str, negative_prompt: str | N
     return out.images
 
 
-def generate(sd, sampler: str, schedule: str, negative_prompt: str) -> np.ndarray:
+def generate(sd, sampler: str, schedule: str, negative_prompt: str, cfg: float = CFG) -> np.ndarray:
     result = sd.txt2img(
         PROMPT,
         negative_prompt=negative_prompt,
         steps=STEPS,
-        cfg_scale=CFG,
+        cfg_scale=cfg,
         seed=SEED,
         batch_size=2,
         width=WIDTH,
@@ -82,17 +82,18 @@ def generate(sd, sampler: str, schedule: str, negative_prompt: str) -> np.ndarra
 
 
 @pytest.mark.parametrize(
-    ("sampler", "schedule", "negative"),
+    ("sampler", "schedule", "negative", "cfg"),
     [
-        ("Euler a", "default", NEGATIVE),
-        ("DPM++ 2M", "Karras", NEGATIVE),
-        ("DDIM", "default", NEGATIVE),
-        ("UniPC", "default", ""),  # empty negative: zeros (force_zeros_for_empty_prompt), diffusers' None
+        ("Euler a", "default", NEGATIVE, CFG),
+        ("DPM++ 2M", "Karras", NEGATIVE, CFG),
+        ("DDIM", "default", NEGATIVE, CFG),
+        ("UniPC", "default", "", CFG),  # empty negative: zeros (force_zeros_for_empty_prompt), diffusers' None
+        ("Euler", "default", NEGATIVE, 1.0),  # no guidance: the prompt's rows only
     ],
 )
-def test_txt2img_matches_diffusers(sdxl, pipe, sampler, schedule, negative):
-    images = generate(sdxl, sampler, schedule, negative)
-    assert_parity(images, reference_images(pipe, sampler, schedule, negative or None))
+def test_txt2img_matches_diffusers(sdxl, pipe, sampler, schedule, negative, cfg):
+    images = generate(sdxl, sampler, schedule, negative, cfg)
+    assert_parity(images, reference_images(pipe, sampler, schedule, negative or None, cfg))
 
 
 def test_family_facts(sdxl):
