@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from runtime.errors import InvalidRequestError
-from runtime.samplers import ancestral, discrete, multistep, ode
+from runtime.samplers import ancestral, discrete, multistep, ode, restart
 
 # sdrt's first five (diffusers configurations where the sampler has one), then the rest of A1111 1.10's, which run on
 # the k-diffusion path (schedules_kd) wherever diffusers has no such configuration.
@@ -79,7 +79,8 @@ class SamplerSpec:
     schedule_variant: str | None = None  # sdrt's own schedule builder on top of diffusers_class's config
     aliases: tuple[str, ...] = ()  # A1111's aliases of the label (k_euler_a, ...); resolve_sampler accepts them
     # The k-diffusion path (schedules_kd): the schedule types run there, the per-step tables sample_fn reads
-    # ("plain", "heun", "dpm2", "dpm2a", "2s", "sde", "lms", "multistep"), A1111's own schedule type for "default"
+    # ("plain", "heun", "dpm2", "dpm2a", "2s", "sde", "lms", "multistep", "multistep_heun"), A1111's own schedule
+    # type for "default"
     # of a sampler diffusers lacks (then "default" runs there too), and A1111's discard_next_to_last_sigma.
     kd_schedule_types: tuple[str, ...] = ()
     kd_tables: str = "plain"
@@ -235,6 +236,48 @@ _SPECS: tuple[SamplerSpec, ...] = (
         aliases=("k_dpmpp_2m_sde",),
         kd_schedule_types=_kd_types(_ALL),
         kd_tables="multistep",
+    ),
+    SamplerSpec(
+        "DPM++ 2M SDE Heun",
+        "DPM-Solver++(2M) SDE with the Heun-type second-order term (Lu et al. 2022; k-diffusion's sample_dpmpp_2m_sde "
+        "with solver_type heun), noise every step",
+        "DPMSolverMultistepScheduler",
+        multistep.sample_dpmpp_2m_sde,
+        config_overrides=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2), ("solver_type", "heun")),
+        options=_S_NOISE,
+        stochastic=True,
+        aliases=("k_dpmpp_2m_sde_heun",),
+        kd_schedule_types=_kd_types(_ALL),
+        kd_tables="multistep_heun",
+    ),
+    SamplerSpec(
+        "DPM++ 3M SDE",
+        "DPM-Solver++(3M) SDE, third-order multistep stochastic solver (k-diffusion's sample_dpmpp_3m_sde); A1111's "
+        "schedule (Exponential, next-to-last level dropped); no diffusers counterpart",
+        "DPMSolverMultistepScheduler",
+        multistep.sample_dpmpp_3m_sde,
+        schedule_types=("default",),
+        options=_S_NOISE,
+        stochastic=True,
+        matches_diffusers=False,
+        aliases=("k_dpmpp_3m_sde",),
+        kd_schedule_types=_A1111,
+        kd_default="Exponential",
+        discard_penultimate=True,
+    ),
+    SamplerSpec(
+        "Restart",
+        "Restart sampling (Xu et al. 2023): Heun steps with A1111's automatic restart segments (from 20 steps), "
+        "renoised from the seeded stream; A1111's schedule (Karras); no diffusers counterpart",
+        "EulerDiscreteScheduler",
+        restart.sample_restart,
+        schedule_types=("default",),
+        options=_S_NOISE,
+        stochastic=True,
+        matches_diffusers=False,
+        aliases=("restart",),
+        kd_schedule_types=_A1111,
+        kd_default="Karras",
     ),
     SamplerSpec(
         "DPM++ 2S a",

@@ -98,11 +98,11 @@ def _tables(kind: str, sigmas: np.ndarray, log_train: np.ndarray) -> dict:
         return {"sigmas_mid": mid, "timesteps_mid": _timesteps(mid, log_train)}
     if kind == "lms":
         return {"coeffs": lms_coefficients(sigmas)}
-    if kind == "multistep":  # k-diffusion: first order at the start and into sigma 0, second order otherwise
+    if kind in ("multistep", "multistep_heun"):  # k-diffusion: first order at the start and into sigma 0
         orders = np.full(len(s), 2, dtype=np.int64)
         orders[0] = 1
         orders[s_next == 0] = 1
-        return {"orders": orders}
+        return {"orders": orders, "options": {"solver_type": "heun" if kind == "multistep_heun" else "midpoint"}}
     return {}
 
 

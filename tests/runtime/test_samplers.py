@@ -161,7 +161,7 @@ def test_single_step_matches_diffusers(name: str) -> None:
     assert_parity(name, "default", config("sd15", "epsilon"), 1)
 
 
-MULTISTEP = {"DPM++ 2M", "DPM++ 2M SDE", "UniPC", "LMS", "PLMS"}
+MULTISTEP = {"DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "UniPC", "LMS", "PLMS"}
 
 
 @pytest.mark.parametrize("name", [n for n in SAMPLER_NAMES if SPECS[n].matches_diffusers])

@@ -155,9 +155,13 @@ def test_align_your_steps_tables_by_family() -> None:
 
 
 def test_discard_penultimate_sigma() -> None:
-    """DPM2 / DPM2 a on the k-diffusion path: A1111 asks for steps + 1 levels and drops the next-to-last."""
+    """DPM2 / DPM2 a / DPM++ 3M SDE on the k-diffusion path: A1111 asks for steps + 1 levels and drops the
+    next-to-last; DPM++ 3M SDE's "default" is A1111's Automatic for it, Exponential."""
     ref = a1111_reference("Uniform", 11)
     ours = make_schedule(SPECS["DPM2"], "Uniform", SD15, 10)
+    np.testing.assert_allclose(ours.sigmas, np.concatenate([ref[:-2], ref[-1:]]), rtol=2e-5)
+    ref = a1111_reference("Exponential", 11)
+    ours = make_schedule(SPECS["DPM++ 3M SDE"], "default", SD15, 10)
     np.testing.assert_allclose(ours.sigmas, np.concatenate([ref[:-2], ref[-1:]]), rtol=2e-5)
 
 
@@ -199,6 +203,10 @@ SAMPLER_CASES = [
     ("DPM++ 2M", "Align Your Steps", "dpmpp_2m", {}),
     ("DPM++ 2M", "KL Optimal", "dpmpp_2m", {}),
     ("DPM++ 2M SDE", "DDIM", "dpmpp_2m_sde", {}),
+    ("DPM++ 2M SDE Heun", "Align Your Steps", "dpmpp_2m_sde", {"solver_type": "heun"}),
+    ("DPM++ 3M SDE", "default", "dpmpp_3m_sde", {}),  # A1111's: Exponential, next-to-last level dropped
+    ("DPM++ 3M SDE", "Karras", "dpmpp_3m_sde", {}),
+    ("DPM++ 3M SDE", "KL Optimal", "dpmpp_3m_sde", {}),  # ends above 0: the last step is a third-order one
 ]
 
 
@@ -237,3 +245,56 @@ def test_resolve_new_labels_and_aliases(label: str, schedule_type, expected) -> 
     spec, resolved = resolve_sampler(label, schedule_type)
     assert (spec.name, resolved) == expected
     assert math.isfinite(make_schedule(spec, resolved, SD15, 5).init_noise_sigma)
+
+
+def a1111_restart(model, x: torch.Tensor, sigmas: torch.Tensor, noise) -> torch.Tensor:
+    """A1111's restart_sampler (modules/sd_samplers_extra.py) with its automatic restart list, transcribed in torch
+    on k-diffusion's get_sigmas_karras and to_d; renoising draws from `noise`."""
+    s_in = x.new_ones([x.shape[0]])
+
+    def heun_step(x, old, new):
+        d = K_SAMPLING.to_d(x, old, model(x, old * s_in))
+        dt = new - old
+        if new == 0:
+            return x + d * dt
+        x_2 = x + d * dt
+        d_2 = K_SAMPLING.to_d(x_2, new, model(x_2, new * s_in))
+        return x + (d + d_2) / 2 * dt
+
+    steps = sigmas.shape[0] - 1
+    restart_list = {}
+    if steps >= 20:
+        restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        main = steps - restart_steps * restart_times
+        sigmas = K_SAMPLING.get_sigmas_karras(main, sigmas[-2].item(), sigmas[0].item()).double()
+        restart_list = {0.1: [restart_steps + 1, restart_times, 2]}
+    restart_list = {int(torch.argmin(abs(sigmas - key), dim=0)): value for key, value in restart_list.items()}
+    step_list = []
+    for i in range(len(sigmas) - 1):
+        step_list.append((sigmas[i], sigmas[i + 1]))
+        if i + 1 in restart_list:
+            n, times, top = restart_list[i + 1]
+            max_idx = int(torch.argmin(abs(sigmas - top), dim=0))
+            if max_idx < i + 1:
+                segment = K_SAMPLING.get_sigmas_karras(n, sigmas[i + 1].item(), sigmas[max_idx].item())[:-1]
+                step_list.extend(list(zip(segment[:-1].double(), segment[1:].double())) * times)
+    last = None
+    for old, new in step_list:
+        if last is None:
+            last = old
+        elif last < old:
+            x = x + torch.from_numpy(noise().astype(np.float64)) * (old**2 - last**2) ** 0.5
+        x = heun_step(x, old, new)
+        last = new
+    return x
+
+
+@pytest.mark.parametrize("steps", [10, 20, 40])
+def test_restart_matches_a1111(steps: int) -> None:
+    """No restart below 20 steps, one 9-step restart segment from 20, two steps // 4 ones from 36."""
+    ours, schedule = run_sdrt("Restart", "default", steps)
+    np.testing.assert_allclose(schedule.sigmas, a1111_reference("Karras", steps), rtol=2e-5)
+    noise = torch_noise(generators())
+    x = torch.from_numpy(noise().astype(np.float64)) * float(schedule.sigmas[0])
+    ref = a1111_restart(kdiffusion_denoiser(), x, torch.from_numpy(schedule.sigmas), noise).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,78 @@
+"""Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes") as A1111 runs it.
+
+Heun steps down the schedule; at the level nearest 0.1 the sampler jumps back up to the level nearest 2 by adding
+fresh noise (forward process), and walks down again on a Karras segment, once or twice. The plan below is A1111's
+restart_sampler's for its automatic restart list: below 20 steps no restart (plain Heun); from 20 steps a segment
+of 9 steps once, from 36 steps steps // 4 twice, with the main schedule re-spaced (Karras, between the schedule's
+ends) so the model evaluations stay about the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.samplers.ode import Callback, Model, Noise
+from runtime.samplers.schedule import Schedule
+from runtime.samplers.sigmas import karras_sigmas
+
+
+def restart_plan(sigmas: list[float]) -> list[tuple[float, float, float, int]]:
+    """[(sigma, sigma_next, renoise, main step index or -1)] of every Heun step: renoise is the noise level added
+    before the step (sqrt(sigma^2 - previous sigma_next^2) where the walk jumps up, else 0); restart segment steps
+    carry index -1."""
+    steps = len(sigmas) - 1
+    restart = None
+    if steps >= 20:
+        restart_steps, restart_times = (steps // 4, 2) if steps >= 36 else (9, 1)
+        main = steps - restart_steps * restart_times
+        sigmas = karras_sigmas(sigmas[-2], sigmas[0], main).tolist() + [0.0]
+        restart = (restart_steps + 1, restart_times, 2.0)
+    levels = np.array(sigmas)
+    at = int(np.argmin(np.abs(levels - 0.1)))  # the step landing there is followed by the restart
+    pairs: list[tuple[float, float, int]] = []
+    for i in range(len(sigmas) - 1):
+        pairs.append((sigmas[i], sigmas[i + 1], i))
+        if restart is not None and i + 1 == at:
+            segment_steps, times, restart_max = restart
+            top = int(np.argmin(np.abs(levels - restart_max)))
+            if top < at:
+                segment = karras_sigmas(sigmas[at], sigmas[top], segment_steps).tolist()
+                pairs += list(zip(segment[:-1], segment[1:], [-1] * (segment_steps - 1))) * times
+    plan, last = [], None
+    for sigma, sigma_next, index in pairs:
+        renoise = (sigma**2 - last**2) ** 0.5 if last is not None and last < sigma else 0.0
+        plan.append((sigma, sigma_next, renoise, index))
+        last = sigma_next
+    return plan
+
+
+def sample_restart(
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    s_noise: float = 1.0,
+) -> np.ndarray:
+    """Restart sampling (A1111's restart_sampler): Heun steps (Euler into sigma 0) along restart_plan, noise() drawn
+    at each jump back up. `callback(i, x)` after each step of the main schedule (index i of the plan), not inside
+    restart segments; with 20 steps or more the re-spaced main schedule has fewer than n steps."""
+    plan = restart_plan(schedule.sigmas.tolist())
+    levels = np.array([level for step in plan for level in step[:2]])
+    times = schedule.sigma_to_t(np.maximum(levels, 1e-10)).tolist()  # [2k] timesteps of each (sigma, sigma_next)
+    for k, (sigma, sigma_next, renoise, index) in enumerate(plan):
+        if renoise:
+            x = x + noise() * (s_noise * renoise)
+        denoised = model(x, sigma, times[2 * k])
+        d = (x - denoised) / sigma
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigma_next, times[2 * k + 1])
+            d_2 = (x_2 - denoised_2) / sigma_next
+            x = x + (d + d_2) / 2 * dt
+        if callback is not None and index >= 0:
+            x = callback(index, x)
+    return x
