@@ -27,7 +27,8 @@ from .errors import ArtifactError
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
 REEXPORT_HINT = "; re-export with --force"  # ends ArtifactError messages; api.load drops it when it re-exports
-# Every model's components; a depth checkpoint that ships a depth estimator adds "depth_estimator"
+# Every model's components; a depth checkpoint that ships a depth estimator adds "depth_estimator", an SDXL model
+# "text_encoder_2" (token ids in, its token lookup inside; no host tables) and tokenizer_2/ beside tokenizer/
 # (export.specs.component_specs lists what a given model has).
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # The text encoder's host-side tables: the token lookup (the ONNX text encoder takes token embeddings, so
