@@ -91,7 +91,7 @@ def detect_family(names: set[str], unet_in_channels: int | None) -> Family:
     SD 2.x with 4 channels is returned as SD2_EPS here; v-prediction cannot be read from shapes (see
     runtime.single_file.probe)."""
     if any(n.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.0.0.")) for n in names):
-        raise ModelError("this is an SDXL checkpoint, which sdrt does not support (SD 1.x and 2.x families only)")
+        raise ModelError("an SDXL single-file checkpoint: not supported yet (SDXL runs from a diffusers folder)")
     if unet_in_channels is None:
         if any(n.startswith(("model.diffusion_model.", "double_blocks.", "joint_blocks.")) for n in names):
             raise ModelError("unknown model family: not an SD 1.x/2.x UNet (SD3, Flux, ... are not supported)")
