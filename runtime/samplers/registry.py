@@ -280,6 +280,20 @@ _SPECS: tuple[SamplerSpec, ...] = (
         kd_default="Karras",
     ),
     SamplerSpec(
+        "DPM fast",
+        "DPM-Solver-Fast (Lu et al. 2022; k-diffusion's sample_dpm_fast): orders 3, 3, ..., evenly spaced in log "
+        "sigma over the model's range, one model evaluation per step; A1111's eta 1 (ancestral); no diffusers "
+        "counterpart",
+        "DPMSolverSinglestepScheduler",
+        restart.sample_dpm_fast,
+        schedule_types=("default",),
+        options=(("eta", 1.0), ("s_noise", 1.0)),
+        stochastic=True,
+        matches_diffusers=False,
+        aliases=("k_dpm_fast",),
+        kd_default="Uniform",
+    ),
+    SamplerSpec(
         "DPM++ 2S a",
         "DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral on EulerDiscreteScheduler's sigmas "
         "(no exact diffusers counterpart; DPMSolverSinglestepScheduler is closest)",

@@ -1,4 +1,6 @@
-"""Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes") as A1111 runs it.
+"""Samplers that step on their own grid, not the schedule's levels: Restart (A1111's) and DPM fast (k-diffusion's).
+
+Restart sampling (Xu et al. 2023, "Restart Sampling for Improving Generative Processes") as A1111 runs it.
 
 Heun steps down the schedule; at the level nearest 0.1 the sampler jumps back up to the level nearest 2 by adding
 fresh noise (forward process), and walks down again on a Karras segment, once or twice. The plan below is A1111's
@@ -9,8 +11,11 @@ ends) so the model evaluations stay about the same.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from runtime.samplers.ancestral import ancestral_step
 from runtime.samplers.ode import Callback, Model, Noise
 from runtime.samplers.schedule import Schedule
 from runtime.samplers.sigmas import karras_sigmas
@@ -75,4 +80,68 @@ def sample_restart(
             x = x + (d + d_2) / 2 * dt
         if callback is not None and index >= 0:
             x = callback(index, x)
+    return x
+
+
+def _dpm_fast_steps(sigma_max: float, sigma_min: float, nfe: int, eta: float) -> list[tuple[int, float, float, float]]:
+    """[(order, t, t_to, sigma_up)] of DPM-Solver-Fast (k-diffusion's dpm_solver_fast) with t = -log sigma: nfe // 3
+    + 1 steps evenly spaced in t, order 3 but for the last one or two; eta > 0 lands each step at sigma_down and adds
+    sigma_up of noise."""
+    m = nfe // 3 + 1
+    ts = np.linspace(-math.log(sigma_max), -math.log(sigma_min), m + 1).tolist()
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    steps = []
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        t_to, sigma_up = t_next, 0.0
+        if eta:
+            sigma_down, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+            t_to = min(ts[-1], -math.log(sigma_down))
+            sigma_up = (math.exp(-2 * t_next) - math.exp(-2 * t_to)) ** 0.5
+        steps.append((order, t, t_to, sigma_up))
+    return steps
+
+
+def sample_dpm_fast(
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> np.ndarray:
+    """DPM-Solver-Fast (Lu et al. 2022, fixed step size; k-diffusion's sample_dpm_fast) over the schedule's range,
+    sigmas[0] down to sigmas[-2], with as many model evaluations as steps. A1111 runs it with eta 1 (its ancestral
+    eta): noise() once per solver step. `callback(i, x)` after each solver step (fewer than the schedule's)."""
+    sigmas = schedule.sigmas.tolist()
+    plan = _dpm_fast_steps(sigmas[0], sigmas[-2], len(sigmas) - 1, eta)
+    levels = [math.exp(-t - r * (t_to - t)) for _, t, t_to, _ in plan for r in (0.0, 1 / 3, 1 / 2, 2 / 3)]
+    times = schedule.sigma_to_t(np.array(levels)).tolist()  # [4k] UNet timesteps of each step's stages
+
+    def eps(x_: np.ndarray, k: int, stage: int) -> np.ndarray:
+        sigma = levels[4 * k + stage]
+        return (x_ - model(x_, sigma, times[4 * k + stage])) / sigma
+
+    for k, (order, t, t_to, sigma_up) in enumerate(plan):
+        h, sigma_to = t_to - t, math.exp(-t_to)
+        e = eps(x, k, 0)
+        x_next = x - (sigma_to * math.expm1(h)) * e
+        if order == 2:  # midpoint stage r1 = 1/2
+            u1 = x - (levels[4 * k + 2] * math.expm1(h / 2)) * e
+            x_next = x_next - (sigma_to * math.expm1(h)) * (eps(u1, k, 2) - e)
+        elif order == 3:  # stages r1 = 1/3, r2 = 2/3
+            r1, r2 = 1 / 3, 2 / 3
+            u1 = x - (levels[4 * k + 1] * math.expm1(r1 * h)) * e
+            e1 = eps(u1, k, 1)
+            sigma_2 = levels[4 * k + 3]
+            u2 = (
+                x
+                - (sigma_2 * math.expm1(r2 * h)) * e
+                - (sigma_2 * r2 / r1 * (math.expm1(r2 * h) / (r2 * h) - 1)) * (e1 - e)
+            )
+            x_next = x_next - (sigma_to / r2 * (math.expm1(h) / h - 1)) * (eps(u2, k, 3) - e)
+        x = x_next + noise() * (sigma_up * s_noise)
+        if callback is not None:
+            x = callback(k, x)
     return x

@@ -298,3 +298,25 @@ def test_restart_matches_a1111(steps: int) -> None:
     x = torch.from_numpy(noise().astype(np.float64)) * float(schedule.sigmas[0])
     ref = a1111_restart(kdiffusion_denoiser(), x, torch.from_numpy(schedule.sigmas), noise).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps,eta", [(10, 1.0), (9, 1.0), (5, 0.0)])
+def test_dpm_fast_matches_kdiffusion(steps: int, eta: float) -> None:
+    """A1111 calls sample_dpm_fast with the model's training range, n = steps and its ancestral eta (1)."""
+    spec = SPECS["DPM fast"] if eta == 1.0 else SPECS["DPM fast"].with_options(eta=eta)
+    schedule = make_schedule(spec, "default", SD15, steps)
+    noise = torch_noise(generators())
+    ours = sample(spec, ve_model("epsilon"), noise() * schedule.init_noise_sigma, schedule, noise)
+    model = kdiffusion_denoiser()
+    sigma_min, sigma_max = float(model.sigmas[0]), float(model.sigmas[-1])
+    assert schedule.sigmas[0] == pytest.approx(sigma_max) and schedule.sigmas[-2] == pytest.approx(sigma_min)
+    noise = torch_noise(generators())
+    x = torch.from_numpy(noise().astype(np.float64)) * sigma_max
+
+    def noise_sampler(sigma, sigma_next):
+        return torch.from_numpy(noise().astype(np.float64))
+
+    ref = K_SAMPLING.sample_dpm_fast(
+        model, x, sigma_min, sigma_max, steps, disable=True, eta=eta, noise_sampler=noise_sampler
+    ).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
