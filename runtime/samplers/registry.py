@@ -294,6 +294,19 @@ _SPECS: tuple[SamplerSpec, ...] = (
         kd_default="Uniform",
     ),
     SamplerSpec(
+        "DPM adaptive",
+        "DPM-Solver-23 with adaptive step size (Lu et al. 2022; k-diffusion's sample_dpm_adaptive) over the model's "
+        "sigma range; the step count follows the error estimate, not the steps asked for; A1111's eta 1",
+        "DPMSolverSinglestepScheduler",
+        restart.sample_dpm_adaptive,
+        schedule_types=("default",),
+        options=(("eta", 1.0), ("s_noise", 1.0)),
+        stochastic=True,
+        matches_diffusers=False,
+        aliases=("k_dpm_ad",),
+        kd_default="Uniform",
+    ),
+    SamplerSpec(
         "DPM++ 2S a",
         "DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral on EulerDiscreteScheduler's sigmas "
         "(no exact diffusers counterpart; DPMSolverSinglestepScheduler is closest)",

@@ -145,3 +145,61 @@ def sample_dpm_fast(
         if callback is not None:
             x = callback(k, x)
     return x
+
+
+def sample_dpm_adaptive(
+    model: Model,
+    x: np.ndarray,
+    schedule: Schedule,
+    noise: Noise,
+    callback: Callback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    accept_safety: float = 0.81,
+) -> np.ndarray:
+    """DPM-Solver-23 with adaptive step size (Lu et al. 2022; k-diffusion's sample_dpm_adaptive, order 3, an I
+    controller): each try takes a second-order (r1 = 1/3) and a third-order step, the RMS of their difference in
+    units of atol + rtol |x| over the whole batch sets the next step size, and a try is kept when the controller
+    accepts it (then noise() with A1111's eta 1). The step count depends on the model's outputs: the one sampler
+    here that reads its arrays on the host. `callback(i, x)` after each accepted step."""
+    sigmas = schedule.sigmas.tolist()
+    t, t_end = -math.log(sigmas[0]), -math.log(sigmas[-2])
+    h, order = h_init, 1.5 if eta else 3
+    x_prev, accepted = x, 0
+
+    def eps(x_: np.ndarray, t_: float) -> np.ndarray:
+        sigma = math.exp(-t_)
+        return (x_ - model(x_, sigma, float(schedule.sigma_to_t(np.array([sigma]))[0]))) / sigma
+
+    while t < t_end - 1e-5:
+        t_next = min(t_end, t + h)
+        t_to, sigma_up = t_next, 0.0
+        if eta:
+            sigma_down, _ = ancestral_step(math.exp(-t), math.exp(-t_next), eta)
+            t_to = min(t_end, -math.log(sigma_down))
+            sigma_up = (math.exp(-2 * t_next) - math.exp(-2 * t_to)) ** 0.5
+        step = t_to - t
+        sigma_to, sigma_1, sigma_2 = math.exp(-t_to), math.exp(-t - step / 3), math.exp(-t - 2 * step / 3)
+        e = eps(x, t)
+        e1 = eps(x - (sigma_1 * math.expm1(step / 3)) * e, t + step / 3)
+        base = x - (sigma_to * math.expm1(step)) * e
+        x_low = base - (sigma_to * 1.5 * math.expm1(step)) * (e1 - e)  # sigma_to / (2 r1), r1 = 1/3
+        u2 = x - (sigma_2 * math.expm1(2 * step / 3)) * e
+        u2 = u2 - (sigma_2 * 2 * (math.expm1(2 * step / 3) / (2 * step / 3) - 1)) * (e1 - e)
+        x_high = base - (sigma_to * 1.5 * (math.expm1(step) / step - 1)) * (eps(u2, t + 2 * step / 3) - e)
+        delta = np.maximum(atol, rtol * np.maximum(np.abs(x_low), np.abs(x_prev)))
+        error = float(np.linalg.norm(((x_low - x_high) / delta).astype(np.float64)) / math.sqrt(x.size))
+        inv_error = 1 / (error + 1e-8)
+        factor = 1 + math.atan(inv_error ** (1 / order) - 1)  # I controller (icoeff 1), atan limiter
+        if factor >= accept_safety:
+            x_prev = x_low
+            x = x_high + noise() * (sigma_up * s_noise)
+            t = t_next
+            if callback is not None:
+                x = callback(accepted, x)
+            accepted += 1
+        h *= factor
+    return x

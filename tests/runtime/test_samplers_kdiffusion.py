@@ -320,3 +320,25 @@ def test_dpm_fast_matches_kdiffusion(steps: int, eta: float) -> None:
         model, x, sigma_min, sigma_max, steps, disable=True, eta=eta, noise_sampler=noise_sampler
     ).numpy()
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.0])
+def test_dpm_adaptive_matches_kdiffusion(eta: float) -> None:
+    """Same accepted and rejected tries as k-diffusion's (its step-size controller reads the same errors)."""
+    spec = SPECS["DPM adaptive"].with_options(eta=eta)
+    schedule = make_schedule(spec, "default", SD15, 10)
+    noise = torch_noise(generators())
+    ours = sample(spec, ve_model("epsilon"), noise() * schedule.init_noise_sigma, schedule, noise)
+    model = kdiffusion_denoiser()
+    sigma_min, sigma_max = float(model.sigmas[0]), float(model.sigmas[-1])
+    noise = torch_noise(generators())
+    x = torch.from_numpy(noise().astype(np.float64)) * sigma_max
+
+    def noise_sampler(sigma, sigma_next):
+        return torch.from_numpy(noise().astype(np.float64))
+
+    ref, info = K_SAMPLING.sample_dpm_adaptive(
+        model, x, sigma_min, sigma_max, disable=True, eta=eta, noise_sampler=noise_sampler, return_info=True
+    )
+    assert info["n_accept"] > 5
+    np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-5)
