@@ -54,14 +54,21 @@ def merge_conditioning(parts: list[Conditioning], rows: list[int]) -> Conditioni
     for call in range(len(first.call_batch)):
         combo = tuple(int(part.call_batch[call]) for part in parts)
         call_batch.append(combos.setdefault(combo, len(combos)))
-    batches = []
-    for combo in combos:  # insertion order = batch index
-        slabs = []
-        for copy in range(copies):
-            for part, index, n in zip(parts, combo, rows):
-                slabs.append(part.batches[index][copy * n : (copy + 1) * n])  # [n, 77k, D]
-        batches.append(np.ascontiguousarray(np.concatenate(slabs), dtype=np.float32))  # [copies * sum(n), 77k, D]
-    return Conditioning(batches, np.array(call_batch, dtype=np.int64), first.cond_weights, first.guided)
+    batches = [_merged([part.batches for part in parts], combo, rows, copies) for combo in combos]  # in index order
+    pooled = None  # SDXL: the pooled text [(1 + m) B, P] of each batch, merged the same way
+    if first.pooled is not None:
+        pooled = [_merged([part.pooled for part in parts], combo, rows, copies) for combo in combos]
+    return Conditioning(batches, np.array(call_batch, dtype=np.int64), first.cond_weights, first.guided, pooled)
+
+
+def _merged(tables: list[list[np.ndarray]], combo: tuple[int, ...], rows: list[int], copies: int) -> np.ndarray:
+    """Batch combo[r] of each part's table, copy by copy (uncond rows of every part, then each sub-prompt's):
+    [copies * sum(rows), ...]."""
+    slabs = []
+    for copy in range(copies):
+        for table, index, n in zip(tables, combo, rows):
+            slabs.append(table[index][copy * n : (copy + 1) * n])  # [n, ...]
+    return np.ascontiguousarray(np.concatenate(slabs), dtype=np.float32)
 
 
 def plan_groups(model: StableDiffusion, requests: list[Txt2ImgRequest]) -> list[tuple[list[int], list[Conditioning]]]:

@@ -206,3 +206,32 @@ def test_conditioning_without_pooled_text_is_refused(sdxl):
     conditioning = replace(build_conditioning(sdxl, "a cat", "", 1, 7.0, 2), pooled=None)
     with pytest.raises(InvalidRequestError, match="SDXL conditioning without its pooled text"):
         sample_latents(sdxl, request, conditioning, image_generators(1, 1))
+
+
+def test_batched_serving_gives_each_request_its_own_image(sdxl):
+    """Service batches compatible SDXL requests into one UNet run (the pooled text merged with the hidden states);
+    each caller gets the images it gets alone."""
+    import threading
+
+    from runtime.serving import Service, ServiceConfig
+
+    options = dict(steps=2, width=WIDTH, height=HEIGHT, cfg_scale=CFG, sampler="Euler")
+    requests = [("a red cube", "", 3, 1), ("a blue ball", "blurry", 5, 2), ("a green cone", "dark", 7, 1)]
+    alone = [sdxl.txt2img(p, negative_prompt=n, seed=s, batch_size=b, **options).images for p, n, s, b in requests]
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(progress) -> None:  # keeps the worker busy until every request is queued: they then run as one batch
+        entered.set()
+        release.wait(30)
+
+    with Service(sdxl, ServiceConfig(max_batch_images=8)) as service:
+        blocker = service.submit("txt2img", "hold", callback=hold, seed=1, **options)
+        assert entered.wait(30)
+        jobs = [service.submit("txt2img", p, negative_prompt=n, seed=s, batch_size=b, **options)
+                for p, n, s, b in requests]  # fmt: skip
+        release.set()
+        results = [job.result(60) for job in jobs]
+        blocker.result(60)
+        assert service.counts["batches"] == 2  # the blocker, then the three requests together
+    for result, expected in zip(results, alone):
+        np.testing.assert_allclose(result.images, expected, rtol=0, atol=1e-5)
