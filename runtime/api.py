@@ -43,7 +43,7 @@ from .tokenizer import ClipTokenizer
 logger = logging.getLogger(__name__)
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-SDXL_BACKENDS = ("onnxruntime",)  # where SDXL runs so far
+SDXL_BACKENDS = ("onnxruntime", "torch")  # where SDXL runs so far
 
 
 def _sdxl_without_loras(method: Callable) -> Callable:

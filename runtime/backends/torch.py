@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.modules import TextEncoder
+from export.modules import TextEncoder, TextEncoder2
 from export.quiet import quiet_hub_libraries
 
 from ..errors import ModelError
@@ -20,10 +20,11 @@ from . import TextTables
 
 def _load(checkpoint: Path, component: str, allow_pickle: bool) -> torch.nn.Module:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, DPTForDepthEstimation
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, DPTForDepthEstimation
 
     loaders = {
         "text_encoder": CLIPTextModel,
+        "text_encoder_2": CLIPTextModelWithProjection,  # SDXL's second, with the pooled projection
         "unet": UNet2DConditionModel,
         "vae": AutoencoderKL,
         "depth_estimator": DPTForDepthEstimation,
@@ -69,6 +70,8 @@ class TorchSession:
         if component == "text_encoder":
             self.text_encoder = TextEncoder(module)
             self.tables = text_tables_of(module)
+        if component == "text_encoder_2":
+            self.text_encoder = TextEncoder2(module)
 
     @torch.inference_mode()
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -79,12 +82,17 @@ class TorchSession:
         if self.component == "text_encoder":
             last_hidden_state, hidden_states = self.text_encoder(t["inputs_embeds"])
             result = {"last_hidden_state": last_hidden_state, "hidden_states": hidden_states}
+        elif self.component == "text_encoder_2":
+            hidden_states, text_embeds = self.text_encoder(t["input_ids"])
+            result = {"hidden_states": hidden_states, "text_embeds": text_embeds}
         elif self.component == "unet":
+            added = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]} if "time_ids" in t else None
             sample = self.module(
                 t["sample"],
                 t["timestep"],
                 encoder_hidden_states=t["encoder_hidden_states"],
                 class_labels=t.get("class_labels"),  # the x4 upscaler's noise level, per row
+                added_cond_kwargs=added,  # SDXL's pooled text and size/crop ids
             )
             result = {"noise_pred": sample.sample}
         elif self.component == "depth_estimator":

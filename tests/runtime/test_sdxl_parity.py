@@ -96,6 +96,15 @@ def test_txt2img_matches_diffusers(sdxl, pipe, sampler, schedule, negative, cfg)
     assert_parity(images, reference_images(pipe, sampler, schedule, negative or None, cfg))
 
 
+def test_torch_backend_matches_diffusers(tiny_sdxl, shared_engines, pipe):
+    """The reference backend runs the checkpoint's own modules, SDXL's second text encoder and added inputs too."""
+    import runtime
+
+    sd = runtime.load(tiny_sdxl, backend="torch", engines_dir=shared_engines)
+    images = generate(sd, "DPM++ 2M", "Karras", NEGATIVE)
+    assert_parity(images, reference_images(pipe, "DPM++ 2M", "Karras", NEGATIVE))
+
+
 def test_family_facts(sdxl):
     info = sdxl.info
     assert (info["family"], info["variant"], info["vae_scaling_factor"]) == ("sdxl", "sdxl", 0.13025)
@@ -163,8 +172,8 @@ def test_unsupported_modes_and_backends_are_refused(sdxl, tiny_sdxl, shared_engi
     }.items():
         with pytest.raises(InvalidRequestError, match=f"^{mode} on SDXL models is not supported yet"):
             call()
-    with pytest.raises(InvalidRequestError, match="SDXL models on the torch backend are not supported yet"):
-        runtime.load(tiny_sdxl, backend="torch", engines_dir=shared_engines)
+    with pytest.raises(InvalidRequestError, match="SDXL models on the openvino backend are not supported yet"):
+        runtime.load(tiny_sdxl, backend="openvino", engines_dir=shared_engines)
 
 
 def _config_copy(tiny_sdxl, target, edit):
