@@ -28,7 +28,7 @@ def test_every_option_has_help_and_defaults_are_shown():
     for shown in ("sampling steps (default: 20)", "(default: DPM++ 2M Karras)", "(default: 1)", "native size"):
         assert shown in " ".join(text.split()), shown
     tiny = " ".join(subcommands()["tiny-model"].format_help().split())
-    for variant in ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler"):
+    for variant in ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler", "sdxl"):
         assert variant in tiny
 
 
