@@ -160,42 +160,43 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--hires-strength", type=float, default=0.7, help="hires pass denoising strength (default 0.7)")
     p.set_defaults(func=cmd_txt2img)
 
-    p = sub.add_parser("img2img", help="generate from an init image and text")
-    add_generation_options(p)
-    p.add_argument("--init-image", required=True, help="the image to start from")
-    p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
-    p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
+    p = _image_command(sub, "img2img", "generate from an init image and text", "the image to start from", 0.75, True)
     p.set_defaults(func=cmd_img2img)
 
-    p = sub.add_parser("inpaint", help="repaint the white part of a mask")
-    add_generation_options(p)
-    p.add_argument("--init-image", required=True, help="the image to repaint")
+    p = _image_command(sub, "inpaint", "repaint the white part of a mask", "the image to repaint", 0.75, True)
     p.add_argument("--mask", required=True, help="white = repaint (an RGBA mask's alpha counts if it has any)")
-    p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
-    p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
     p.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the mask in pixels (default 4)")
     p.add_argument("--inpaint-full-res", action="store_true", help="generate a crop around the mask at full size")
     p.add_argument("--inpaint-full-res-padding", type=int, default=32, help="context pixels around the mask")
     p.set_defaults(func=cmd_inpaint)
 
-    p = sub.add_parser("outpaint", help="extend the canvas and fill the new area")
-    add_generation_options(p)
-    p.add_argument("--init-image", required=True, help="the image to extend")
+    p = _image_command(sub, "outpaint", "extend the canvas and fill the new area", "the image to extend", 1.0)
     p.add_argument("--extend", required=True, help="pixels to add: L,R,T,B (the new size must be a multiple of 8)")
-    p.add_argument("--strength", type=float, default=1.0, help="denoising strength in [0, 1] (default 1)")
     p.add_argument("--mask-blur", type=int, default=4, help="Gaussian blur of the new-area mask in pixels")
     p.set_defaults(func=cmd_outpaint)
 
-    p = sub.add_parser("depth2img", help="img2img guided by depth (SD 2 depth checkpoints)")
-    add_generation_options(p)
-    p.add_argument("--init-image", required=True, help="the image to start from")
+    help_text = "img2img guided by depth (SD 2 depth checkpoints)"
+    p = _image_command(sub, "depth2img", help_text, "the image to start from", 0.75, True)
     p.add_argument("--depth-map", default=None, help="a depth image (any scale); default: the model's estimator")
-    p.add_argument("--strength", type=float, default=0.75, help="denoising strength in [0, 1] (default 0.75)")
-    p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
     p.set_defaults(func=cmd_depth2img)
 
-    p = sub.add_parser("upscale", help="4x upscale with an x4 upscaler checkpoint")
-    add_generation_options(p)
-    p.add_argument("--init-image", required=True, help="the low-resolution image")
+    p = _image_command(sub, "upscale", "4x upscale with an x4 upscaler checkpoint", "the low-resolution image")
     p.add_argument("--noise-level", type=int, default=20, help="noise added to the low-res image (default 20)")
     p.set_defaults(func=cmd_upscale)
+
+
+def _image_command(
+    sub, name: str, help_text: str, image_help: str, strength: float | None = None, resize: bool = False
+) -> argparse.ArgumentParser:
+    """A generation subcommand that starts from --init-image, with --strength (default `strength`) and
+    --resize-mode where given."""
+    p = sub.add_parser(name, help=help_text)
+    add_generation_options(p)
+    p.add_argument("--init-image", required=True, help=image_help)
+    if strength is not None:
+        p.add_argument(
+            "--strength", type=float, default=strength, help=f"denoising strength in [0, 1] (default {strength:g})"
+        )
+    if resize:
+        p.add_argument("--resize-mode", default="just resize", help="just resize, crop and resize, resize and fill")
+    return p
