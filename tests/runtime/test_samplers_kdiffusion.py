@@ -342,3 +342,53 @@ def test_dpm_adaptive_matches_kdiffusion(eta: float) -> None:
     )
     assert info["n_accept"] > 5
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+# --- end to end on the tiny SD1 checkpoint: sdrt's txt2img against diffusers' UNet and VAE under k-diffusion ------
+
+
+def kdiffusion_txt2img(folder, function: str, sigmas: np.ndarray, **kwargs) -> np.ndarray:
+    """The tiny checkpoint's diffusers text encoder, UNet (guided on eps, uncond first) and VAE, sampled by
+    k-diffusion's sample_<function> from the same per-image seeded streams: float images [B, H, W, 3]."""
+    import diffusers
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from tests.runtime.test_txt2img_parity import CFG, HEIGHT, NEGATIVE, PROMPT, SEED, WIDTH
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    cond, uncond = pipe.encode_prompt(PROMPT, "cpu", 2, True, NEGATIVE)
+    embeddings = torch.cat([uncond, cond])  # [2B, 77, D]
+    gens = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(2)]
+    shape = (2, pipe.unet.config.in_channels, HEIGHT // pipe.vae_scale_factor, WIDTH // pipe.vae_scale_factor)
+
+    def guided_eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = pipe.unet(torch.cat([x, x]).float(), t[0].float(), encoder_hidden_states=embeddings).sample
+        eps_uncond, eps_cond = out.double().chunk(2)
+        return eps_uncond + CFG * (eps_cond - eps_uncond)
+
+    model = K_EXTERNAL.DiscreteEpsDDPMDenoiser(guided_eps, pipe.scheduler.alphas_cumprod, quantize=False)
+    x = randn_tensor(shape, generator=gens, dtype=torch.float32).double() * float(sigmas[0])
+
+    def noise_sampler(sigma, sigma_next):
+        return randn_tensor(shape, generator=gens, dtype=torch.float32).double()
+
+    with torch.no_grad():
+        latents = getattr(K_SAMPLING, f"sample_{function}")(
+            model, x, torch.from_numpy(sigmas), disable=True, noise_sampler=noise_sampler, **kwargs
+        )
+        image = pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+# one case: each costs ~25 s on two shared cores (the numpy tests above cover the other samplers and schedules)
+@pytest.mark.parametrize("sampler,schedule,function", [("DPM++ 3M SDE", "default", "dpmpp_3m_sde")])
+def test_txt2img_matches_kdiffusion(tiny_sd1, shared_engines, sampler: str, schedule: str, function: str) -> None:
+    import runtime
+    from tests.runtime.test_txt2img_parity import CFG, HEIGHT, NEGATIVE, PROMPT, SEED, WIDTH, assert_parity
+
+    sd = runtime.load(tiny_sd1, backend="onnxruntime", engines_dir=shared_engines)
+    kwargs = dict(negative_prompt=NEGATIVE, steps=10, cfg_scale=CFG, seed=SEED, batch_size=2, width=WIDTH)
+    result = sd.txt2img(PROMPT, height=HEIGHT, sampler=sampler, schedule=schedule, **kwargs)
+    spec, schedule_type = resolve_sampler(sampler, schedule)
+    sigmas = make_schedule(spec, schedule_type, sd.info["scheduler_config"], 10).sigmas
+    assert_parity(result.images, kdiffusion_txt2img(tiny_sd1, function, sigmas))
