@@ -272,7 +272,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "EulerDiscreteScheduler",
         restart.sample_restart,
         schedule_types=("default",),
-        options=_S_NOISE,
+        options=(),  # A1111 passes no s_* option to its restart sampler
         stochastic=True,
         matches_diffusers=False,
         aliases=("restart",),
@@ -300,7 +300,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPMSolverSinglestepScheduler",
         restart.sample_dpm_adaptive,
         schedule_types=("default",),
-        options=(("eta", 1.0), ("s_noise", 1.0)),
+        options=(("eta", 1.0),),  # A1111 passes s_noise to DPM fast, not to DPM adaptive
         stochastic=True,
         matches_diffusers=False,
         aliases=("k_dpm_ad",),

@@ -230,7 +230,9 @@ def test_default_options_draw_nothing_and_change_no_bit() -> None:
 def test_options_each_sampler_accepts() -> None:
     churn = ("s_churn", "s_tmin", "s_tmax", "s_noise")
     expected = {"Euler": churn, "Heun": churn, "DPM2": churn, "DDIM": ("eta",)}
-    expected |= {n: ("s_noise",) for n in ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE")}
+    stochastic = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE")
+    expected |= {n: ("s_noise",) for n in stochastic}  # A1111's sampler_extra_params (s_noise for these)
+    expected |= {"DPM fast": ("eta", "s_noise"), "DPM adaptive": ("eta",)}  # and eta where k-diffusion takes it
     for name in SAMPLER_NAMES:
         assert SPECS[name].option_names == expected.get(name, ()), name
     assert (
