@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ..api import StableDiffusion
 
 CHUNK_TOKENS = 77  # BOS + 75 + EOS
-SECOND_ORDER = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE"})  # two UNet calls per step
+SECOND_ORDER = frozenset({"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"})  # two UNet calls per step
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def sample_latents(
     batches share it, with rows of several requests."""
     info = model.info
     spec, schedule_type = sampler_of(request)
-    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps)
+    family = "sdxl" if info.get("family") == "sdxl" else "sd1"  # Align Your Steps: SDXL's table, else SD 1.x's
+    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps, family=family)
     scale = info["vae_scale_factor"]
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
     x = initial_noise(request, generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]

@@ -25,6 +25,13 @@ from .schemas import GenerationBody, Img2ImgBody, Txt2ImgBody
 RESIZE_MODES = {0: "just resize", 1: "crop and resize", 2: "resize and fill", 3: "just resize"}  # 3: latent upscale
 SCHEDULER_NAMES = {t: "automatic" if t == "default" else t.lower().replace(" ", "_") for t in SCHEDULE_TYPES}
 SCHEDULER_LABELS = {t: "Automatic" if t == "default" else t for t in SCHEDULE_TYPES}
+# what A1111 1.10's /schedulers says of each (its modules/sd_schedulers.py table); the rest: no rho, no alias
+SCHEDULER_FACTS = {
+    "Karras": {"default_rho": 7.0},
+    "Polyexponential": {"default_rho": 1.0},
+    "SGM Uniform": {"aliases": ["SGMUniform"], "need_inner_model": True},
+    **{t: {"need_inner_model": True} for t in ("Uniform", "Simple", "Normal", "DDIM", "Beta")},
+}
 IMAGE_UPSCALERS = ("Lanczos",)  # hr_upscaler names that work on pixels (runtime.pipelines.hires)
 LATENT_UPSCALERS = ("Latent", "Latent (nearest)", "Latent (nearest-exact)")  # A1111's latent upscale modes
 
@@ -99,7 +106,8 @@ def _schedule(scheduler: str | None) -> str | None:
     if wanted in ("automatic", "default", ""):
         return None
     for schedule, name in SCHEDULER_NAMES.items():
-        if wanted in (name, schedule.lower()):
+        aliases = [a.lower() for a in SCHEDULER_FACTS.get(schedule, {}).get("aliases", [])]
+        if wanted in (name, schedule.lower(), *aliases):
             return schedule
     raise InvalidRequestError(f"unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULER_NAMES.values())}")
 

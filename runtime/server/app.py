@@ -245,13 +245,14 @@ def _add_info_routes(app: FastAPI) -> None:
     @app.get("/sdapi/v1/samplers", response_model=list[SamplerItem], responses=PLAIN)
     async def samplers():
         specs = [resolve_sampler(name)[0] for name in SAMPLER_NAMES]
-        return [{"name": s.name, "aliases": [s.diffusers_class], "options": dict(s.options)} for s in specs]
+        return [{"name": s.name, "aliases": list(s.aliases), "options": dict(s.options)} for s in specs]
 
     @app.get("/sdapi/v1/schedulers", response_model=list[SchedulerItem], responses=PLAIN)
     async def schedulers():
         names, labels = a1111.SCHEDULER_NAMES, a1111.SCHEDULER_LABELS
-        return [{"name": names[t], "label": labels[t], "aliases": None, "default_rho": None,
-                 "need_inner_model": False} for t in names]  # fmt: skip
+        facts = a1111.SCHEDULER_FACTS
+        return [{"name": names[t], "label": labels[t], "aliases": None, "default_rho": None, "need_inner_model": False,
+                 **facts.get(t, {})} for t in names]  # fmt: skip
 
     @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], responses=PLAIN)
     async def sd_models(request: Request):

@@ -52,7 +52,8 @@ def sampler_labels() -> list[str]:
     labels = list(SAMPLER_NAMES)
     for name in SAMPLER_NAMES:
         spec, _ = resolve_sampler(name)
-        labels += [f"{name} {t}" for t in spec.schedule_types if t != "default"]
+        accepted = getattr(spec, "accepted_schedule_types", spec.schedule_types)  # the k-diffusion path's too
+        labels += [f"{name} {t}" for t in accepted if t != "default"]
     return labels
 
 

@@ -244,3 +244,18 @@ def test_batched_serving_gives_each_request_its_own_image(sdxl):
         assert service.counts["batches"] == 2  # the blocker, then the three requests together
     for result, expected in zip(results, alone):
         np.testing.assert_allclose(result.images, expected, rtol=0, atol=1e-5)
+
+
+def test_align_your_steps_uses_the_sdxl_table(sdxl, monkeypatch):
+    """A1111's Align Your Steps has its own sigma table for SDXL: the SDXL pipeline's schedule is built from it."""
+    from export.configs import SD15_SCHEDULER
+    from runtime.pipelines import txt2img as pipeline
+    from runtime.samplers import make_schedule, resolve_sampler
+
+    built = []
+    monkeypatch.setattr(pipeline, "make_schedule", lambda *a, **k: built.append(make_schedule(*a, **k)) or built[-1])
+    sdxl.txt2img("a cat", steps=4, width=WIDTH, height=HEIGHT, sampler="Euler", schedule="Align Your Steps", seed=1)
+    spec, kind = resolve_sampler("Euler", "Align Your Steps")
+    sd1, xl = (make_schedule(spec, kind, SD15_SCHEDULER, 4, family=f).sigmas for f in ("sd1", "sdxl"))
+    assert not np.allclose(sd1, xl)  # the two tables differ
+    np.testing.assert_allclose(built[0].sigmas[1:-1], xl[1:-1], rtol=1e-6)  # the SDXL table's levels

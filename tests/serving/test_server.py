@@ -128,6 +128,16 @@ def test_listing_routes(client, tiny_model):
     schedulers = client.get("/sdapi/v1/schedulers").json()
     assert {"automatic", "karras", "exponential"} <= {s["name"] for s in schedulers}
     assert all({"name", "label", "aliases", "default_rho", "need_inner_model"} == set(s) for s in schedulers)
+    by_name = {s["name"]: s for s in schedulers}  # A1111 1.10's table (modules/sd_schedulers.py)
+    names = {"automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+             "align_your_steps", "simple", "normal", "ddim", "beta"}  # fmt: skip
+    assert set(by_name) == names
+    assert by_name["karras"]["default_rho"] == 7.0 and by_name["polyexponential"]["default_rho"] == 1.0
+    assert by_name["sgm_uniform"]["aliases"] == ["SGMUniform"] and by_name["sgm_uniform"]["need_inner_model"]
+    euler_a = next(s for s in samplers if s["name"] == "Euler a")
+    assert euler_a["aliases"] == ["k_euler_a", "k_euler_ancestral"]  # A1111's aliases
+    body = dict(BODY, steps=1, cfg_scale=1, sampler_name="Euler a", scheduler="SGMUniform", send_images=False)
+    assert client.post("/sdapi/v1/txt2img", json=body).status_code == 200  # an A1111 alias is a scheduler
     models = client.get("/sdapi/v1/sd-models").json()
     assert models[0]["model_name"] == tiny_model.name and models[0]["hash"] == tiny_model.key.rsplit("-", 1)[-1]
     health = client.get("/health").json()
