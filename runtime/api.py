@@ -9,7 +9,6 @@ result.images  # float32 [B, H, W, 3] in [0, 1]; result.infotexts: A1111 "parame
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ from .infotext import generation_parameters, image_infotexts, mask_blur, model_p
 from .lora.requests import with_loras
 from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
 from .pipelines.img2img import img2img
+from .pipelines.sdxl import check_sdxl_backend, refuse_sdxl, sdxl_without_loras
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
-from .prompts.extra_networks import extract_lora_tags
 from .request import (
     Img2ImgRequest,
     InpaintRequest,
@@ -43,19 +42,6 @@ from .tokenizer import ClipTokenizer
 logger = logging.getLogger(__name__)
 
 PIPELINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-SDXL_BACKENDS = ("onnxruntime", "torch")  # where SDXL runs so far
-
-
-def _sdxl_without_loras(method: Callable) -> Callable:
-    """Refuse LoRAs (`loras=`, `<lora:...>` tags) on SDXL models before with_loras would apply them."""
-
-    @functools.wraps(method)
-    def generate(self: StableDiffusion, prompt: str, *args, **options):
-        if self.info.get("family") == "sdxl" and (options.get("loras") or extract_lora_tags(prompt)[1]):
-            self._refuse_sdxl("LoRA")
-        return method(self, prompt, *args, **options)
-
-    return generate
 
 
 @dataclass(frozen=True)
@@ -112,7 +98,7 @@ class StableDiffusion:
 
     def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
         """Load the textual-inversion embeddings of `folder` (usable by name in prompts); return their names."""
-        self._refuse_sdxl("textual-inversion embeddings")
+        refuse_sdxl(self.info, "textual-inversion embeddings")
         self.embeddings = load_embeddings(Path(folder), self.info["text_hidden_size"], allow_pickle=allow_pickle)
         self.embedding_lookup = self.embeddings.lookup(self.tokenizer)
         return sorted(self.embeddings.embeddings)
@@ -135,7 +121,7 @@ class StableDiffusion:
             yield bar.update if hook is None else (lambda: (bar.update(), hook(total)))
 
     @allocation_errors
-    @_sdxl_without_loras
+    @sdxl_without_loras
     @with_loras
     def txt2img(
         self,
@@ -162,7 +148,7 @@ class StableDiffusion:
         invisible text."""
         self._require_channels((4, 9), "txt2img")
         if hires_scale or hires_width or hires_height:
-            self._refuse_sdxl("hires fix")
+            refuse_sdxl(self.info, "hires fix")
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
         passes = txt2img_passes(request, hires_scale, hires_width, hires_height)
         admit(self, request, "txt2img", passes, hires_prompts=(hires_prompt, hires_negative_prompt))
@@ -179,7 +165,7 @@ class StableDiffusion:
         return self._result(request, images, {**extra, **second_params}, watermark)
 
     @allocation_errors
-    @_sdxl_without_loras
+    @sdxl_without_loras
     @with_loras
     def img2img(self, prompt: str, init_image, watermark: str | None = None, **options) -> GenerationResult:
         """Generate from an init image (a path or a PIL image); options are the fields of Img2ImgRequest."""
@@ -195,7 +181,7 @@ class StableDiffusion:
         return self._result(request, images, extra, watermark)
 
     @allocation_errors
-    @_sdxl_without_loras
+    @sdxl_without_loras
     @with_loras
     def inpaint(self, prompt: str, init_image, mask, watermark: str | None = None, **options) -> GenerationResult:
         """Repaint the white part of `mask` (a path or a PIL image); options are the fields of InpaintRequest."""
@@ -214,7 +200,7 @@ class StableDiffusion:
         return self._result(request, run_inpaint(self, request, image), extra, watermark)
 
     @allocation_errors
-    @_sdxl_without_loras
+    @sdxl_without_loras
     @with_loras
     def outpaint(
         self, prompt: str, init_image, extend: tuple[int, int, int, int], watermark: str | None = None, **options
@@ -236,7 +222,7 @@ class StableDiffusion:
         return self._result(request, run_outpaint(self, request, image, extend), extra, watermark)
 
     @allocation_errors
-    @_sdxl_without_loras
+    @sdxl_without_loras
     @with_loras
     def depth2img(
         self, prompt: str, init_image, depth_map=None, watermark: str | None = None, **options
@@ -262,7 +248,7 @@ class StableDiffusion:
         return self._result(request, images, extra, watermark)
 
     @allocation_errors
-    @_sdxl_without_loras
+    @sdxl_without_loras
     @with_loras
     def upscale(
         self, prompt: str, image, noise_level: int = 20, watermark: str | None = None, **options
@@ -286,17 +272,12 @@ class StableDiffusion:
     def _require_channels(self, channels: tuple[int, ...], mode: str) -> None:
         """One clear line when a mode meets a model it cannot run (by the UNet's input channels, and SDXL's modes)."""
         if mode != "txt2img":
-            self._refuse_sdxl(mode)
+            refuse_sdxl(self.info, mode)
         kinds = {4: "a regular model", 9: "an inpainting model", 5: "a depth model (use depth2img)",
                  7: "an x4 upscaler (use upscale)"}  # fmt: skip
         have = self.info["unet_in_channels"]
         if have not in channels:
             raise InvalidRequestError(f"{mode} does not run on {kinds.get(have, f'a {have}-channel model')}")
-
-    def _refuse_sdxl(self, what: str) -> None:
-        """InvalidRequestError naming what an SDXL model cannot do yet (sdrt runs SDXL txt2img only so far)."""
-        if self.info.get("family") == "sdxl":
-            raise InvalidRequestError(f"{what} on SDXL models is not supported yet (SDXL runs txt2img only so far)")
 
     def _result(
         self, request: Txt2ImgRequest, images: np.ndarray, extra: dict, watermark: str | None = None
@@ -311,14 +292,6 @@ class StableDiffusion:
         if getattr(self, "vae_retried", False):  # set by decode_latents: the fp16 VAE overflowed (A1111 retries)
             params["VAE precision"] = "fp32 retry after fp16 NaN"
         return GenerationResult(images, seeds, image_infotexts(request, params, seeds), request, params)
-
-
-def check_sdxl_backend(info: dict, backend: str) -> None:
-    """InvalidRequestError when an SDXL model meets a backend that does not run SDXL yet."""
-    if info.get("family") == "sdxl" and backend not in SDXL_BACKENDS:
-        raise InvalidRequestError(
-            f"SDXL models on the {backend} backend are not supported yet: use --backend {' or '.join(SDXL_BACKENDS)}"
-        )
 
 
 def load(

@@ -12,22 +12,53 @@ clip skip.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidRequestError
 from ..prompts import apply_emphasis, apply_fixes, check_emphasis_mode, get_schedule, split_and, tokenize_prompt
+from ..prompts.extra_networks import extract_lora_tags
 from .conditioning import Conditioning
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
 
+SDXL_BACKENDS = ("onnxruntime", "torch")  # where SDXL runs so far
 PENULTIMATE = -2  # SDXL conditions on the layer before the last of both encoders, without the final norm
 
 
 def is_sdxl(info: dict) -> bool:
     return info.get("family") == "sdxl"
+
+
+def refuse_sdxl(info: dict, what: str) -> None:
+    """InvalidRequestError naming what an SDXL model cannot do yet (sdrt runs SDXL txt2img only so far)."""
+    if is_sdxl(info):
+        raise InvalidRequestError(f"{what} on SDXL models is not supported yet (SDXL runs txt2img only so far)")
+
+
+def check_sdxl_backend(info: dict, backend: str) -> None:
+    """InvalidRequestError when an SDXL model meets a backend that does not run SDXL yet."""
+    if is_sdxl(info) and backend not in SDXL_BACKENDS:
+        raise InvalidRequestError(
+            f"SDXL models on the {backend} backend are not supported yet: use --backend {' or '.join(SDXL_BACKENDS)}"
+        )
+
+
+def sdxl_without_loras(method: Callable) -> Callable:
+    """A generation method that refuses LoRAs (`loras=`, `<lora:...>` tags) on SDXL models before with_loras would
+    apply them."""
+
+    @functools.wraps(method)
+    def generate(self: StableDiffusion, prompt: str, *args, **options):
+        if is_sdxl(self.info) and (options.get("loras") or extract_lora_tags(prompt)[1]):
+            refuse_sdxl(self.info, "LoRA")
+        return method(self, prompt, *args, **options)
+
+    return generate
 
 
 def check_sdxl_prompt(prompt: str, steps: int, clip_skip: int) -> None:
