@@ -114,6 +114,9 @@ def test_every_sampler_lands_on_single_point_data(name: str) -> None:
         return rng.standard_normal(x0.shape).astype(np.float32)
 
     x = sample(spec, lambda x, s, t: x0, x0 + z * schedule.init_noise_sigma, schedule, noise)
+    if name in ("DPM fast", "DPM adaptive"):  # k-diffusion stops these at the smallest sigma, with its noise
+        np.testing.assert_allclose(x, x0, atol=1e-4 + 5 * schedule.sigmas[-2])
+        return
     latents = x / math.sqrt(1 + schedule.sigmas[-1] ** 2)
     atol = 1e-4 + 1.5 * schedule.sigmas[-1] * (1 if spec.stochastic else np.abs(z).max())
     np.testing.assert_allclose(latents, x0 / math.sqrt(1 + schedule.sigmas[-1] ** 2), atol=atol)
