@@ -216,6 +216,25 @@ def default_budget(backend) -> int | None:
     return None if free is None else int(free * BUDGET_FRACTION)
 
 
+def release_memory() -> None:
+    """Give the heap pages freed by the last request back to the system (glibc's malloc_trim; elsewhere nothing).
+    ONNX Runtime runs without its arena, so a request's buffers are freed when it ends, but glibc keeps freed heap
+    pages (and raises its mmap threshold after large frees), so a server's RSS would drift with the sizes served."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None  # glibc's malloc_trim, once looked up (False: none here)
+
+
 def parse_size(text: str) -> int:
     """A memory size: bytes, or a number with a unit ("6G", "6GiB", "512M", "1.5 GB"); binary units either way."""
     value = str(text).strip().lower().replace(" ", "")

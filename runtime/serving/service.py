@@ -32,6 +32,7 @@ from ..errors import (
     ServiceClosed,
     ServiceError,
 )
+from ..memory import release_memory
 from ..request import Txt2ImgRequest, validate_txt2img
 from .batching import batch_key, plan_groups, txt2img_group
 from .jobs import Job, ProgressCallback
@@ -211,6 +212,7 @@ class Service:
             finally:
                 with self._cond:
                     self._running = []
+                release_memory()  # the group's buffers go back to the system, not to a heap that keeps them
 
     def _next_group(self) -> list[Job] | None:
         """Block for the next job; with batching, also take every queued job of the same key that fits."""
