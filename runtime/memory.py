@@ -17,6 +17,7 @@ holds the scores), its attention term is that of the operator's own copies of qu
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -220,19 +221,20 @@ def release_memory() -> None:
     """Give the heap pages freed by the last request back to the system (glibc's malloc_trim; elsewhere nothing).
     ONNX Runtime runs without its arena, so a request's buffers are freed when it ends, but glibc keeps freed heap
     pages (and raises its mmap threshold after large frees), so a server's RSS would drift with the sizes served."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_TRIM = None  # glibc's malloc_trim, once looked up (False: none here)
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, looked up once; None where the C library is not glibc."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def parse_size(text: str) -> int:

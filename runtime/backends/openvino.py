@@ -161,8 +161,9 @@ class OpenVinoBackend(OnnxFileBackend):
         self.precision = precision
         self.manifest = read_manifest(self.folder)
         self.config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
-        if cpu_threads():
-            self.config["INFERENCE_NUM_THREADS"] = cpu_threads()
+        threads = cpu_threads()
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
         self._sessions: dict[str, OpenVinoSession] = {}
         self._text_tables: TextTables | None = None
         self.weights = OnnxWeights(self)  # LoRA: initializer overrides per component, as onnxruntime's

@@ -14,6 +14,7 @@ from ..request import sampler_of
 from ..samplers import make_schedule
 from .common import decode_latents, image_generators, run_sampler
 from .conditioning import Conditioning, build_conditioning, schedule_steps
+from .sdxl import is_sdxl
 from .variation import initial_noise
 
 if TYPE_CHECKING:
@@ -59,14 +60,14 @@ def sample_latents(
     batches share it, with rows of several requests."""
     info = model.info
     spec, schedule_type = sampler_of(request)
-    family = "sdxl" if info.get("family") == "sdxl" else "sd1"  # Align Your Steps: SDXL's table, else SD 1.x's
+    sdxl = is_sdxl(info)
+    family = "sdxl" if sdxl else "sd1"  # Align Your Steps: SDXL's table, else SD 1.x's
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps, family=family)
     scale = info["vae_scale_factor"]
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
     x = initial_noise(request, generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
-    sdxl = getattr(conditioning, "pooled", None) is not None
-    if info.get("family") == "sdxl" and not sdxl:  # conditioning merged by code that does not carry pooled text yet
-        raise InvalidRequestError("SDXL conditioning without its pooled text (batched serving) is not supported yet")
+    if sdxl and conditioning.pooled is None:  # conditioning built by code that does not carry the pooled text
+        raise InvalidRequestError("SDXL conditioning without its pooled text is not supported")
     extra = {"time_ids": sdxl_time_ids(request, len(conditioning.batches[0]))} if sdxl else None  # [N, 6]
     unet = model.backend.session("unet")
     denoiser = Denoiser(unet, conditioning, request.cfg_scale, info["prediction_type"], extra_feeds=extra)

@@ -203,7 +203,7 @@ def test_sdxl_refiner_and_inpainting_models_are_refused(tiny_sdxl, tmp_path):
 
 
 def test_conditioning_without_pooled_text_is_refused(sdxl):
-    """Code that merges conditionings without the pooled text (batched serving) gets one line, not a UNet failure."""
+    """Conditioning built without the pooled text gets one line, not a UNet failure."""
     from dataclasses import replace
 
     from runtime.pipelines.common import image_generators
@@ -220,19 +220,13 @@ def test_conditioning_without_pooled_text_is_refused(sdxl):
 def test_batched_serving_gives_each_request_its_own_image(sdxl):
     """Service batches compatible SDXL requests into one UNet run (the pooled text merged with the hidden states);
     each caller gets the images it gets alone."""
-    import threading
-
     from runtime.serving import Service, ServiceConfig
+    from tests.serving.test_service import _gate
 
     options = dict(steps=2, width=WIDTH, height=HEIGHT, cfg_scale=CFG, sampler="Euler")
     requests = [("a red cube", "", 3, 1), ("a blue ball", "blurry", 5, 2), ("a green cone", "dark", 7, 1)]
     alone = [sdxl.txt2img(p, negative_prompt=n, seed=s, batch_size=b, **options).images for p, n, s, b in requests]
-    entered, release = threading.Event(), threading.Event()
-
-    def hold(progress) -> None:  # keeps the worker busy until every request is queued: they then run as one batch
-        entered.set()
-        release.wait(30)
-
+    hold, entered, release = _gate()  # keeps the worker busy until every request is queued: one batch then
     with Service(sdxl, ServiceConfig(max_batch_images=8)) as service:
         blocker = service.submit("txt2img", "hold", callback=hold, seed=1, **options)
         assert entered.wait(30)

@@ -4,7 +4,6 @@ bounded RSS over 200 requests of 9 sizes, and scratch folders of killed exports 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
@@ -41,10 +40,7 @@ def _peak(work, *args, **kwargs) -> int:
     """Peak RSS growth of the process while `work(*args, **kwargs)` runs, in bytes (the kernel's high-water mark,
     reset first). Freed heap pages the allocator kept from earlier work are given back first (glibc's malloc_trim),
     so that they do not hide this work's growth."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the growth may read low, never high
-        pass
+    memory.release_memory()  # glibc's malloc_trim (elsewhere nothing: the growth may read low, never high)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     before = _status("VmRSS")
