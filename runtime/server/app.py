@@ -3,6 +3,9 @@
 Every bad request is a 4xx with a one-line `detail` (422 for validation, as A1111 and FastAPI answer; 413 for a
 body over the limit); generation runs on the service's worker thread, so the event loop keeps serving
 /progress, /interrupt and /health while images are being made.
+
+The routes reach the model through a backend (`app.state.service`): LocalBackend over a Service in this process,
+or runtime.ray_serve's over Ray Serve replicas. Both servers build their routes here, from the same table.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting request checks its client and deadline
 STATUS_OF = {InvalidRequestError: 422, QueueFull: 429, RequestTimeout: 408, RequestCancelled: 409, ServiceClosed: 503,
-             AllocationError: 507, ResourceError: 413}  # the first class that matches wins: AllocationError first
+             AllocationError: 507, ResourceError: 413}  # first match wins: AllocationError first  # fmt: skip
 ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
           "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/png-info", "/health",
           "/metrics", "/openapi.json", "/docs", "/sdapi/v1/options", "/sdapi/v1/loras", "/sdapi/v1/embeddings",
@@ -67,6 +70,7 @@ ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdap
           "/sdapi/v1/prompt-styles", "/sdapi/v1/memory", "/sdapi/v1/scripts", "/sdapi/v1/script-info",
           "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/skip"}  # fmt: skip
 PLAIN, POSTED, GENERATION = (error_responses(c) for c in (PLAIN_ERRORS, BODY_ERRORS, GENERATION_ERRORS))
+REPLICA_HEADER = "x-sdrt-replica"  # where a generation ran, when that is not this process
 
 
 class ClientGone(Exception):
@@ -74,38 +78,37 @@ class ClientGone(Exception):
 
 
 def create_app(
-    service: Service,
+    service,
     limits: a1111.Limits | None = None,
     close_on_shutdown: bool = True,
     options: ServerOptions | None = None,
     flags: dict | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `service` (whose model it describes) within `limits`; `flags`: what /cmd-flags adds
-    (the host and port serve was started with)."""
+    (the host and port serve was started with). `service`: a Service, or a backend with LocalBackend's methods."""
     limits = limits or a1111.Limits()
     options = options or ServerOptions()
+    backend = LocalBackend(service) if isinstance(service, Service) else service
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         if close_on_shutdown:
-            await asyncio.to_thread(service.close, False, 30.0)
+            await backend.close()
 
     app = FastAPI(title="sdrt", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Stable Diffusion inference; A1111-compatible /sdapi/v1 routes")  # fmt: skip
-    app.state.service = service
+    app.state.service = backend
     app.state.limits = limits
-    service.model.prompt_limits = limits.prompt_limits()  # the model checks them when a request is submitted
+    backend.model.prompt_limits = limits.prompt_limits()  # the model checks them when a request is submitted
     app.state.options = options
     app.state.flags = dict(flags or {})
     app.state.styles = [dict(style) for style in options.styles]
-    metrics = Metrics(ROUTES, lambda: service.queue_depth, lambda: dict(service.counts))
+    metrics = Metrics(ROUTES, lambda: backend.queue_depth, lambda: dict(backend.counts))
     app.state.metrics = metrics
     _add_error_handlers(app)
-    _add_generation_routes(app)
-    _add_info_routes(app)
-    add_startup_routes(app)
-    add_docs(app)
+    for add_routes in ROUTE_TABLE:
+        add_routes(app)
     app.openapi = stated_openapi(app, limits, _scheduler_names())
     if options.cors_allow_origins or options.cors_allow_origins_regex:  # as A1111's webui.py sets it up
         from fastapi.middleware.cors import CORSMiddleware
@@ -179,30 +182,59 @@ def _named(error: dict) -> str:
     return f"{where}: {error.get('msg', '')}" if where else str(error.get("msg", ""))
 
 
-async def _run(request: Request, calls: list[a1111.Call]) -> tuple[list, str | None]:
-    """Submit every call and wait for all results; cancel them all if the client goes away or one fails. The calls
-    still queued when one is interrupted are skipped (Job.skipped) and left out (A1111 skips the remaining n_iter).
-    Returns the results and when the first call started (A1111's job_timestamp)."""
-    service: Service = request.app.state.service
-    timeout = request.app.state.limits.request_timeout
-    jobs: list[Job] = []
-    group = object()  # the service skips the queued calls of an interrupted request
-    try:
-        await asyncio.to_thread(_submit, service, calls, jobs, timeout, group)  # validating, tokenising: off the loop
-        waiting = [asyncio.wrap_future(job.future) for job in jobs]
-        while True:
-            done, pending = await asyncio.wait(waiting, timeout=POLL_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
-            failed = [f for f, job in zip(waiting, jobs) if f in done and not job.skipped and f.exception()]
-            if failed or not pending:
-                break
+class LocalBackend:
+    """What the routes ask of the model, answered by a Service in this process: its model and config, generation,
+    interrupt, status and the counts /metrics reports (runtime.ray_serve.RayBackend answers the same over Ray)."""
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.model = service.model
+        self.config = service.config
+
+    @property
+    def queue_depth(self) -> int:
+        return self.service.queue_depth
+
+    @property
+    def counts(self) -> dict:
+        return dict(self.service.counts)
+
+    async def refresh(self) -> None:
+        """Bring queue_depth and counts up to date (they are live here)."""
+
+    async def status(self) -> dict:
+        return self.service.status()
+
+    async def interrupt(self, rest_of_group: bool = True) -> int:
+        return self.service.interrupt(rest_of_group)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.service.close, False, 30.0)
+
+    async def generate(self, request: Request, calls: list[a1111.Call]) -> tuple[list, str | None, list[str]]:
+        """Submit every call and wait for all results; cancel them all if the client goes away or one fails. The
+        calls still queued when one is interrupted are skipped (Job.skipped) and left out (A1111 skips the remaining
+        n_iter). Returns the results, when the first call started (A1111's job_timestamp) and where they ran (none:
+        in this process)."""
+        timeout = request.app.state.limits.request_timeout
+        jobs: list[Job] = []
+        group = object()  # the service skips the queued calls of an interrupted request
+        try:
+            await asyncio.to_thread(_submit, self.service, calls, jobs, timeout, group)  # validating: off the loop
+            waiting = [asyncio.wrap_future(job.future) for job in jobs]
+            while True:
+                done, pending = await asyncio.wait(waiting, timeout=POLL_SECONDS, return_when=asyncio.FIRST_EXCEPTION)
+                failed = [f for f, job in zip(waiting, jobs) if f in done and not job.skipped and f.exception()]
+                if failed or not pending:
+                    break
+                for job in jobs:
+                    job.check_deadline()
+                if await request.is_disconnected():
+                    raise ClientGone
+            return [f.result() for f, job in zip(waiting, jobs) if not job.skipped], jobs[0].timestamp, []
+        finally:
             for job in jobs:
-                job.check_deadline()
-            if await request.is_disconnected():
-                raise ClientGone
-        return [f.result() for f, job in zip(waiting, jobs) if not job.skipped], jobs[0].timestamp
-    finally:
-        for job in jobs:
-            job.cancel("cancelled: its HTTP request ended")
+                job.cancel("cancelled: its HTTP request ended")
 
 
 def _submit(service: Service, calls: list[a1111.Call], jobs: list[Job], timeout: float | None, group: object) -> None:
@@ -213,18 +245,18 @@ def _submit(service: Service, calls: list[a1111.Call], jobs: list[Job], timeout:
 
 def _add_generation_routes(app: FastAPI) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=GenerationResponse, responses=GENERATION)
-    async def txt2img(body: Txt2ImgBody, request: Request):
+    async def txt2img(body: Txt2ImgBody, request: Request, response: Response):
         calls = await asyncio.to_thread(a1111.txt2img_calls, body, request.app.state.limits, request.app.state)
-        return await _generate(request, body, calls)
+        return await _generate(request, response, body, calls)
 
     @app.post("/sdapi/v1/img2img", response_model=GenerationResponse, responses=GENERATION)
-    async def img2img(body: Img2ImgBody, request: Request):
+    async def img2img(body: Img2ImgBody, request: Request, response: Response):
         calls = await asyncio.to_thread(a1111.img2img_calls, body, request.app.state.limits, request.app.state)
-        return await _generate(request, body, calls)
+        return await _generate(request, response, body, calls)
 
     @app.post("/sdapi/v1/interrupt", response_model=dict, responses=PLAIN)
     async def interrupt(request: Request):
-        request.app.state.service.interrupt()
+        await request.app.state.service.interrupt()
         return {}
 
     @app.post("/sdapi/v1/png-info", response_model=PngInfoResponse, responses=POSTED)
@@ -232,13 +264,15 @@ def _add_generation_routes(app: FastAPI) -> None:
         return await asyncio.to_thread(a1111.png_info, body.image, request.app.state.limits)
 
 
-async def _generate(request: Request, body, calls: list[a1111.Call]):
+async def _generate(request: Request, response: Response, body, calls: list[a1111.Call]):
+    backend = request.app.state.service
     try:
-        results, timestamp = await _run(request, calls)
+        results, timestamp, where = await backend.generate(request, calls)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
-    service: Service = request.app.state.service
-    return await asyncio.to_thread(a1111.response, body, results, service.model, job_timestamp=timestamp)
+    if where:  # the replicas that made the images, in order (Ray Serve)
+        response.headers[REPLICA_HEADER] = ",".join(where)
+    return await asyncio.to_thread(a1111.response, body, results, backend.model, job_timestamp=timestamp)
 
 
 def _add_info_routes(app: FastAPI) -> None:
@@ -264,7 +298,7 @@ def _add_info_routes(app: FastAPI) -> None:
 
     @app.get("/sdapi/v1/progress", response_model=ProgressResponse, responses=POSTED)
     async def progress(request: Request, skip_current_image: bool = False):
-        status = request.app.state.service.status()
+        status = await request.app.state.service.status()
         fraction = status["step"] / status["steps"] if status["steps"] else 0.0
         elapsed = time.monotonic() - status["started"] if status["started"] else 0.0
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
@@ -276,12 +310,14 @@ def _add_info_routes(app: FastAPI) -> None:
 
     @app.get("/health", response_model=HealthResponse, responses=PLAIN)
     async def health(request: Request):
-        service: Service = request.app.state.service
-        return {"status": "ok", "model": service.model.name, "backend": service.model.backend.name,
-                "queue_depth": service.queue_depth, "batching": service.config.batching}  # fmt: skip
+        backend = request.app.state.service
+        await backend.refresh()
+        return {"status": "ok", "model": backend.model.name, "backend": backend.model.backend.name,
+                "queue_depth": backend.queue_depth, "batching": backend.config.batching}  # fmt: skip
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=PLAIN)
     async def prometheus_metrics(request: Request):
+        await request.app.state.service.refresh()
         return PlainTextResponse(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
 
 
@@ -319,3 +355,8 @@ def _add_listing_routes(app: FastAPI) -> None:
     async def sd_vae(request: Request):
         source = request.app.state.service.model.info.get("source") or {}
         return [{"model_name": source["vae"], "filename": source["vae"]}] if source.get("vae") else []
+
+
+# Every route of the A1111 API, registered in this order by create_app (runtime.ray_serve's ingress too): a new
+# group of routes is one more `add(app)` function here.
+ROUTE_TABLE = (_add_generation_routes, _add_info_routes, add_startup_routes, add_docs)

@@ -87,5 +87,5 @@ def add_startup_routes(app: FastAPI) -> None:
     async def skip(request: Request) -> None:
         """The running generation stops after its current step and answers with those images; unlike interrupt,
         the request's remaining n_iter iterations still run."""
-        request.app.state.service.interrupt(rest_of_group=False)
+        await request.app.state.service.interrupt(rest_of_group=False)
         return None
