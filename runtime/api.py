@@ -25,7 +25,7 @@ from .infotext import generation_parameters, image_infotexts, mask_blur, model_p
 from .lora.requests import with_loras
 from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
 from .pipelines.img2img import img2img
-from .pipelines.sdxl import check_sdxl_backend, refuse_sdxl, sdxl_without_loras
+from .pipelines.sdxl import SDXL_MODES, check_sdxl_backend, refuse_sdxl, sdxl_without_loras
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
 from .request import (
@@ -271,7 +271,7 @@ class StableDiffusion:
 
     def _require_channels(self, channels: tuple[int, ...], mode: str) -> None:
         """One clear line when a mode meets a model it cannot run (by the UNet's input channels, and SDXL's modes)."""
-        if mode != "txt2img":
+        if mode not in SDXL_MODES:
             refuse_sdxl(self.info, mode)
         kinds = {4: "a regular model", 9: "an inpainting model", 5: "a depth model (use depth2img)",
                  7: "an x4 upscaler (use upscale)"}  # fmt: skip

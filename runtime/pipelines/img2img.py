@@ -12,6 +12,7 @@ from ..rng import TorchGenerator
 from ..samplers import make_schedule
 from .common import decode_latents, encode_images, image_generators, run_sampler
 from .conditioning import build_conditioning, schedule_steps
+from .sdxl import is_sdxl, sdxl_feeds
 from .variation import initial_noise
 
 if TYPE_CHECKING:
@@ -41,18 +42,21 @@ def denoise_latents(
     start: int,
     label: str = "img2img",
     extra_channels: np.ndarray | None = None,
+    size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Noise init_latents [B, 4, h, w] to step `start` of a `steps`-step schedule with the next draw of each image's
     stream, then sample to the end; return the latents the VAE decodes. start == steps: nothing runs.
 
     The request gives the sampler, prompts, CFG scale, emphasis and clip skip (its steps and size are not read).
     extra_channels [B, c, h, w]: UNet input channels after the latents (depth2img's depth), the same for the uncond
-    and cond copies of each image."""
+    and cond copies of each image. size: SDXL's (height, width) micro-conditioning (None: the latents' size in
+    pixels, as diffusers' StableDiffusionXLImg2ImgPipeline takes it)."""
     if start == steps:  # strength 0: nothing to denoise
         return init_latents
     info = model.info
     spec, schedule_type = sampler_of(request)
-    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], steps).start_at(start)
+    family = "sdxl" if is_sdxl(info) else "sd1"  # Align Your Steps' table
+    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], steps, family=family).start_at(start)
     noise = initial_noise(request, generators, init_latents.shape[1:])  # [B, 4, h, w]
     x = init_latents + noise * np.float32(schedule.sigmas[0] * getattr(request, "noise_multiplier", 1.0))
     conditioning = build_conditioning(
@@ -65,7 +69,11 @@ def denoise_latents(
         request.emphasis,
         request.clip_skip,
     )
-    denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
+    scale = info["vae_scale_factor"]
+    height, width = size or (init_latents.shape[2] * scale, init_latents.shape[3] * scale)
+    extra = sdxl_feeds(info, conditioning, height, width)  # SDXL's time_ids, else None
+    unet = model.backend.session("unet")
+    denoiser = Denoiser(unet, conditioning, request.cfg_scale, info["prediction_type"], extra_feeds=extra)
     if extra_channels is not None:
         denoiser.extra_channels = np.concatenate([extra_channels] * denoiser.copies)  # [N, c, h, w]
     with model.progress(len(schedule.timesteps), label) as tick:

@@ -27,7 +27,11 @@ if TYPE_CHECKING:
     from ..api import StableDiffusion
 
 SDXL_BACKENDS = ("onnxruntime", "torch")  # where SDXL runs so far
+SDXL_MODES = ("txt2img", "img2img")  # what SDXL models run so far
 PENULTIMATE = -2  # SDXL conditions on the layer before the last of both encoders, without the final norm
+# A refiner's (requires_aesthetics_score) time ids end with an aesthetic score instead of the target size: these
+# are diffusers' StableDiffusionXLImg2ImgPipeline defaults and A1111's sdxl_refiner_high/low_aesthetic_score
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
 
 def is_sdxl(info: dict) -> bool:
@@ -35,9 +39,36 @@ def is_sdxl(info: dict) -> bool:
 
 
 def refuse_sdxl(info: dict, what: str) -> None:
-    """InvalidRequestError naming what an SDXL model cannot do yet (sdrt runs SDXL txt2img only so far)."""
+    """InvalidRequestError naming what an SDXL model cannot do yet."""
     if is_sdxl(info):
-        raise InvalidRequestError(f"{what} on SDXL models is not supported yet (SDXL runs txt2img only so far)")
+        raise InvalidRequestError(
+            f"{what} on SDXL models is not supported yet (SDXL runs {', '.join(SDXL_MODES)} so far)"
+        )
+
+
+def sdxl_time_ids(info: dict, height: int, width: int, rows: int, guided: bool) -> np.ndarray:
+    """SDXL's micro-conditioning, float32 [rows, 6] (or [rows, 5] for a refiner), as diffusers' SDXL pipelines give
+    it by default and the A1111 web UI builds it: original size (h, w) = the generation size, crop top-left (0, 0),
+    then the target size (h, w), or for a refiner the aesthetic score (6, the uncond rows' 2.5). `rows`: the UNet
+    batch, its first half uncond when `guided`."""
+    size = [height, width]
+    if info["sdxl"].get("requires_aesthetics_score"):
+        ids = np.array([[*size, 0, 0, AESTHETIC_SCORE]] * rows, dtype=np.float32)  # [rows, 5]
+        if guided:
+            ids[: rows // 2, 4] = NEGATIVE_AESTHETIC_SCORE
+        return ids
+    return np.tile(np.array([*size, 0, 0, *size], dtype=np.float32), (rows, 1))  # [rows, 6]
+
+
+def sdxl_feeds(info: dict, conditioning: Conditioning, height: int, width: int) -> dict[str, np.ndarray] | None:
+    """The UNet's extra feeds for an SDXL model (time_ids, one row per conditioning row), None for other models;
+    height, width: the generation size in pixels."""
+    if not is_sdxl(info):
+        return None
+    if conditioning.pooled is None:  # conditioning built by code that does not carry the pooled text
+        raise InvalidRequestError("SDXL conditioning without its pooled text is not supported")
+    rows = len(conditioning.batches[0])
+    return {"time_ids": sdxl_time_ids(info, height, width, rows, conditioning.guided)}
 
 
 def check_sdxl_backend(info: dict, backend: str) -> None:

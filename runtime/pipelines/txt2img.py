@@ -9,12 +9,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..denoiser import Denoiser
-from ..errors import InvalidRequestError
 from ..request import sampler_of
 from ..samplers import make_schedule
 from .common import decode_latents, image_generators, run_sampler
 from .conditioning import Conditioning, build_conditioning, schedule_steps
-from .sdxl import is_sdxl
+from .sdxl import is_sdxl, sdxl_feeds
 from .variation import initial_noise
 
 if TYPE_CHECKING:
@@ -60,27 +59,17 @@ def sample_latents(
     batches share it, with rows of several requests."""
     info = model.info
     spec, schedule_type = sampler_of(request)
-    sdxl = is_sdxl(info)
-    family = "sdxl" if sdxl else "sd1"  # Align Your Steps: SDXL's table, else SD 1.x's
+    family = "sdxl" if is_sdxl(info) else "sd1"  # Align Your Steps: SDXL's table, else SD 1.x's
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps, family=family)
     scale = info["vae_scale_factor"]
     shape = (info["latent_channels"], request.height // scale, request.width // scale)  # [4, h, w]
     x = initial_noise(request, generators, shape) * np.float32(schedule.init_noise_sigma)  # [B, 4, h, w]
-    if sdxl and conditioning.pooled is None:  # conditioning built by code that does not carry the pooled text
-        raise InvalidRequestError("SDXL conditioning without its pooled text is not supported")
-    extra = {"time_ids": sdxl_time_ids(request, len(conditioning.batches[0]))} if sdxl else None  # [N, 6]
+    extra = sdxl_feeds(info, conditioning, request.height, request.width)  # SDXL's time_ids [N, 6], else None
     unet = model.backend.session("unet")
     denoiser = Denoiser(unet, conditioning, request.cfg_scale, info["prediction_type"], extra_feeds=extra)
     with model.progress(len(schedule.timesteps), "sampling") as tick:
         denoiser.on_call = tick
         return run_sampler(spec, denoiser, x, schedule, generators, callback, interrupted)
-
-
-def sdxl_time_ids(request: Txt2ImgRequest, rows: int) -> np.ndarray:
-    """SDXL's size conditioning, float32 [rows, 6]: original size, crop top-left (0, 0), target size, as diffusers'
-    StableDiffusionXLPipeline gives it by default (both sizes the requested one, for cond and uncond rows)."""
-    size = (request.height, request.width)
-    return np.tile(np.array([*size, 0, 0, *size], dtype=np.float32), (rows, 1))
 
 
 def _inpainting_model_txt2img(model: StableDiffusion, request: Txt2ImgRequest) -> np.ndarray:

@@ -165,7 +165,6 @@ def test_unsupported_modes_and_backends_are_refused(sdxl, tiny_sdxl, shared_engi
 
     image = Image.new("RGB", (64, 64))
     for mode, call in {
-        "img2img": lambda: sdxl.img2img("a cat", image),
         "inpaint": lambda: sdxl.inpaint("a cat", image, image),
         "outpaint": lambda: sdxl.outpaint("a cat", image, (8, 8, 0, 0)),
         "textual-inversion embeddings": lambda: sdxl.load_embeddings(tmp_path),
