@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +36,15 @@ _CORPUS = (
 # "x4-upscaler": 7-channel UNet (latents + noised low-res image) with noise-level class embeddings, a x4 VAE and a
 # low-res scheduler (StableDiffusionUpscalePipeline); "sdxl": two text encoders (CLIP and a projected OpenCLIP-style
 # one), a UNet with SDXL's added conditioning (pooled text and size/crop ids), VAE scaling 0.13025
-# (StableDiffusionXLPipeline)
-VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler", "sdxl")
+# (StableDiffusionXLPipeline); "sdxl-inpaint": sdxl with a 9-channel UNet (StableDiffusionXLInpaintPipeline);
+# "sdxl-refiner": as SDXL's refiner folder, text encoder 2 only (no text_encoder/ or tokenizer/), a UNet conditioned on
+# its states alone and on 5 ids (size, crop, aesthetic score) (StableDiffusionXLImg2ImgPipeline with
+# requires_aesthetics_score)
+VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler", "sdxl", "sdxl-inpaint",
+            "sdxl-refiner")  # fmt: skip
 SD2_TEXT = ("sd2-v", "sd2-depth", "x4-upscaler")  # OpenCLIP-style text encoder: gelu, pad token "!"
-UNET_IN_CHANNELS = {"sd1-inpaint": 9, "sd2-depth": 5, "x4-upscaler": 7}
+SDXL_VARIANTS = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
+UNET_IN_CHANNELS = {"sd1-inpaint": 9, "sd2-depth": 5, "x4-upscaler": 7, "sdxl-inpaint": 9}
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -155,13 +161,17 @@ def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}
     tokenizer_pads = {"tokenizer": pad_token}
-    if config.variant == "sdxl":  # the second encoder's tokenizer pads with "!", as SDXL's OpenCLIP one does
+    if config.variant in SDXL_VARIANTS:  # the second encoder's tokenizer pads with "!", as SDXL's OpenCLIP one does
         tokenizer_pads["tokenizer_2"] = "!"
         write_tiny_tokenizer(folder / "tokenizer_2", pad_token="!")
         parts.update(
             text_encoder_2=_sdxl_text_encoder_2(config, vocab),
             tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
         )
+    if config.variant == "sdxl-refiner":  # SDXL's refiner has the second text encoder only
+        parts.update(text_encoder=None, tokenizer=None)
+        del tokenizer_pads["tokenizer"]
+        shutil.rmtree(folder / "tokenizer")
     with quiet_hub_libraries():  # no torchvision warnings, no bar per shard written
         pipe = _pipeline(config, **parts)
         pipe.save_pretrained(folder, safe_serialization=True)
@@ -194,6 +204,14 @@ def _pipeline(config: TinyConfig, **parts):
         return diffusers.StableDiffusionUpscalePipeline(**parts, **schedulers, max_noise_level=X4_MAX_NOISE_LEVEL)
     if config.variant == "sdxl":
         return diffusers.StableDiffusionXLPipeline(**parts, **schedulers, force_zeros_for_empty_prompt=True)
+    if config.variant == "sdxl-inpaint":
+        return diffusers.StableDiffusionXLInpaintPipeline(
+            **parts, **schedulers, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True
+        )
+    if config.variant == "sdxl-refiner":  # as SDXL's refiner publishes its model_index.json
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            **parts, **schedulers, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False
+        )
     inpaint = config.variant == "sd1-inpaint"
     pipeline_class = diffusers.StableDiffusionInpaintPipeline if inpaint else diffusers.StableDiffusionPipeline
     return pipeline_class(
@@ -222,18 +240,20 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
         pad_token_id=0 if sd2 else vocab[EOS_TOKEN],
         projection_dim=config.hidden_size,
     )
-    sdxl = config.variant == "sdxl"
+    sdxl = config.variant in SDXL_VARIANTS
+    # SDXL's UNet reads both encoders' states concatenated; the refiner's reads the second encoder's alone
+    context = config.hidden_size * (2 if sdxl and config.variant != "sdxl-refiner" else 1)
     blocks = {"block_out_channels": config.block_out_channels, "attention_head_dim": (2, 4) if sd2 or sdxl else 8}
     unet = UNet2DConditionModel(
         sample_size=config.sample_size,
         in_channels=UNET_IN_CHANNELS.get(config.variant, 4),
         out_channels=4,
         layers_per_block=1,
-        cross_attention_dim=2 * config.hidden_size if sdxl else config.hidden_size,  # SDXL: both encoders' widths
+        cross_attention_dim=context,
         use_linear_projection=sd2 or sdxl,
         norm_num_groups=32,
         **(_X4_UNET if upscaler else dict(blocks, **_UNET_BLOCKS)),
-        **(_sdxl_added_conditioning(config) if sdxl else {}),
+        **(_sdxl_added_conditioning(config, config.variant == "sdxl-refiner") if sdxl else {}),
     )
     vae_channels = (32, 32, 64) if upscaler else config.vae_channels  # the x4 VAE: 3 levels, 4x per latent pixel
     vae = AutoencoderKL(
@@ -258,13 +278,15 @@ def _tiny_modules(config: TinyConfig, vocab: dict):
 SDXL_TIME_EMBED_DIM = 8  # addition_time_embed_dim of the tiny SDXL UNet (SDXL base: 256)
 
 
-def _sdxl_added_conditioning(config: TinyConfig) -> dict:
+def _sdxl_added_conditioning(config: TinyConfig, refiner: bool = False) -> dict:
     """The UNet's "text_time" added conditioning: the pooled projection of text encoder 2 (projection_dim, here the
-    hidden size) and the six size/crop ids, each embedded in addition_time_embed_dim features."""
+    hidden size) and the six size/crop ids (a refiner: five, the aesthetic score instead of the target size), each
+    embedded in addition_time_embed_dim features."""
+    ids = 5 if refiner else 6
     return {
         "addition_embed_type": "text_time",
         "addition_time_embed_dim": SDXL_TIME_EMBED_DIM,
-        "projection_class_embeddings_input_dim": config.hidden_size + 6 * SDXL_TIME_EMBED_DIM,
+        "projection_class_embeddings_input_dim": config.hidden_size + ids * SDXL_TIME_EMBED_DIM,
     }
 
 
@@ -326,7 +348,7 @@ def _scheduler_configs(variant: str) -> dict[str, dict]:
         return {"scheduler": dict(SD2_DEPTH_SCHEDULER)}
     if variant == "x4-upscaler":
         return {"scheduler": dict(X4_SCHEDULER), "low_res_scheduler": dict(X4_LOW_RES_SCHEDULER)}
-    if variant == "sdxl":
+    if variant in SDXL_VARIANTS:
         return {"scheduler": dict(SDXL_SCHEDULER)}
     return {"scheduler": dict(SD15_SCHEDULER)}
 

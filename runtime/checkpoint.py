@@ -178,10 +178,9 @@ def describe_checkpoint(folder: Path) -> dict:
 def _sdxl(folder: Path, index: dict, unet: dict) -> dict:
     """SDXL's facts: text encoder 2 (its width, depth and pooled projection), the UNet's added conditioning and the
     pipeline's negative-prompt rule; SDXL models sdrt cannot run yet are refused here."""
-    if unet.get("in_channels", 4) != 4:
+    if unet.get("in_channels", 4) not in (4, 9):  # 9: the SDXL inpainting UNet (latents, mask, masked image)
         raise InvalidRequestError(
-            f"{folder} is an SDXL model with {unet.get('in_channels')} UNet input channels (inpainting): "
-            "SDXL inpainting models are not supported yet"
+            f"{folder} is an SDXL model with {unet.get('in_channels')} UNet input channels: not supported"
         )
     if unet.get("addition_embed_type") != "text_time" or index.get("requires_aesthetics_score"):
         raise InvalidRequestError(

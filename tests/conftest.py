@@ -103,3 +103,10 @@ def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL checkpoint: two text encoders (the second projected), a UNet with text_time added conditioning,
     VAE scaling 0.13025, SDXL base's Euler scheduler config (a StableDiffusionXLPipeline folder)."""
     return _tiny(tmp_path_factory, "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL inpainting checkpoint: tiny_sdxl's layout with a 9-channel UNet (a StableDiffusionXLInpaintPipeline
+    folder)."""
+    return _tiny(tmp_path_factory, "sdxl-inpaint")

@@ -1,4 +1,5 @@
-"""inpaint: repaint the masked part of an image, as diffusers' StableDiffusionInpaintPipeline does.
+"""inpaint: repaint the masked part of an image, as diffusers' StableDiffusionInpaintPipeline (and for SDXL models
+StableDiffusionXLInpaintPipeline, whose steps are the same plus the UNet's time ids) does.
 
 Two kinds of model. A 9-channel inpainting UNet sees the latents, the latent-size mask and the masked
 image's latents. A regular 4-channel UNet gets the known region blended back after every step:
@@ -21,6 +22,7 @@ from ..samplers import make_schedule
 from .common import decode_latents, encode_images, image_generators, run_sampler
 from .conditioning import build_conditioning, schedule_steps
 from .img2img import start_step
+from .sdxl import is_sdxl, sdxl_feeds
 from .variation import initial_noise
 
 if TYPE_CHECKING:
@@ -40,7 +42,9 @@ def inpaint(
     info = model.info
     spec, schedule_type = sampler_of(request)
     start = min(start_step(request.steps, request.strength), request.steps - 1)  # at least one step runs
-    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps).start_at(start)
+    family = "sdxl" if is_sdxl(info) else "sd1"  # Align Your Steps' table
+    schedule = make_schedule(spec, schedule_type, info["scheduler_config"], request.steps, family=family)
+    schedule = schedule.start_at(start)
     full_strength = request.strength == 1.0
     nine_channels = info["unet_in_channels"] == 9
     generators = image_generators(request.seed, request.batch_size)
@@ -63,7 +67,10 @@ def inpaint(
         model, request.prompt, request.negative_prompt, request.batch_size, request.cfg_scale, steps,
         request.emphasis, request.clip_skip,
     )  # fmt: skip
-    denoiser = Denoiser(model.backend.session("unet"), conditioning, request.cfg_scale, info["prediction_type"])
+    scale = info["vae_scale_factor"]
+    extra = sdxl_feeds(info, conditioning, latent_mask.shape[2] * scale, latent_mask.shape[3] * scale)  # SDXL's
+    unet = model.backend.session("unet")
+    denoiser = Denoiser(unet, conditioning, request.cfg_scale, info["prediction_type"], extra_feeds=extra)
     callback = None
     if nine_channels:
         mask = np.repeat(latent_mask, batch, axis=0)  # [B, 1, h, w]

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ..api import StableDiffusion
 
 SDXL_BACKENDS = ("onnxruntime", "torch")  # where SDXL runs so far
-SDXL_MODES = ("txt2img", "img2img")  # what SDXL models run so far
+SDXL_MODES = ("txt2img", "img2img", "inpaint", "outpaint")  # what SDXL models run so far
 PENULTIMATE = -2  # SDXL conditions on the layer before the last of both encoders, without the final norm
 # A refiner's (requires_aesthetics_score) time ids end with an aesthetic score instead of the target size: these
 # are diffusers' StableDiffusionXLImg2ImgPipeline defaults and A1111's sdxl_refiner_high/low_aesthetic_score

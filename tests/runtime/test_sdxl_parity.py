@@ -165,8 +165,8 @@ def test_unsupported_modes_and_backends_are_refused(sdxl, tiny_sdxl, shared_engi
 
     image = Image.new("RGB", (64, 64))
     for mode, call in {
-        "inpaint": lambda: sdxl.inpaint("a cat", image, image),
-        "outpaint": lambda: sdxl.outpaint("a cat", image, (8, 8, 0, 0)),
+        "depth2img": lambda: sdxl.depth2img("a cat", image),
+        "upscale": lambda: sdxl.upscale("a cat", image),
         "textual-inversion embeddings": lambda: sdxl.load_embeddings(tmp_path),
     }.items():
         with pytest.raises(InvalidRequestError, match=f"^{mode} on SDXL models is not supported yet"):
@@ -185,20 +185,20 @@ def _config_copy(tiny_sdxl, target, edit):
     return target
 
 
-def test_sdxl_refiner_and_inpainting_models_are_refused(tiny_sdxl, tmp_path):
+def test_sdxl_refiners_and_odd_unets_are_refused(tiny_sdxl, tmp_path):
     from runtime.checkpoint import check_checkpoint_folder, describe_checkpoint
 
     refiner = _config_copy(tiny_sdxl, tmp_path / "refiner", lambda f: shutil.rmtree(f / "text_encoder"))
     with pytest.raises(InvalidRequestError, match="SDXL refiners are not supported yet"):
         check_checkpoint_folder(refiner)
 
-    def nine_channels(folder):
+    def eight_channels(folder):
         config = json.loads((folder / "unet" / "config.json").read_text())
-        (folder / "unet" / "config.json").write_text(json.dumps(dict(config, in_channels=9)))
+        (folder / "unet" / "config.json").write_text(json.dumps(dict(config, in_channels=8)))
 
-    inpaint = _config_copy(tiny_sdxl, tmp_path / "inpaint", nine_channels)
-    with pytest.raises(InvalidRequestError, match="SDXL inpainting models are not supported yet"):
-        describe_checkpoint(inpaint)
+    odd = _config_copy(tiny_sdxl, tmp_path / "odd", eight_channels)
+    with pytest.raises(InvalidRequestError, match="an SDXL model with 8 UNet input channels: not supported"):
+        describe_checkpoint(odd)
 
 
 def test_conditioning_without_pooled_text_is_refused(sdxl):
