@@ -147,8 +147,6 @@ class StableDiffusion:
         hires_sampler and hires_schedule change the second pass's (None: the first pass's). `watermark`: embed this
         invisible text."""
         self._require_channels((4, 9), "txt2img")
-        if hires_scale or hires_width or hires_height:
-            refuse_sdxl(self.info, "hires fix")
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
         passes = txt2img_passes(request, hires_scale, hires_width, hires_height)
         admit(self, request, "txt2img", passes, hires_prompts=(hires_prompt, hires_negative_prompt))

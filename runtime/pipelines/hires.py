@@ -18,6 +18,9 @@ UpscalerLanczos), `modules/images.py` (resize_image), `modules/sd_samplers_commo
   strength of 0 runs none.
 * A target whose aspect ratio differs from the base size's is reached as A1111 does it: upscale to cover the
   target, then crop the latents around the centre.
+* SDXL: the second pass's time ids are those A1111 builds its hires conditioning with (calculate_hr_conds:
+  SdConditioning of width hr_upscale_to_x, height hr_upscale_to_y; sd_models_xl.get_learned_conditioning): the
+  covering size as original and target size, crop (0, 0).
 """
 
 from __future__ import annotations
@@ -77,7 +80,9 @@ def hires_fix(
     request = second_pass_request(base_request, target_width, target_height, hires_steps, hires_strength)
     request = dataclasses.replace(request, **(second_pass or {}))
     total, start = hires_schedule(request.steps, hires_strength)
-    return decode_latents(model, denoise_latents(model, request, init_latents, generators, total, start, "hires fix"))
+    size = (cover_h, cover_w)  # SDXL's original and target size: A1111's hr_upscale_to_y/x (before the crop)
+    latents = denoise_latents(model, request, init_latents, generators, total, start, "hires fix", size=size)
+    return decode_latents(model, latents)
 
 
 def hires_target(

@@ -142,7 +142,6 @@ def test_emphasis_matches_formula_on_diffusers_embeddings(sdxl, pipe):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"hires_scale": 2.0}, "hires fix on SDXL"),
         ({"loras": ["missing.safetensors"]}, "LoRA on SDXL"),
         ({"prompt": "a cat <lora:detail:0.5>"}, "LoRA on SDXL"),
         ({"prompt": "a cat AND a dog"}, "AND (composable prompts) on SDXL"),
