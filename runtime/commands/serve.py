@@ -16,6 +16,7 @@ from . import (
     checkpoint_options,
     memory_budget,
 )
+from .upscale import add_upscaler_dir_option
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -38,6 +39,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(args.cors_allow_origins or (), args.cors_allow_origins_regex, args.read_timeout,
                             styles)  # fmt: skip
     budget = memory_budget(args)
+    if args.ray:
+        return _serve_on_ray(args, limits, options, budget)
+    if args.replicas is not None or args.autoscale or args.address:
+        raise InvalidRequestError("--replicas, --autoscale and --address apply with --ray")
     sd = load(args.model, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle,
                       precision=args.precision, **checkpoint_options(args))  # fmt: skip
     if args.embeddings:
@@ -49,6 +54,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with Service(sd, config) as service:
         print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
         serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info", options=options)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, limits, options, budget: int | None) -> int:
+    """`serve --ray`: the same API on Ray Serve replicas (runtime.ray_serve), exported once here first."""
+    import dataclasses
+
+    from ..ray_serve import parse_autoscale, require_ray, run
+
+    require_ray()
+    if args.autoscale:
+        parse_autoscale(args.autoscale)  # a bad range is an error before anything starts
+    if args.replicas is not None and args.replicas < 1:
+        raise InvalidRequestError(f"--replicas must be at least 1, not {args.replicas}")
+    app_args = {"model": args.model, "backend": args.backend, "precision": args.precision, "engines": args.engines,
+                "allow_pickle": args.allow_pickle, **checkpoint_options(args), "lora_dir": args.lora_dir,
+                "embeddings": args.embeddings, "memory_budget": budget, "vae_tiling": VAE_TILING[args.vae_tiling],
+                "batching": not args.no_batching, "max_batch_images": args.max_batch_images,
+                "limits": dataclasses.asdict(limits), "options": dataclasses.asdict(options),
+                "flags": {"listen": args.host not in ("127.0.0.1", "localhost", "::1"), "port": args.port,
+                          "server_name": args.host}}  # fmt: skip
+    if args.autoscale:
+        app_args["autoscale"] = args.autoscale
+    else:
+        app_args["replicas"] = args.replicas or 1
+    run(app_args, args.host, args.port, args.address, quiet=args.quiet)
     return 0
 
 
@@ -71,6 +102,7 @@ def add_serve_command(sub) -> None:
     add_checkpoint_options(p)
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:weight> prompt tags find their files")
     p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
+    add_upscaler_dir_option(p)  # /sdapi/v1/upscalers, extras and hires fix
     p.add_argument("--no-batching", action="store_true", help="run every request alone (default: batch compatible)")
     p.add_argument("--max-batch-images", type=int, default=8, help="images per batched UNet run (default 8)")
     p.add_argument("--request-timeout", type=float, default=None, help="seconds per request (default: none)")
@@ -93,4 +125,10 @@ def add_serve_command(sub) -> None:
         metavar="CSV",
         help="prompt styles file in A1111's format (name,prompt,negative_prompt), used by request styles",
     )
+    ray = p.add_argument_group("Ray Serve (needs the ray extra)")
+    ray.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas (runtime.ray_serve)")
+    scale = ray.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=None, help="model replicas (default 1)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="let Ray scale replicas in MIN..MAX")
+    ray.add_argument("--address", default=None, help="Ray cluster to join (default: start a local Ray instance)")
     p.set_defaults(func=cmd_serve)

@@ -111,3 +111,52 @@ def _actor_options(backend: str, cpus) -> dict:
     if backend in GPU_BACKENDS:
         return {"num_gpus": 1, "num_cpus": 1}
     return {"num_cpus": float(cpus)}
+
+
+def require_ray() -> None:
+    """BackendUnavailableError in one line when Ray Serve (or the server's packages) is not installed."""
+    from ..errors import BackendUnavailableError
+    from ..server import _require_packages
+
+    _require_packages()
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(f'serving on Ray needs Ray Serve: pip install -e ".[ray]" ({exc})') from None
+
+
+APP_NAME = "sdrt"
+
+
+def run(args: dict, host: str = "127.0.0.1", port: int = 7860, address: str | None = None, quiet: bool = False):
+    """`cli.py serve --ray`: deploy build_app(args) on the Ray cluster at `address` (None: a local instance started
+    here) with Serve's HTTP proxy on host:port, and serve until interrupted; then the application drains (Serve
+    lets the replicas finish what they hold) and, on a local instance, Ray stops."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    require_ray()
+    application = build_app(args)  # exports first, when needed: before Ray starts anything
+    ray.init(address=address, include_dashboard=False, log_to_driver=not quiet,
+             logging_level="WARNING" if quiet else "INFO")  # fmt: skip
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}  # Ray's too
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application, name=APP_NAME, route_prefix="/")
+        print(f"serving {Path(args['model']).name} on http://{host}:{port} through Ray Serve "
+              f"({ray.get_runtime_context().gcs_address}; docs at /docs)", flush=True)  # fmt: skip
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if address is None:
+            serve.shutdown()
+            ray.shutdown()
+        else:  # someone else's cluster: only this application goes
+            serve.delete(APP_NAME)

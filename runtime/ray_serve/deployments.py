@@ -275,16 +275,18 @@ class RayBackend:
 
     async def status(self) -> dict:
         """Service.status's fields over every replica: the running calls' lowest step of the highest step count,
-        `started` in this process's clock, the latest job_timestamp and interrupt flags of the replicas running."""
+        `started` in this process's clock, the latest job_timestamp and the interrupt flags of that latest job."""
         answers = await self._each("status")
         running = [answer for answer in answers if answer["running"]]
         now = time.monotonic()
         elapsed = max((answer["elapsed"] for answer in running if answer["elapsed"] is not None), default=None)
         latest = max((answer["job_timestamp"] for answer in answers), default="0")
+        latest_ones = [answer for answer in answers if answer["job_timestamp"] == latest]  # A1111's flags: last job's
         return {"running": sum(a["running"] for a in answers), "queued": sum(a["queued"] for a in answers),
                 "step": min((a["step"] for a in running), default=0), "steps": max((a["steps"] for a in running),
                 default=0), "started": None if elapsed is None else now - elapsed, "job_timestamp": latest,
-                "interrupted": any(a["interrupted"] for a in running), "skipped": any(a["skipped"] for a in running),
+                "interrupted": any(a["interrupted"] for a in latest_ones), "skipped": any(a["skipped"] for a in
+                latest_ones),
                 "replicas": sorted(a["replica"] for a in answers)}  # fmt: skip
 
     async def interrupt(self, rest_of_group: bool = True) -> int:
