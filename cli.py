@@ -33,6 +33,7 @@ from runtime.commands import (
 from runtime.commands.generate import add_generation_commands
 from runtime.commands.gpu import add_gpu_commands
 from runtime.commands.serve import add_serve_command
+from runtime.commands.upscale import add_upscale_command
 from runtime.errors import InvalidRequestError, SdrtError
 
 EXIT_USAGE = 2
@@ -169,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     add_generation_commands(sub)
+
+    add_upscale_command(sub)
 
     p = sub.add_parser("parse-prompt", help="show how a prompt is read: attention, schedule, chunks, tokens")
     p.add_argument("--prompt", required=True, help="the prompt, in A1111's syntax")

@@ -21,6 +21,7 @@ from . import (
     checkpoint_options,
     memory_budget,
 )
+from .upscale import add_upscaler_dir_option
 
 
 def cmd_txt2img(args: argparse.Namespace) -> int:
@@ -158,6 +159,7 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--hires-upscaler", default="Latent", help="Latent (default), 'Latent (nearest)', Lanczos ...")
     p.add_argument("--hires-steps", type=int, default=0, help="hires pass steps (0: the same as --steps)")
     p.add_argument("--hires-strength", type=float, default=0.7, help="hires pass denoising strength (default 0.7)")
+    add_upscaler_dir_option(p)  # where --hires-upscaler finds model files
     p.set_defaults(func=cmd_txt2img)
 
     p = _image_command(sub, "img2img", "generate from an init image and text", "the image to start from", 0.75, True)
