@@ -16,7 +16,6 @@ def generation_parameters(request: Txt2ImgRequest, model: dict, backend: str, pr
         "Sampler": request.sampler,
         "Schedule type": None if request.schedule == "default" else request.schedule,
         "CFG scale": request.cfg_scale,
-        "Eta": request.eta,
         "Seed": request.seed,
         "Size": f"{request.width}x{request.height}",
         **model,
@@ -71,8 +70,14 @@ def variation_seed(request: Txt2ImgRequest, index: int) -> dict:
 def sampler_option_parameters(request: Txt2ImgRequest) -> dict:
     """A1111's infotext keys for the sampler options a request sets away from their defaults."""
     from .request import SAMPLER_OPTION_DEFAULTS, sampler_of
+    from .samplers import SPECS
 
-    options = dict(sampler_of(request)[0].options)
+    spec = sampler_of(request)[0]
+    options = dict(spec.options)
     keys = {"s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise"}
-    return {key: options[name] for name, key in keys.items()
-            if name in options and options[name] != SAMPLER_OPTION_DEFAULTS[name]}  # fmt: skip
+    written = {key: options[name] for name, key in keys.items()
+               if name in options and options[name] != SAMPLER_OPTION_DEFAULTS[name]}  # fmt: skip
+    # eta as A1111 writes it: "Eta DDIM" away from DDIM's 0, "Eta" away from the ancestral samplers' 1
+    if "eta" in options and options["eta"] != dict(SPECS[spec.name].options)["eta"]:
+        written["Eta DDIM" if spec.name == "DDIM" else "Eta"] = options["eta"]
+    return written

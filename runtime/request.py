@@ -29,7 +29,7 @@ class Txt2ImgRequest:
     height: int | None = None
     sampler: str = DEFAULT_SAMPLER  # A1111 label; a schedule suffix ("DPM++ 2M Karras") is accepted
     schedule: str | None = None  # "default" (the checkpoint's), "Karras", ...; None: the label's suffix or default
-    eta: float | None = None  # DDIM's noise multiplier (0: deterministic); None: the sampler's default
+    eta: float | None = None  # noise multiplier: DDIM's (default 0), the ancestral/SDE samplers' (default 1)
     emphasis: str = "Original"  # A1111 emphasis mode: "Original", "No norm", "Ignore", "None"
     clip_skip: int = 1  # 1: the text encoder's last layer; n: its n-th layer from the end
     # A1111's variation seed: each image's noise is slerped towards the noise of subseed + i by subseed_strength
@@ -151,7 +151,7 @@ def sampler_of(request: Txt2ImgRequest) -> tuple[SamplerSpec, str]:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1:
             raise InvalidRequestError(f"eta must be a number between 0 and 1, not {eta!r}")
         if "eta" not in dict(spec.options):
-            raise InvalidRequestError(f"eta applies to DDIM only, not to {spec.name}")
+            raise InvalidRequestError(f"eta applies to DDIM and the ancestral and SDE samplers, not to {spec.name}")
         spec = spec.with_options(eta=float(eta))
     return with_sampler_options(spec, request), schedule
 

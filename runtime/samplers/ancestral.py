@@ -5,7 +5,9 @@ multiplied by 0, e.g. the last step of Euler a), so seeded runs consume the gene
 (k-diffusion only) and DPM++ SDE (a torchsde Brownian tree in diffusers) document their own draws.
 
 Each takes A1111's (k-diffusion's) `s_noise`, the multiplier of the fresh noise: x += noise() * s_noise * sigma_up.
-The default 1 skips the multiplication, so the result is bit for bit the one without the option.
+The default 1 skips the multiplication, so the result is bit for bit the one without the option. And each takes
+A1111's ancestral `eta` (its option eta_ancestral, 1 by default; diffusers' schedulers run eta 1): sigma_up is eta
+times the full ancestral noise level (k-diffusion's get_ancestral_step), 0 gives the deterministic step.
 """
 
 from __future__ import annotations
@@ -33,6 +35,18 @@ def _scaled(noise: Noise, s_noise: float) -> Noise:
     return lambda: noise() * s_noise
 
 
+def _midpoints(schedule: Schedule, steps: list[tuple[float, float]], eta: float) -> tuple[list[float], list[float]]:
+    """The second evaluation's levels and timesteps of DPM2 a / DPM++ 2S a: sqrt(sigma * sigma_down), the log-space
+    midpoint towards sigma_down. The schedule's tables hold them for eta 1; another eta moves sigma_down, and the
+    midpoints follow (timesteps by the schedule's sigma_to_t, as k-diffusion evaluates any level)."""
+    if eta == 1.0:
+        return schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
+    sigmas = schedule.sigmas.tolist()
+    mids = [math.sqrt(sigma * down) for sigma, (down, _) in zip(sigmas, steps)]
+    timesteps = schedule.sigma_to_t(np.maximum(np.array(mids), 1e-10)).tolist()
+    return mids, [t if mid > 0 else 0.0 for t, mid in zip(timesteps, mids)]
+
+
 def sample_euler_ancestral(
     model: Model,
     x: np.ndarray,
@@ -40,10 +54,11 @@ def sample_euler_ancestral(
     noise: Noise,
     callback: Callback | None = None,
     s_noise: float = 1.0,
+    eta: float = 1.0,
 ) -> np.ndarray:
-    """Euler ancestral (k-diffusion's sample_euler_ancestral, eta 1): Euler to sigma_down, noise of sigma_up."""
+    """Euler ancestral (k-diffusion's sample_euler_ancestral): Euler to sigma_down, noise of sigma_up."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    steps = [ancestral_step(sigmas[i], sigmas[i + 1], eta) for i in range(len(timesteps))]
     noise = _scaled(noise, s_noise)
     for i, (sigma_down, sigma_up) in enumerate(steps):
         denoised = model(x, sigmas[i], timesteps[i])
@@ -62,13 +77,14 @@ def sample_dpm_2_ancestral(
     noise: Noise,
     callback: Callback | None = None,
     s_noise: float = 1.0,
+    eta: float = 1.0,
 ) -> np.ndarray:
-    """DPM-Solver-2 to sigma_down plus noise of sigma_up (k-diffusion's sample_dpm_2_ancestral, eta 1).
+    """DPM-Solver-2 to sigma_down plus noise of sigma_up (k-diffusion's sample_dpm_2_ancestral).
     One callback per full step: diffusers' scheduler takes two step() calls here (interleaved timesteps), so its
     pipeline would also blend after the half step."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
-    steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    steps = [ancestral_step(sigmas[i], sigmas[i + 1], eta) for i in range(len(timesteps))]
+    sigmas_mid, timesteps_mid = _midpoints(schedule, steps, eta)
     noise = _scaled(noise, s_noise)
     for i, (sigma_down, sigma_up) in enumerate(steps):
         denoised = model(x, sigmas[i], timesteps[i])
@@ -93,12 +109,13 @@ def sample_dpmpp_2s_ancestral(
     noise: Noise,
     callback: Callback | None = None,
     s_noise: float = 1.0,
+    eta: float = 1.0,
 ) -> np.ndarray:
-    """DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral (eta 1, r = 1/2): a two-stage
+    """DPM-Solver++(2S) ancestral, k-diffusion's sample_dpmpp_2s_ancestral (r = 1/2): a two-stage
     exponential-integrator step to sigma_down (midpoint sqrt(sigma * sigma_down)), then noise of sigma_up."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    sigmas_mid, timesteps_mid = schedule.sigmas_mid.tolist(), schedule.timesteps_mid.tolist()
-    steps = [ancestral_step(sigmas[i], sigmas[i + 1]) for i in range(len(timesteps))]
+    steps = [ancestral_step(sigmas[i], sigmas[i + 1], eta) for i in range(len(timesteps))]
+    sigmas_mid, timesteps_mid = _midpoints(schedule, steps, eta)
     noise = _scaled(noise, s_noise)
     for i, (sigma_down, sigma_up) in enumerate(steps):
         denoised = model(x, sigmas[i], timesteps[i])
@@ -123,8 +140,9 @@ def sample_dpmpp_sde(
     noise: Noise,
     callback: Callback | None = None,
     s_noise: float = 1.0,
+    eta: float = 1.0,
 ) -> np.ndarray:
-    """DPM-Solver++ SDE, k-diffusion's sample_dpmpp_sde (eta 1, r = 1/2), as diffusers' DPMSolverSDEScheduler.
+    """DPM-Solver++ SDE, k-diffusion's sample_dpmpp_sde (r = 1/2), as diffusers' DPMSolverSDEScheduler (eta 1).
 
     Brownian noise without a Brownian tree: per step two draws z1, z2 (noise() twice); the normalised increment
     over [sigma_mid, sigma] is z1, the one over [sigma_next, sigma] is (sqrt(sigma - sigma_mid) z1 +
@@ -141,11 +159,11 @@ def sample_dpmpp_sde(
             if callback is not None:
                 x = callback(i, x)
             continue
-        down_1, up_1 = ancestral_step(sigma, sigma_mid)
+        down_1, up_1 = ancestral_step(sigma, sigma_mid, eta)
         z1 = noise()
         x_2 = (down_1 / sigma) * x + (1 - down_1 / sigma) * denoised + (z1 * s_noise if s_noise != 1 else z1) * up_1
         denoised_2 = model(x_2, sigma_mid, timesteps_mid[i])
-        down_2, up_2 = ancestral_step(sigma, sigma_next)
+        down_2, up_2 = ancestral_step(sigma, sigma_next, eta)
         z2 = noise()
         w = (math.sqrt(sigma - sigma_mid) * z1 + math.sqrt(sigma_mid - sigma_next) * z2) / math.sqrt(
             sigma - sigma_next

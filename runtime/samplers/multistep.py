@@ -62,28 +62,32 @@ def sample_dpmpp_2m_sde(
     noise: Noise,
     callback: Callback | None = None,
     s_noise: float = 1.0,
+    eta: float = 1.0,
 ) -> np.ndarray:
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", SDE variant, eta 1), as diffusers'
-    sde-dpmsolver++: x_t = (sigma_t / sigma_s) e^-h x + (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) s_noise z, noise
-    every step (s_noise: A1111's, k-diffusion's noise multiplier; 1 by default)."""
+    """DPM-Solver++(2M) SDE (Lu et al. 2022, "DPM-Solver++", SDE variant), as diffusers' sde-dpmsolver++ (eta 1):
+    x_t = (sigma_t / sigma_s) e^-eta h x + (1 - e^-(1+eta)h) D + sigma_t sqrt(1 - e^-2 eta h) s_noise z, noise every
+    step (s_noise, eta: A1111's, k-diffusion's noise multiplier and ancestral eta; 1 by default; eta 0 draws none,
+    as k-diffusion's sample_dpmpp_2m_sde)."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     hs, ratios = _log_snr_steps(sigmas)
     heun = schedule.options.get("solver_type") == "heun"
     w_x, w_denoised, w_diff, w_noise = [], [], [], []
     for i, (h, order) in enumerate(zip(hs, schedule.orders.tolist())):
-        phi = -math.expm1(-2 * h)  # 1 - e^-2h; 1 at sigma_next = 0
-        w_x.append(ratios[i] * math.exp(-h))
+        h_eta = h * (1 + eta)
+        phi = -math.expm1(-h_eta)  # 1 - e^-(1+eta)h; 1 at sigma_next = 0
+        w_x.append(ratios[i] * math.exp(-h * eta) if ratios[i] else 0.0)
         w_denoised.append(phi)
-        w_noise.append(sigmas[i + 1] * math.sqrt(phi) * s_noise)
+        w_noise.append(sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if ratios[i] else 0.0)
         r = hs[i - 1] / h if order > 1 else 1.0  # D1 = (denoised - old_denoised) / r
-        w_diff.append(0.0 if order == 1 else (1 - phi / (2 * h) if heun else 0.5 * phi) / r)
+        w_diff.append(0.0 if order == 1 else (1 - phi / h_eta if heun else 0.5 * phi) / r)
     old_denoised = None
     for i in range(len(timesteps)):
         denoised = model(x, sigmas[i], timesteps[i])
         x = w_x[i] * x + w_denoised[i] * denoised
         if w_diff[i]:
             x = x + w_diff[i] * (denoised - old_denoised)
-        x = x + w_noise[i] * noise()
+        if eta:
+            x = x + w_noise[i] * noise()
         old_denoised = denoised
         if callback is not None:
             x = callback(i, x)
@@ -97,10 +101,12 @@ def sample_dpmpp_3m_sde(
     noise: Noise,
     callback: Callback | None = None,
     s_noise: float = 1.0,
+    eta: float = 1.0,
 ) -> np.ndarray:
-    """DPM-Solver++(3M) SDE, k-diffusion's sample_dpmpp_3m_sde (eta 1): a third-order multistep data-prediction
-    update from the last three denoised outputs (orders 1, 2, 3 while they accumulate), plus noise
-    sigma_next sqrt(1 - e^-2h) s_noise z; the step into sigma 0 returns denoised and draws nothing."""
+    """DPM-Solver++(3M) SDE, k-diffusion's sample_dpmpp_3m_sde: a third-order multistep data-prediction update from
+    the last three denoised outputs (orders 1, 2, 3 while they accumulate), plus noise
+    sigma_next sqrt(1 - e^-2 eta h) s_noise z (A1111's ancestral eta, 1 by default; 0 draws none); the step into
+    sigma 0 returns denoised and draws nothing."""
     sigmas, timesteps = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     hs, _ = _log_snr_steps(sigmas)
     denoised_1 = denoised_2 = None
@@ -109,7 +115,7 @@ def sample_dpmpp_3m_sde(
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            h_eta = 2 * hs[i]
+            h_eta = hs[i] * (1 + eta)
             phi_2 = math.expm1(-h_eta) / h_eta + 1  # the order-2 weight; phi_2 / h_eta - 1/2 the order-3 one
             x = math.exp(-h_eta) * x + -math.expm1(-h_eta) * denoised
             if denoised_2 is not None:
@@ -120,7 +126,8 @@ def sample_dpmpp_3m_sde(
                 x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
             elif denoised_1 is not None:
                 x = x + phi_2 * (denoised - denoised_1) / (hs[i - 1] / hs[i])
-            x = x + noise() * (sigmas[i + 1] * math.sqrt(-math.expm1(-h_eta)) * s_noise)
+            if eta:
+                x = x + noise() * (sigmas[i + 1] * math.sqrt(-math.expm1(-2 * eta * hs[i])) * s_noise)
         denoised_1, denoised_2 = denoised, denoised_1
         if callback is not None:
             x = callback(i, x)

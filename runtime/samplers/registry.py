@@ -49,7 +49,9 @@ def _kd_types(diffusers_types: tuple[str, ...]) -> tuple[str, ...]:
 A1111_OPTIONS: tuple[str, ...] = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 # Euler, Heun, DPM2; s_tmax None: no upper bound (inf, which JSON listings of the options cannot hold)
 _CHURN = (("s_churn", 0.0), ("s_tmin", 0.0), ("s_tmax", None), ("s_noise", 1.0))
-_S_NOISE = (("s_noise", 1.0),)  # ancestral and SDE samplers: the fresh noise's multiplier
+# Ancestral and SDE samplers: A1111's ancestral eta (option eta_ancestral; diffusers runs 1) and the fresh noise's
+# multiplier.
+_ANCESTRAL = (("eta", 1.0), ("s_noise", 1.0))
 
 
 def _check_option(sampler: str, name: str, value: object) -> float | None:
@@ -73,7 +75,7 @@ class SamplerSpec:
     sample_fn: Callable  # sample_x(model, x, schedule, noise, **options) -> x
     config_overrides: tuple[tuple[str, object], ...] = ()  # always passed to from_config (e.g. algorithm_type)
     schedule_types: tuple[str, ...] = _ALL  # schedule types this sampler accepts
-    options: tuple[tuple[str, object], ...] = ()  # keyword options of sample_fn (DDIM eta)
+    options: tuple[tuple[str, object], ...] = ()  # keyword options of sample_fn (eta, s_noise, ...)
     stochastic: bool = False  # calls noise() (ancestral / SDE)
     matches_diffusers: bool = True  # False: no exact diffusers counterpart (see description)
     schedule_variant: str | None = None  # sdrt's own schedule builder on top of diffusers_class's config
@@ -168,7 +170,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "EulerAncestralDiscreteScheduler",
         ancestral.sample_euler_ancestral,
         schedule_types=_SPACING_ONLY,
-        options=_S_NOISE,
+        options=_ANCESTRAL,
         stochastic=True,
         aliases=("k_euler_a", "k_euler_ancestral"),
         kd_schedule_types=_kd_types(_SPACING_ONLY),
@@ -208,7 +210,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPM-Solver-2 ancestral: DPM-Solver-2 to sigma_down plus fresh noise (k-diffusion's sample_dpm_2_ancestral)",
         "KDPM2AncestralDiscreteScheduler",
         ancestral.sample_dpm_2_ancestral,
-        options=_S_NOISE,
+        options=_ANCESTRAL,
         stochastic=True,
         aliases=("k_dpm_2_a",),
         kd_schedule_types=_kd_types(_ALL),
@@ -231,7 +233,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPMSolverMultistepScheduler",
         multistep.sample_dpmpp_2m_sde,
         config_overrides=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)),
-        options=_S_NOISE,
+        options=_ANCESTRAL,
         stochastic=True,
         aliases=("k_dpmpp_2m_sde",),
         kd_schedule_types=_kd_types(_ALL),
@@ -244,7 +246,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPMSolverMultistepScheduler",
         multistep.sample_dpmpp_2m_sde,
         config_overrides=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2), ("solver_type", "heun")),
-        options=_S_NOISE,
+        options=_ANCESTRAL,
         stochastic=True,
         aliases=("k_dpmpp_2m_sde_heun",),
         kd_schedule_types=_kd_types(_ALL),
@@ -257,7 +259,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "DPMSolverMultistepScheduler",
         multistep.sample_dpmpp_3m_sde,
         schedule_types=("default",),
-        options=_S_NOISE,
+        options=_ANCESTRAL,
         stochastic=True,
         matches_diffusers=False,
         aliases=("k_dpmpp_3m_sde",),
@@ -312,7 +314,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "(no exact diffusers counterpart; DPMSolverSinglestepScheduler is closest)",
         "EulerDiscreteScheduler",
         ancestral.sample_dpmpp_2s_ancestral,
-        options=_S_NOISE,
+        options=_ANCESTRAL,
         stochastic=True,
         matches_diffusers=False,
         schedule_variant="dpmpp_2s",
@@ -326,7 +328,7 @@ _SPECS: tuple[SamplerSpec, ...] = (
         "from two seeded draws per step instead of a torchsde Brownian tree",
         "DPMSolverSDEScheduler",
         ancestral.sample_dpmpp_sde,
-        options=_S_NOISE,
+        options=_ANCESTRAL,
         stochastic=True,
         matches_diffusers=False,
         aliases=("k_dpmpp_sde",),

@@ -135,7 +135,8 @@ def _dpmpp_2s(cfg: dict, steps: int) -> Schedule:
     mid = np.sqrt(base.sigmas[:-1] * downs)
     mid_t = f32(_mid_timesteps(cfg, mid))
     mid_t[downs == 0] = 0.0
-    return Schedule(base.sigmas, base.timesteps, base.init_noise_sigma, sigmas_mid=mid, timesteps_mid=mid_t)
+    return Schedule(base.sigmas, base.timesteps, base.init_noise_sigma, sigmas_mid=mid, timesteps_mid=mid_t,
+                    sigma_to_t=base.sigma_to_t)  # fmt: skip
 
 
 BUILDERS: dict[str, Callable[[dict, int], Schedule]] = {

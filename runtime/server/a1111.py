@@ -118,13 +118,13 @@ def _common_options(body: GenerationBody, settings: dict) -> dict:
     sampler = body.sampler_name or body.sampler_index
     schedule = _schedule(body.scheduler)
     spec, _ = resolve_sampler(sampler, schedule)
-    fields.check_eta(body, spec.name)
     options = dict(
         steps=body.steps, cfg_scale=body.cfg_scale, width=body.width, height=body.height, sampler=sampler,
         schedule=schedule, batch_size=body.batch_size, clip_skip=settings["CLIP_stop_at_last_layers"],
     )  # fmt: skip
-    if spec.name == "DDIM":  # A1111 applies eta to the samplers that use it only; DDIM's default is eta_ddim
-        options["eta"] = settings["eta_ddim"] if body.eta is None else body.eta
+    if "eta" in spec.option_names:  # A1111 gives eta to the samplers that use it only, by default eta_ddim for DDIM
+        default = settings["eta_ddim"] if spec.name == "DDIM" else settings["eta_ancestral"]  # and eta_ancestral
+        options["eta"] = default if body.eta is None else body.eta
     for name in ("s_churn", "s_tmin", "s_tmax", "s_noise"):  # the body's, refused where the sampler takes none
         value = getattr(body, name)
         if value is None and name in spec.option_names:  # else the setting, for the samplers that use it

@@ -19,14 +19,14 @@ from ..styles import apply_styles
 logger = logging.getLogger(__name__)
 
 # settings sdrt applies, with A1111's defaults (s_tmax 0: no upper bound)
-DEFAULT_SETTINGS = {"CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "initial_noise_multiplier": 1.0,
-                    "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0}  # fmt: skip
+DEFAULT_SETTINGS = {"CLIP_stop_at_last_layers": 1, "eta_ddim": 0.0, "eta_ancestral": 1.0,
+                    "initial_noise_multiplier": 1.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0,
+                    "s_noise": 1.0}  # fmt: skip
 # settings accepted because they change nothing here, each with the only value that keeps it so (None: any value)
 NO_EFFECT_SETTINGS = {"samples_format": "png", "show_progressbar": None, "live_previews_enable": None,
                       "samples_save": None, "grid_save": None, "save_images_add_number": None, "save_to_dirs": None,
                       "outdir_samples": None, "outdir_txt2img_samples": None, "outdir_img2img_samples": None,
-                      "enable_pnginfo": True, "eta_ancestral": 1.0, "sd_vae": None, "sd_lora": None}  # fmt: skip
-ANCESTRAL = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE")  # A1111 gives these eta (default 1)
+                      "enable_pnginfo": True, "sd_vae": None, "sd_lora": None}  # fmt: skip
 
 
 def settings_of(state) -> dict:
@@ -51,7 +51,7 @@ def check_setting(key: str, value, model, served: str) -> object:
         return None
     if key == "CLIP_stop_at_last_layers":
         return _number(key, value, 1, model.info["text_num_layers"], integer=True)
-    if key in ("eta_ddim",):
+    if key in ("eta_ddim", "eta_ancestral"):
         return float(_number(key, value, 0, 1))
     if key == "initial_noise_multiplier":
         return float(_number(key, value, 0, 10))
@@ -159,13 +159,6 @@ def _refuse_img2img(body) -> None:
     if body.inpainting_fill not in (0, 1, 2, 3):
         _refuse("inpainting_fill", f"must be 0 (fill), 1 (original), 2 (latent noise) or 3 (latent nothing), "
                                    f"not {body.inpainting_fill}")  # fmt: skip
-
-
-def check_eta(body, sampler_name: str) -> None:
-    """A1111 gives eta to DDIM and the ancestral samplers only (elsewhere it changes nothing): an ancestral sampler's
-    eta other than 1 would change the image, and sdrt's ancestral samplers take none."""
-    if body.eta is not None and sampler_name in ANCESTRAL and body.eta != 1:
-        _refuse("eta", f"{sampler_name} runs with eta 1 here; other values are not supported")
 
 
 # ---- prompts -----------------------------------------------------------------------------------------------------

@@ -231,7 +231,7 @@ def test_options_each_sampler_accepts() -> None:
     churn = ("s_churn", "s_tmin", "s_tmax", "s_noise")
     expected = {"Euler": churn, "Heun": churn, "DPM2": churn, "DDIM": ("eta",)}
     stochastic = ("Euler a", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE")
-    expected |= {n: ("s_noise",) for n in stochastic}  # A1111's sampler_extra_params (s_noise for these)
+    expected |= {n: ("eta", "s_noise") for n in stochastic}  # A1111's sampler_extra_params (s_noise for these)
     expected |= {"DPM fast": ("eta", "s_noise"), "DPM adaptive": ("eta",)}  # and eta where k-diffusion takes it
     for name in SAMPLER_NAMES:
         assert SPECS[name].option_names == expected.get(name, ()), name
@@ -243,7 +243,7 @@ def test_options_each_sampler_accepts() -> None:
 @pytest.mark.parametrize(
     ("name", "options", "message"),
     [
-        ("Euler a", {"s_churn": 1.0}, "Euler a has no option 's_churn' \\(it takes: s_noise\\)"),
+        ("Euler a", {"s_churn": 1.0}, "Euler a has no option 's_churn' \\(it takes: eta, s_noise\\)"),
         ("UniPC", {"s_noise": 1.0}, "UniPC has no option 's_noise' \\(it takes: none\\)"),
         ("Euler", {"s_churn": -1.0}, "Euler option s_churn must be finite and >= 0"),
         ("Euler", {"s_noise": math.nan}, "s_noise must be finite and >= 0"),

@@ -97,7 +97,8 @@ def run_diffusers(spec, schedule_type: str, cfg: dict, steps: int, begin: int | 
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(begin * scheduler.order)
         latents = scheduler.add_noise(torch.from_numpy(init), latents, timesteps[:1].repeat(SHAPE[0]))
-    step_kwargs = {k: v for k, v in spec.options if k == "eta"}  # DDIM's; A1111's churn options stay at defaults
+    # DDIM's eta (diffusers' ancestral schedulers take none: they run eta 1); A1111's churn options stay at defaults
+    step_kwargs = {k: v for k, v in spec.options if k == "eta" and spec.diffusers_class == "DDIMScheduler"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for t in timesteps:

@@ -218,6 +218,62 @@ def test_sampler_matches_kdiffusion(name: str, schedule_type: str, function: str
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5, err_msg=f"{name} {schedule_type}")
 
 
+ETA_CASES = [
+    ("Euler a", "default", "euler_ancestral", {}, 0.5),  # on diffusers' schedule: its eta is 1, k-diffusion's any
+    ("Euler a", "Karras", "euler_ancestral", {}, 0.0),
+    ("DPM2 a", "default", "dpm_2_ancestral", {}, 0.3),  # the midpoints move with sigma_down
+    ("DPM++ 2S a", "Karras", "dpmpp_2s_ancestral", {}, 0.6),
+    ("DPM++ 2M SDE", "Simple", "dpmpp_2m_sde", {}, 0.4),  # k-diffusion's orders (diffusers' differ at the end)
+    ("DPM++ 2M SDE Heun", "Normal", "dpmpp_2m_sde", {"solver_type": "heun"}, 0.7),
+    ("DPM++ 2M SDE", "Align Your Steps", "dpmpp_2m_sde", {}, 0.0),  # eta 0: k-diffusion draws no noise at all
+    ("DPM++ 3M SDE", "default", "dpmpp_3m_sde", {}, 0.5),
+]
+
+
+@pytest.mark.parametrize("name,schedule_type,function,kwargs,eta", ETA_CASES)
+def test_ancestral_eta_matches_kdiffusion(name: str, schedule_type: str, function: str, kwargs: dict, eta) -> None:
+    """A1111 passes its ancestral eta (option eta_ancestral, 1 by default) to every k-diffusion sampler that takes
+    one; k-diffusion's sample_* with that eta is the reference."""
+    spec, schedule_type = resolve_sampler(name, schedule_type)
+    spec = spec.with_options(eta=eta)
+    schedule = make_schedule(spec, schedule_type, SD15, 10)
+    noise = torch_noise(generators())
+    ours = schedule.latents(sample(spec, ve_model("epsilon"), noise() * schedule.init_noise_sigma, schedule, noise))
+    ref = run_kdiffusion(function, schedule, eta=eta, **kwargs)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5, err_msg=f"{name} {schedule_type} eta={eta}")
+    eta_1 = run_kdiffusion(function, schedule, eta=1.0, **kwargs)
+    assert np.abs(ref - eta_1).max() > 1e-3  # the option changes the image
+
+
+def test_dpmpp_sde_eta_matches_kdiffusion() -> None:
+    """DPM++ SDE: k-diffusion's sample_dpmpp_sde with eta, its two noise draws per step given as sdrt combines its
+    z1, z2 (the increments of one Brownian path over [sigma_mid, sigma] and [sigma_next, sigma])."""
+    spec = SPECS["DPM++ SDE"].with_options(eta=0.5)
+    schedule = make_schedule(spec, "Karras", SD15, 8)
+    noise = torch_noise(generators())
+    ours = schedule.latents(sample(spec, ve_model("epsilon"), noise() * schedule.init_noise_sigma, schedule, noise))
+    noise = torch_noise(generators())
+    x = torch.from_numpy(noise().astype(np.float64)) * float(schedule.sigmas[0])
+    pending = []
+
+    def noise_sampler(sigma, sigma_next):
+        if not pending:  # first stage, over [sigma_mid, sigma]
+            pending.append(noise().astype(np.float64))
+            return torch.from_numpy(pending[0])
+        sigma, sigma_next = float(sigma), float(sigma_next)
+        sigma_mid = math.sqrt(sigma * sigma_next)
+        z1, z2 = pending.pop(), noise().astype(np.float64)
+        w = (math.sqrt(sigma - sigma_mid) * z1 + math.sqrt(sigma_mid - sigma_next) * z2) / math.sqrt(
+            sigma - sigma_next
+        )
+        return torch.from_numpy(w)
+
+    ref = K_SAMPLING.sample_dpmpp_sde(
+        kdiffusion_denoiser(), x, torch.from_numpy(schedule.sigmas), disable=True, eta=0.5, noise_sampler=noise_sampler
+    ).numpy()
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_every_a1111_combination_runs() -> None:
     """Every sampler x schedule type the registry accepts builds a schedule and samples finite latents (3 steps)."""
     model = ve_model("epsilon")

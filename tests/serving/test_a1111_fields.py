@@ -114,7 +114,6 @@ REFUSED = [
     ("txt2img", {"s_min_uncond": 0.5}, "s_min_uncond"),
     ("txt2img", {"s_churn": 1.0, "sampler_name": "DPM++ 2M"}, "s_churn does not apply to the DPM++ 2M sampler"),
     ("txt2img", {"s_noise": 0.9, "sampler_name": "DDIM"}, "s_noise does not apply to the DDIM sampler"),
-    ("txt2img", {"eta": 0.5, "sampler_name": "Euler a"}, "eta"),
     ("txt2img", {"refiner_checkpoint": "sdxl_refiner.safetensors"}, "refiner_checkpoint"),
     ("txt2img", {"script_name": "x/y/z plot"}, "script_name"),
     ("txt2img", {"alwayson_scripts": {"ControlNet": {"args": []}}}, "alwayson_scripts.ControlNet"),
@@ -271,6 +270,26 @@ def test_sampler_options_reach_the_sampler(client, tiny_model):
     assert np.array_equal(images[0], to_uint8(reference.images[0]))
     assert not np.array_equal(images[0], to_uint8(tiny_model.txt2img(BODY["prompt"], **API).images[0]))
     assert "Sigma churn: 1.0" in texts[0] and "Sigma noise: 0.9" in texts[0]
+
+
+def test_eta_reaches_ancestral_samplers_and_ddim(client, tiny_model):
+    """A1111 gives eta to the samplers that take one: its default is eta_ancestral (1) for the ancestral ones and
+    eta_ddim (0) for DDIM, and the infotext names it ("Eta", "Eta DDIM") only away from that default."""
+    ancestral = dict(API, sampler="Euler a")
+    images, texts, _ = _post(client, "txt2img", dict(BODY, sampler_name="Euler a", eta=0.5))
+    assert np.array_equal(images[0], to_uint8(tiny_model.txt2img(BODY["prompt"], eta=0.5, **ancestral).images[0]))
+    default = to_uint8(tiny_model.txt2img(BODY["prompt"], **ancestral).images[0])
+    assert not np.array_equal(images[0], default) and "Eta: 0.5" in texts[0]
+    override = {"override_settings": {"eta_ancestral": 0.5}}  # the setting, when the body gives none
+    images, texts, _ = _post(client, "txt2img", dict(BODY, sampler_name="Euler a", **override))
+    assert np.array_equal(images[0], to_uint8(tiny_model.txt2img(BODY["prompt"], eta=0.5, **ancestral).images[0]))
+    images, texts, _ = _post(client, "txt2img", dict(BODY, sampler_name="Euler a", eta=1.0))
+    assert np.array_equal(images[0], default) and "Eta" not in texts[0]
+    images, texts, _ = _post(client, "txt2img", dict(BODY, sampler_name="DDIM", eta=0.3))
+    ddim = tiny_model.txt2img(BODY["prompt"], eta=0.3, **dict(API, sampler="DDIM"))
+    assert np.array_equal(images[0], to_uint8(ddim.images[0])) and "Eta DDIM: 0.3" in texts[0]
+    images, texts, _ = _post(client, "txt2img", dict(BODY, eta=0.5))  # Euler takes no eta: ignored, as in A1111
+    assert np.array_equal(images[0], to_uint8(tiny_model.txt2img(BODY["prompt"], **API).images[0]))
 
 
 # ---- img2img and inpaint fields ----------------------------------------------------------------------------------
