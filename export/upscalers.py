@@ -329,7 +329,9 @@ def _building(target: Path) -> Iterator[Path]:
     work.mkdir(parents=True)
     try:
         yield work
-        if target.exists():  # an unfinished or older export of the same file
+        if read_meta(target) is not None:  # another process exported the same file meanwhile: keep that one
+            return
+        if target.exists():  # an unfinished export, or one of an older export version
             shutil.rmtree(target, ignore_errors=True)
         try:
             work.rename(target)

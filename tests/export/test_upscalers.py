@@ -39,6 +39,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")  # 
 def _models() -> dict:
     from spandrel.architectures.Compact import Compact
     from spandrel.architectures.ESRGAN import ESRGAN
+    from spandrel.architectures.HAT import HAT
     from spandrel.architectures.SwinIR import SwinIR
 
     torch.manual_seed(0)
@@ -47,6 +48,17 @@ def _models() -> dict:
         "compact-2x": Compact(num_feat=8, num_conv=2, upscale=2),  # SRVGG
         "swinir-2x": SwinIR(
             img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, upscale=2, upsampler="pixelshuffle"
+        ),
+        "hat-2x": HAT(  # pads its input to its window after normalising it: the runtime pads on the host instead
+            img_size=16,
+            embed_dim=12,
+            depths=[1],
+            num_heads=[2],
+            window_size=4,
+            upscale=2,
+            upsampler="pixelshuffle",
+            compress_ratio=3,
+            squeeze_factor=4,
         ),
     }
 
@@ -185,6 +197,7 @@ CASES = [  # (name, stem, image size, scale, tile, overlap, backends)
     pytest.param("compact-2x", "compact-2x", (61, 45), 5, 24, 6, ALL_CPU, id="srvgg-three-passes"),
     pytest.param("swinir-2x", "swinir-2x", (70, 54), 2, 30, 8, CPU, id="swinir-weighted-tile-off-window"),
     pytest.param("swinir-2x", "swinir-2x", (30, 12), 2, TILE, OVERLAP, CPU, id="swinir-image-below-tile-and-minimum"),
+    pytest.param("hat-2x", "hat-2x", (45, 37), 2, 30, 8, CPU, id="hat-grid-tile-off-window"),
 ]
 
 
@@ -233,14 +246,14 @@ def test_unrecognised_file_is_refused(tmp_path, engines):
         load_upscaler("mystery", tmp_path, engines_dir=engines)
 
 
-def test_listing_names_as_a1111(folder):
+def test_listing_names_as_a1111(folder, engines):
     items = [item.as_a1111() for item in list_upscalers(folder)]
-    assert [i["name"] for i in items] == ["None", "Lanczos", "Nearest", "compact-2x", "compact-pickled",
+    assert [i["name"] for i in items] == ["None", "Lanczos", "Nearest", "compact-2x", "compact-pickled", "hat-2x",
                                           "R-ESRGAN 4x+", "swinir-2x"]  # fmt: skip
-    esrgan = items[5]
+    esrgan = items[6]
     assert esrgan == {"name": "R-ESRGAN 4x+", "model_name": "RealESRGAN_x4plus", "model_url": None, "scale": 4,
                       "model_path": str(folder / "RealESRGAN_x4plus.safetensors")}  # fmt: skip
-    assert load_upscaler("RealESRGAN_x4plus", folder).name == "R-ESRGAN 4x+"  # the stem works too
+    assert load_upscaler("RealESRGAN_x4plus", folder, engines_dir=engines).name == "R-ESRGAN 4x+"  # by its stem
 
 
 def test_memory_budget_is_checked_before_work(folder, engines):
