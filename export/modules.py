@@ -65,7 +65,8 @@ class UNet(nn.Module):
 
 class SdxlUNet(nn.Module):
     """SDXL's UNet2DConditionModel: the "text_time" added conditioning as two more inputs, text_embeds [B, P] (text
-    encoder 2's pooled projection) and time_ids [B, 6] (original size, crop top-left, target size)."""
+    encoder 2's pooled projection) and time_ids [B, 6] (original size, crop top-left, target size; a refiner's
+    [B, 5], the aesthetic score for the target size)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
@@ -91,6 +92,10 @@ class TextEncoder2(nn.Module):
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
+
+    @property
+    def token_embedding(self) -> nn.Embedding:  # an SDXL refiner's text tables come from here (no text encoder 1)
+        return self.text_encoder.get_input_embeddings()
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         output = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)

@@ -112,8 +112,12 @@ def export_model(
 
 
 def tokenizer_dirs(model: dict) -> tuple[str, ...]:
-    """The tokenizer folders a model has: SDXL's second text encoder has its own (it pads with another token)."""
-    return (TOKENIZER_DIR, "tokenizer_2") if model.get("sdxl") else (TOKENIZER_DIR,)
+    """The tokenizer folders a model has: SDXL's second text encoder has its own (it pads with another token); an
+    SDXL refiner has only that one."""
+    sdxl = model.get("sdxl")
+    if sdxl and not sdxl.get("two_encoders", True):
+        return ("tokenizer_2",)
+    return (TOKENIZER_DIR, "tokenizer_2") if sdxl else (TOKENIZER_DIR,)
 
 
 def _export_components(
@@ -127,18 +131,20 @@ def _export_components(
         for name in bar:
             bar.set_postfix_str(name)
             started = time.perf_counter()
-            load = _loader(name, source, safetensors[TORCH_PARTS[name]], folder)
+            tables = name == ("text_encoder" if "text_encoder" in specs else "text_encoder_2")  # an SDXL refiner: 2
+            load = _loader(name, source, safetensors[TORCH_PARTS[name]], folder, tables)
             components[name] = export_component(specs[name], load, folder, work)
             logger.info("exported %s in %.1f s", name, time.perf_counter() - started)
     return components
 
 
-def _loader(name: str, source: Path, use_safetensors: bool, folder: Path) -> Callable[[], Any]:
-    """A function loading the component's module (the text encoder's also saves its host-side tables beside it)."""
+def _loader(name: str, source: Path, use_safetensors: bool, folder: Path, tables: bool) -> Callable[[], Any]:
+    """A function loading the component's module (with `tables`, the text encoder's, it also saves its host-side
+    tables beside it)."""
 
     def load():
         module = load_module(name, source, use_safetensors)
-        if name == "text_encoder":
+        if tables:
             write_token_embedding(module, folder / TOKEN_EMBEDDING_FILE)
             write_final_norm(module.text_encoder, folder / FINAL_NORM_FILE)
         return module

@@ -91,7 +91,8 @@ class ComponentSpec:
 
 def component_specs(model: dict) -> dict[str, ComponentSpec]:
     """The specs of the four Stable Diffusion components, plus the depth estimator of a depth checkpoint that
-    ships one and SDXL's second text encoder, from a manifest `model` block (describe_checkpoint)."""
+    ships one and SDXL's second text encoder (an SDXL refiner: instead of the first), from a manifest `model` block
+    (describe_checkpoint)."""
     hidden = model["text_hidden_size"]
     tokens = model["text_max_length"]
     context = model["cross_attention_dim"]
@@ -108,7 +109,8 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
     added = (
         (
             TensorSpec("text_embeds", f32, ("batch", sdxl["text_projection_dim"])),
-            TensorSpec("time_ids", f32, ("batch", 6)),  # original (h, w), crop (top, left), target (h, w)
+            # original (h, w), crop (top, left), target (h, w); a refiner's: the aesthetic score for the target
+            TensorSpec("time_ids", f32, ("batch", sdxl.get("time_ids", 6))),
         )
         if sdxl
         else ()
@@ -148,6 +150,8 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
             **common,
         ),
     }
+    if sdxl and not sdxl.get("two_encoders", True):  # an SDXL refiner: the second text encoder only
+        del specs["text_encoder"]
     if sdxl:  # the second text encoder: ids in (its token lookup and the pooled row need them), no host tables
         hidden_2 = sdxl["text_hidden_size_2"]
         specs["text_encoder_2"] = ComponentSpec(

@@ -25,7 +25,7 @@ from .infotext import generation_parameters, image_infotexts, mask_blur, model_p
 from .lora.requests import with_loras
 from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
 from .pipelines.img2img import img2img
-from .pipelines.sdxl import SDXL_MODES, check_sdxl_backend, refuse_sdxl, sdxl_without_loras
+from .pipelines.sdxl import check_sdxl_backend, check_sdxl_mode, refuse_sdxl, sdxl_without_loras, tokenizer_folder
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
 from .request import (
@@ -80,6 +80,9 @@ class StableDiffusion:
         self.lora_dir: Path | None = None  # where <lora:name> prompt tags are looked up (set_lora_dir)
         self.lora_allow_pickle = False
         self.lora_state = None  # runtime.lora.apply.LoraState, made on first use
+        # where upscaler model files are found by name (hires fix, extras; None: runtime.upscalers' default folder)
+        self.upscaler_dir: Path | None = None
+        self.allow_pickle = False  # upscaler .pth/.pt files (read by the restricted unpickler)
         # Called after every UNet evaluation with the pass's step total (runtime.serving: progress, cancel by
         # raising); None: no hook. Not thread-safe: one caller at a time, as the serving worker guarantees.
         self.step_hook: Callable[[int], None] | None = None
@@ -137,6 +140,8 @@ class StableDiffusion:
         hires_sampler: str | None = None,
         hires_schedule: str | None = None,
         watermark: str | None = None,
+        refiner: StableDiffusion | None = None,
+        refiner_switch_at: float = 0.8,
         **options,
     ) -> GenerationResult:
         """Generate images from text; options are the fields of runtime.request.Txt2ImgRequest.
@@ -145,12 +150,25 @@ class StableDiffusion:
         size, an upscale (Latent, Latent (nearest), Latent (nearest-exact) or Lanczos), then img2img at the target
         size with hires_steps (0: the same steps) and hires_strength; hires_prompt, hires_negative_prompt,
         hires_sampler and hires_schedule change the second pass's (None: the first pass's). `watermark`: embed this
-        invisible text."""
+        invisible text. `refiner`: a loaded SDXL refiner (or base) model that takes over from `refiner_switch_at`
+        of the noise schedule, as diffusers' denoising_end / denoising_start (runtime.pipelines.refiner)."""
         self._require_channels((4, 9), "txt2img")
+        hires = bool(hires_scale or hires_width or hires_height)
+        if refiner is not None:
+            from .pipelines.refiner import check_refiner
+
+            check_refiner(self, refiner, refiner_switch_at)
+            if hires:
+                raise InvalidRequestError("hires fix with a refiner is not supported yet")
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
         passes = txt2img_passes(request, hires_scale, hires_width, hires_height)
         admit(self, request, "txt2img", passes, hires_prompts=(hires_prompt, hires_negative_prompt))
-        if not (hires_scale or hires_width or hires_height):
+        if refiner is not None and refiner_switch_at < 1:  # 1: the refiner never takes over (A1111)
+            from .pipelines.refiner import refined_txt2img, refiner_parameters
+
+            images = refined_txt2img(self, refiner, request, refiner_switch_at)
+            return self._result(request, images, refiner_parameters(refiner, refiner_switch_at), watermark)
+        if not hires:
             return self._result(request, txt2img(self, request), {}, watermark)
         from .pipelines.hires import hires_fix, hires_overrides, hires_parameters, hires_target
 
@@ -267,10 +285,22 @@ class StableDiffusion:
         images = upscale(self, request, to_model_input(low_res), noise_level)
         return self._result(request, images, {"Noise level": noise_level}, watermark)
 
+    def extras(self, images: list, **options):
+        """A1111's extras upscale (runtime.pipelines.extras.ExtrasOptions: upscaler_1, upscaler_2 with
+        upscaler_2_visibility, resize_mode 0 by upscaling_resize or 1 to upscaling_resize_w x _h, upscaling_crop) of
+        PIL images or image files; an ExtrasResult of PIL images carrying the input's text and A1111's
+        "postprocessing" text. Model upscalers come from `upscaler_dir`, run on this model's backend where they can."""
+        from PIL import Image
+
+        from .pipelines.extras import ExtrasOptions, model_upscaler, postprocess
+
+        settings = ExtrasOptions(**options)
+        images = [image if isinstance(image, Image.Image) else _open_image(image) for image in images]
+        return postprocess(images, settings, lambda name: model_upscaler(self, name))
+
     def _require_channels(self, channels: tuple[int, ...], mode: str) -> None:
         """One clear line when a mode meets a model it cannot run (by the UNet's input channels, and SDXL's modes)."""
-        if mode not in SDXL_MODES:
-            refuse_sdxl(self.info, mode)
+        check_sdxl_mode(self.info, mode)
         kinds = {4: "a regular model", 9: "an inpainting model", 5: "a depth model (use depth2img)",
                  7: "an x4 upscaler (use upscale)"}  # fmt: skip
         have = self.info["unet_in_channels"]
@@ -334,7 +364,7 @@ def load(
     check_sdxl_backend(info, backend)
     key = model_key(checkpoint, fingerprint(checkpoint))
     if backend in ("torch", "torch-cuda"):  # the checkpoint's own modules: no export
-        tokenizer_dir = checkpoint / "tokenizer"
+        tokenizer_dir = checkpoint / tokenizer_folder(info)
         return _open(key, info, tokenizer_dir, checkpoint, backend, progress, allow_pickle, tokenizer_only=True)
     artifacts = ensure_exported(checkpoint, engines, key, progress, allow_pickle)
     try:
@@ -358,8 +388,9 @@ def load_tokenizer(model: str | Path) -> ClipTokenizer:
     """Just the tokenizer of a model (diffusers folder, cached Hub id or artifact folder); no sessions."""
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file():
-        return ClipTokenizer.from_folder(path / "tokenizer")
-    return ClipTokenizer.from_folder(resolve_checkpoint(model) / "tokenizer")
+        return ClipTokenizer.from_folder(path / tokenizer_folder(read_manifest(path).model))
+    folder = resolve_checkpoint(model)
+    return ClipTokenizer.from_folder(folder / ("tokenizer" if (folder / "tokenizer").is_dir() else "tokenizer_2"))
 
 
 def ensure_exported(
@@ -407,13 +438,15 @@ def _open(
     precision: str = "fp32",
     tokenizer_only: bool = False,
 ) -> StableDiffusion:
-    tokenizer = ClipTokenizer.from_folder(folder if tokenizer_only else folder / "tokenizer")
+    tokenizer = ClipTokenizer.from_folder(folder if tokenizer_only else folder / tokenizer_folder(info))
     artifacts = None if tokenizer_only else folder
     backend = open_backend(
         backend_name, artifacts=artifacts, checkpoint=checkpoint, allow_pickle=allow_pickle, precision=precision
     )
     components = PIPELINE_COMPONENTS + (("depth_estimator",) if info.get("depth_estimator") else ())
-    components += ("text_encoder_2",) if info.get("sdxl") else ()
+    if info.get("sdxl"):  # an SDXL refiner has text encoder 2 only
+        two = info["sdxl"].get("two_encoders", True)
+        components = tuple(c for c in components if two or c != "text_encoder") + ("text_encoder_2",)
     for component in components:  # load now, so a broken model fails here and not mid-request
         backend.session(component)
     name = (info.get("source") or {}).get("model") or key.rsplit("-", 1)[0]  # a single file: its stem

@@ -94,14 +94,14 @@ def check_checkpoint_folder(folder: Path) -> None:
     if not (folder / "model_index.json").is_file():
         raise ModelError(f"{folder} is not a diffusers checkpoint: model_index.json is missing")
     sdxl = is_sdxl_folder(folder)
-    if sdxl and not (folder / "text_encoder").is_dir():
-        raise InvalidRequestError(
-            f"{folder} is an SDXL refiner (no text_encoder/): SDXL refiners are not supported yet"
-        )
-    for part in REQUIRED_PARTS + (SDXL_PARTS if sdxl else ()):
+    # an SDXL refiner has the second text encoder only (no text_encoder/, tokenizer/)
+    one_encoder = sdxl and not (folder / "text_encoder").is_dir() and not (folder / "tokenizer").is_dir()
+    required = tuple(p for p in REQUIRED_PARTS if not (one_encoder and p in ("text_encoder", "tokenizer")))
+    for part in required + (SDXL_PARTS if sdxl else ()):
         if not (folder / part).is_dir():
             raise ModelError(f"{folder} has no {part}/ folder: the checkpoint is incomplete")
-    for part in ("unet", "vae", "text_encoder") + (SDXL_PARTS[:1] if sdxl else ()):
+    encoders = ("text_encoder",) if not one_encoder else ()
+    for part in ("unet", "vae") + encoders + (SDXL_PARTS[:1] if sdxl else ()):
         if not (folder / part / "config.json").is_file():
             raise ModelError(f"{folder / part} has no config.json: the checkpoint is incomplete")
         if not any(p.suffix in WEIGHT_SUFFIXES for p in (folder / part).iterdir()):
@@ -144,7 +144,8 @@ def describe_checkpoint(folder: Path) -> dict:
     index = _read_json(folder / "model_index.json")
     unet = _read_json(folder / "unet" / "config.json")
     vae = _read_json(folder / "vae" / "config.json")
-    text = _read_json(folder / "text_encoder" / "config.json")
+    text_part = "text_encoder" if (folder / "text_encoder").is_dir() else "text_encoder_2"  # an SDXL refiner: only 2
+    text = _read_json(folder / text_part / "config.json")
     scheduler = _read_json(_scheduler_config_path(folder))
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [128, 256, 512, 512])) - 1)
     sdxl = _sdxl(folder, index, unet) if is_sdxl_folder(folder) else None
@@ -176,24 +177,25 @@ def describe_checkpoint(folder: Path) -> dict:
 
 
 def _sdxl(folder: Path, index: dict, unet: dict) -> dict:
-    """SDXL's facts: text encoder 2 (its width, depth and pooled projection), the UNet's added conditioning and the
-    pipeline's negative-prompt rule; SDXL models sdrt cannot run yet are refused here."""
+    """SDXL's facts: text encoder 2 (its width, depth and pooled projection), whether text encoder 1 is there (a
+    refiner has only 2), the UNet's added conditioning (a refiner's time ids end with an aesthetic score instead of
+    the target size: 5, not 6) and the pipeline's negative-prompt rule; SDXL models sdrt cannot run are refused."""
     if unet.get("in_channels", 4) not in (4, 9):  # 9: the SDXL inpainting UNet (latents, mask, masked image)
         raise InvalidRequestError(
             f"{folder} is an SDXL model with {unet.get('in_channels')} UNet input channels: not supported"
         )
-    if unet.get("addition_embed_type") != "text_time" or index.get("requires_aesthetics_score"):
-        raise InvalidRequestError(
-            f"{folder}: only SDXL base-style models (text_time conditioning, no aesthetic score) are supported yet"
-        )
+    if unet.get("addition_embed_type") != "text_time":
+        raise InvalidRequestError(f"{folder}: SDXL models without the UNet's text_time conditioning are not supported")
     text_2 = _read_json(folder / "text_encoder_2" / "config.json")
     time_embed_dim = unet.get("addition_time_embed_dim", 256)
     projection_dim = text_2.get("projection_dim", 1280)
+    aesthetic = bool(index.get("requires_aesthetics_score", False))
+    ids = 5 if aesthetic else 6
     expected = unet.get("projection_class_embeddings_input_dim")
-    if expected is not None and expected != projection_dim + 6 * time_embed_dim:
+    if expected is not None and expected != projection_dim + ids * time_embed_dim:
         raise ModelError(
             f"{folder}: the UNet's added conditioning takes {expected} features, not text_encoder_2's projection "
-            f"({projection_dim}) + 6 size/crop ids x {time_embed_dim}"
+            f"({projection_dim}) + {ids} size/crop{'/aesthetic' if aesthetic else ''} ids x {time_embed_dim}"
         )
     return {
         "text_hidden_size_2": text_2.get("hidden_size", 1280),
@@ -201,6 +203,9 @@ def _sdxl(folder: Path, index: dict, unet: dict) -> dict:
         "text_projection_dim": projection_dim,
         "addition_time_embed_dim": time_embed_dim,
         "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)),
+        "requires_aesthetics_score": aesthetic,  # time ids (h, w, top, left, score): a refiner's
+        "two_encoders": (folder / "text_encoder").is_dir(),  # False: text encoder 2 only (SDXL's refiner)
+        "time_ids": ids,
     }
 
 

@@ -110,3 +110,11 @@ def tiny_sdxl_inpaint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL inpainting checkpoint: tiny_sdxl's layout with a 9-channel UNet (a StableDiffusionXLInpaintPipeline
     folder)."""
     return _tiny(tmp_path_factory, "sdxl-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL refiner, laid out as SDXL's refiner folder: text encoder 2 and its tokenizer only, a UNet on that
+    encoder's states with 5 time ids (size, crop, aesthetic score); requires_aesthetics_score, no forced-zero
+    negative (a StableDiffusionXLImg2ImgPipeline folder)."""
+    return _tiny(tmp_path_factory, "sdxl-refiner")

@@ -27,7 +27,23 @@ from .upscale import add_upscaler_dir_option
 def cmd_txt2img(args: argparse.Namespace) -> int:
     hires = {"hires_scale": args.hires_scale, "hires_width": args.hires_width, "hires_height": args.hires_height}
     hires.update(hires_upscaler=args.hires_upscaler, hires_steps=args.hires_steps, hires_strength=args.hires_strength)
-    return _generate(args, "txt2img", hires)
+    return _generate(args, "txt2img", {**hires, **_refiner_options(args)})
+
+
+def _refiner_options(args: argparse.Namespace) -> dict:
+    """--refiner loaded as the base model is (backend, precision, engines), with --refiner-switch-at."""
+    if args.refiner is None:
+        if args.refiner_switch_at is not None:
+            raise InvalidRequestError("--refiner-switch-at needs --refiner (the refiner model)")
+        return {}
+    from .. import load
+    from ..output import check_output_path
+
+    check_output_path(Path(args.output))  # fail before any work on a bad output path
+    refiner = load(args.refiner, backend=args.backend, engines_dir=args.engines, progress=not args.quiet,
+                   allow_pickle=args.allow_pickle, precision=args.precision)  # fmt: skip
+    switch_at = 0.8 if args.refiner_switch_at is None else args.refiner_switch_at
+    return {"refiner": refiner, "refiner_switch_at": switch_at}
 
 
 def cmd_img2img(args: argparse.Namespace) -> int:
@@ -160,6 +176,11 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--hires-steps", type=int, default=0, help="hires pass steps (0: the same as --steps)")
     p.add_argument("--hires-strength", type=float, default=0.7, help="hires pass denoising strength (default 0.7)")
     add_upscaler_dir_option(p)  # where --hires-upscaler finds model files
+    p.add_argument("--refiner", default=None, metavar="MODEL",
+                   help="SDXL: a refiner model (folder or Hub id) that takes over at --refiner-switch-at")  # fmt: skip
+    p.add_argument("--refiner-switch-at", type=float, default=None, metavar="F",
+                   help="the fraction of the noise schedule after which the refiner runs, in (0, 1] (default 0.8; "
+                   "as diffusers' denoising_end/denoising_start)")  # fmt: skip
     p.set_defaults(func=cmd_txt2img)
 
     p = _image_command(sub, "img2img", "generate from an init image and text", "the image to start from", 0.75, True)

@@ -43,6 +43,7 @@ def denoise_latents(
     label: str = "img2img",
     extra_channels: np.ndarray | None = None,
     size: tuple[int, int] | None = None,
+    noised: bool = False,
 ) -> np.ndarray:
     """Noise init_latents [B, 4, h, w] to step `start` of a `steps`-step schedule with the next draw of each image's
     stream, then sample to the end; return the latents the VAE decodes. start == steps: nothing runs.
@@ -50,15 +51,18 @@ def denoise_latents(
     The request gives the sampler, prompts, CFG scale, emphasis and clip skip (its steps and size are not read).
     extra_channels [B, c, h, w]: UNet input channels after the latents (depth2img's depth), the same for the uncond
     and cond copies of each image. size: SDXL's (height, width) micro-conditioning (None: the latents' size in
-    pixels, as diffusers' StableDiffusionXLImg2ImgPipeline takes it)."""
+    pixels, as diffusers' StableDiffusionXLImg2ImgPipeline takes it). noised: init_latents are already the sampler's
+    x at step `start` (VE, a refiner's hand-off): no noise is added or drawn."""
     if start == steps:  # strength 0: nothing to denoise
         return init_latents
     info = model.info
     spec, schedule_type = sampler_of(request)
     family = "sdxl" if is_sdxl(info) else "sd1"  # Align Your Steps' table
     schedule = make_schedule(spec, schedule_type, info["scheduler_config"], steps, family=family).start_at(start)
-    noise = initial_noise(request, generators, init_latents.shape[1:])  # [B, 4, h, w]
-    x = init_latents + noise * np.float32(schedule.sigmas[0] * getattr(request, "noise_multiplier", 1.0))
+    x = init_latents
+    if not noised:
+        noise = initial_noise(request, generators, init_latents.shape[1:])  # [B, 4, h, w]
+        x = init_latents + noise * np.float32(schedule.sigmas[0] * getattr(request, "noise_multiplier", 1.0))
     conditioning = build_conditioning(
         model,
         request.prompt,

@@ -38,6 +38,32 @@ def is_sdxl(info: dict) -> bool:
     return info.get("family") == "sdxl"
 
 
+def is_refiner(info: dict) -> bool:
+    """An SDXL refiner-style model: the aesthetic-score time ids (requires_aesthetics_score), and as SDXL's refiner
+    is published, text encoder 2 only."""
+    sdxl = info.get("sdxl") or {}
+    return bool(sdxl.get("requires_aesthetics_score")) or not sdxl.get("two_encoders", True)
+
+
+def tokenizer_folder(info: dict) -> str:
+    """The folder of the tokenizer a model's prompts are counted and parsed with: SDXL refiners have only the second
+    encoder's."""
+    sdxl = info.get("sdxl") or {}
+    return "tokenizer" if sdxl.get("two_encoders", True) else "tokenizer_2"
+
+
+def check_sdxl_mode(info: dict, mode: str) -> None:
+    """InvalidRequestError when an SDXL model meets a mode sdrt does not run on it: modes not in SDXL_MODES, and on
+    a refiner anything but img2img (a refiner refines: img2img, or the refiner of an SDXL base's txt2img)."""
+    if mode not in SDXL_MODES:
+        refuse_sdxl(info, mode)
+    if is_sdxl(info) and is_refiner(info) and mode != "img2img":
+        raise InvalidRequestError(
+            f"{mode} on an SDXL refiner is not supported: a refiner runs img2img, or as the refiner of an SDXL base "
+            "model's txt2img (refiner=, --refiner)"
+        )
+
+
 def refuse_sdxl(info: dict, what: str) -> None:
     """InvalidRequestError naming what an SDXL model cannot do yet."""
     if is_sdxl(info):
@@ -138,18 +164,20 @@ def build_sdxl_conditioning(
 
 
 def encode_sdxl(model: StableDiffusion, texts: list[str], emphasis: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each text through both encoders: (penultimate states concatenated [n, 77, D1 + D2], pooled [n, P])."""
-    chunks_1 = [_one_chunk(tokenize_prompt(t, model.tokenizer, emphasis=emphasis)) for t in texts]
+    """Each text through both encoders: (penultimate states concatenated [n, 77, D1 + D2], pooled [n, P]); an SDXL
+    refiner has text encoder 2 only: its states alone [n, 77, D2] (diffusers' encode_prompt without text_encoder)."""
+    encoded = []
+    if model.info["sdxl"].get("two_encoders", True):
+        chunks_1 = [_one_chunk(tokenize_prompt(t, model.tokenizer, emphasis=emphasis)) for t in texts]
+        tables = model.backend.text_tables()
+        inputs_embeds = np.stack([apply_fixes(tables.embed(np.array(p.chunks[0])), p.fixes[0]) for p in chunks_1])
+        hidden_1 = model.backend.session("text_encoder").run({"inputs_embeds": inputs_embeds}, ["hidden_states"])
+        encoded.append((hidden_1, chunks_1))
     chunks_2 = [_one_chunk(tokenize_prompt(t, model.tokenizer_2, emphasis=emphasis)) for t in texts]
-    tables = model.backend.text_tables()
-    inputs_embeds = np.stack([apply_fixes(tables.embed(np.array(p.chunks[0])), p.fixes[0]) for p in chunks_1])
-    hidden_1 = model.backend.session("text_encoder").run({"inputs_embeds": inputs_embeds}, ["hidden_states"])
     ids_2 = np.array([p.chunks[0] for p in chunks_2], dtype=np.int32)  # [n, 77]
     encoded_2 = model.backend.session("text_encoder_2").run({"input_ids": ids_2}, ["hidden_states", "text_embeds"])
-    z = [
-        _emphasis(states["hidden_states"][PENULTIMATE], prompts, emphasis)
-        for states, prompts in ((hidden_1, chunks_1), (encoded_2, chunks_2))
-    ]
+    encoded.append((encoded_2, chunks_2))
+    z = [_emphasis(states["hidden_states"][PENULTIMATE], prompts, emphasis) for states, prompts in encoded]
     return np.concatenate(z, axis=-1), encoded_2["text_embeds"].astype(np.float32)  # [n, 77, D1 + D2], [n, P]
 
 

@@ -184,12 +184,14 @@ def _config_copy(tiny_sdxl, target, edit):
     return target
 
 
-def test_sdxl_refiners_and_odd_unets_are_refused(tiny_sdxl, tmp_path):
+def test_incomplete_folders_and_odd_unets_are_refused(tiny_sdxl, tmp_path):
     from runtime.checkpoint import check_checkpoint_folder, describe_checkpoint
+    from runtime.errors import ModelError
 
-    refiner = _config_copy(tiny_sdxl, tmp_path / "refiner", lambda f: shutil.rmtree(f / "text_encoder"))
-    with pytest.raises(InvalidRequestError, match="SDXL refiners are not supported yet"):
-        check_checkpoint_folder(refiner)
+    # a tokenizer/ without its text_encoder/ is an incomplete base, not a refiner (which has neither)
+    broken = _config_copy(tiny_sdxl, tmp_path / "broken", lambda f: shutil.rmtree(f / "text_encoder"))
+    with pytest.raises(ModelError, match="has no text_encoder/ folder"):
+        check_checkpoint_folder(broken)
 
     def eight_channels(folder):
         config = json.loads((folder / "unet" / "config.json").read_text())
