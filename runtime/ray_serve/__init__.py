@@ -91,6 +91,8 @@ def build_app(args: dict):
             "batch_wait_s": float(args.get("batch_wait_s", 0.02)),
             "limits": limits, **(checkpoint if backend in ("torch", "torch-cuda") else {})}  # fmt: skip
     options: dict = {"ray_actor_options": _actor_options(backend, args.get("replica_cpus", 1))}
+    if backend not in GPU_BACKENDS:
+        spec["cpu_threads"] = max(1, int(float(args.get("replica_cpus", 1))))
     if args.get("autoscale"):
         low, high = parse_autoscale(args["autoscale"])
         options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": max(low, 1),

@@ -121,6 +121,7 @@ def _replica_id() -> str:
     name="SdrtModel",
     max_ongoing_requests=16,
     graceful_shutdown_timeout_s=120,
+    health_check_period_s=2,  # a dead replica is noticed (and replaced) within seconds
     request_router_config=RequestRouterConfig(request_router_class=ReplicaRouter),
 )
 class SdrtModel:
@@ -135,6 +136,8 @@ class SdrtModel:
         from ..serving import Service, ServiceConfig
         from . import checkpoint_load_options
 
+        if spec.get("cpu_threads"):  # a CPU replica computes on the CPUs Ray reserved for it, unless told otherwise
+            os.environ.setdefault("SDRT_CPU_THREADS", str(spec["cpu_threads"]))
         sd = load(spec["path"], backend=spec["backend"], precision=spec.get("precision", "fp32"),
                   allow_pickle=spec.get("allow_pickle", False), **checkpoint_load_options(spec))  # fmt: skip
         if spec.get("embeddings"):
