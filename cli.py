@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="sd1", choices=TINY_VARIANTS,  # export.tiny's, importable without torch
                    help="sd1 / sd2-v: text to image (epsilon / v-prediction); sd15-shaped: SD 1.5's layer shapes; "
                    "sd1-inpaint, sd2-depth, x4-upscaler: the inpaint, depth2img and upscale models; "
-                   "sdxl: SDXL base's layout")  # fmt: skip
+                   "sdxl: SDXL base's layout; sdxl-inpaint: its 9-channel inpainting UNet; sdxl-refiner: SDXL's "
+                   "refiner layout (text encoder 2 only)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_tiny_model)
 
