@@ -15,6 +15,12 @@ Writes JSON (default benchmarks/results/<date>-cpu-serving.json).
   batch sizes, each sent alone first (the solo images), then all at once (--requests at a time) for --rounds rounds;
   every image of the load must equal its solo image byte for byte, and the server process's RSS is read (psutil)
   before and after each phase. Writes benchmarks/results/<date>-cpu-serving-mixed.json.
+
+    python -m benchmarks.serving --ray                # Ray Serve (runtime.ray_serve) beside the single process
+
+* ray: the throughput load (--requests concurrent txt2img) against `cli.py serve`, then `cli.py serve --ray` with 1
+  and with 2 model replicas (a local Ray instance each time): requests/s, p50/p95/p99 latency. Writes
+  benchmarks/results/<date>-cpu-serving-ray.json.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.cpu import _cpu_count, _versions, make_model
+from benchmarks.cpu import device_facts, resolve_model, versions
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -82,13 +88,15 @@ def measure_load(url: str, count: int, size: int, steps: int) -> dict:
             list(pool.map(one, range(count)))
         wall = time.perf_counter() - start
     return {"requests": count, "wall_s": wall, "requests_per_s": count / wall,
-            "latency_p50_s": _percentile(latencies, 0.5), "latency_p99_s": _percentile(latencies, 0.99)}  # fmt: skip
+            "latency_p50_s": _percentile(latencies, 0.5), "latency_p95_s": _percentile(latencies, 0.95),
+            "latency_p99_s": _percentile(latencies, 0.99)}  # fmt: skip
 
 
 @contextlib.contextmanager
-def run_server(model: Path, engines: Path, batching: bool, max_batch: int) -> Iterator[str]:
+def run_server(model: Path, engines: Path, batching: bool, max_batch: int, extra: tuple = ()) -> Iterator[str]:
     """`python cli.py serve` in its own process (as deployed; a server thread inside this process would share its GIL
-    with the client and inflate every round trip); yields its URL once /health answers."""
+    with the client and inflate every round trip); yields its URL once /health answers. `extra`: more options
+    (`--ray --replicas 2`)."""
     import httpx
 
     with socket.socket() as s:
@@ -96,11 +104,12 @@ def run_server(model: Path, engines: Path, batching: bool, max_batch: int) -> It
         port = s.getsockname()[1]
     argv = [sys.executable, str(Path(__file__).resolve().parents[1] / "cli.py"), "--quiet", "serve", "--model",
             str(model), "--engines", str(engines), "--port", str(port), "--max-batch-images", str(max_batch),
-            ] + ([] if batching else ["--no-batching"])  # fmt: skip
+            *extra] + ([] if batching else ["--no-batching"])  # fmt: skip
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        startup = 300 if "--ray" in extra else 120  # Ray starts its processes first
+        deadline = time.monotonic() + startup
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited: {server.stderr.read().strip()[-300:]}")
@@ -110,13 +119,13 @@ def run_server(model: Path, engines: Path, batching: bool, max_batch: int) -> It
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("the server did not start within 120 s")
+                raise RuntimeError(f"the server did not start within {startup} s")
             time.sleep(0.2)
         yield url
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            server.wait(30)
+            server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
 
@@ -241,6 +250,34 @@ def main_mixed(args, model: Path, engines: Path, record: dict) -> dict:
     return record
 
 
+def main_ray(args, model: Path, engines: Path, record: dict) -> dict:
+    """The throughput load on the single-process server and on Ray Serve with 1 and 2 replicas."""
+    import os
+
+    import httpx
+
+    record["commit"] = _commit()
+    record["cpu_model"] = _cpu_model()
+    record["load_average_before"] = os.getloadavg()
+    record["note"] = ("one machine: Ray's replicas share its cores with each other, the proxy and the ingress; the "
+                      "single process runs onnxruntime on its default threads, each Ray replica on the CPUs Ray "
+                      "reserved for it (1, SDRT_CPU_THREADS), which on a loaded machine spins less")  # fmt: skip
+    servers = {"single_process": (), "ray_1_replica": ("--ray", "--replicas", "1"),
+               "ray_2_replicas": ("--ray", "--replicas", "2")}  # fmt: skip
+    for name, extra in servers.items():
+        with run_server(model, engines, True, args.max_batch, extra) as url:
+            with httpx.Client(base_url=url, timeout=600) as client:  # warm-up: every replica's first request
+                for i in range(4):
+                    client.post("/sdapi/v1/txt2img", json=_body(i, args.size, args.steps)).raise_for_status()
+            record[name] = measure_load(url, args.requests, args.size, args.steps)
+            print(name, json.dumps(record[name]), flush=True)
+    record["load_average_after"] = os.getloadavg()
+    out = Path(args.out or f"benchmarks/results/{record['date']}-cpu-serving-ray.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    return record
+
+
 def _server_pid(url: str) -> int:
     """The pid of the `cli.py serve` child process serving on the URL's port."""
     import psutil
@@ -270,19 +307,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None)
     parser.add_argument("--mixed", action="store_true", help="the mixed load record (--requests at once)")
     parser.add_argument("--rounds", type=int, default=2, help="mixed: rounds of the concurrent load")
+    parser.add_argument("--ray", action="store_true", help="Ray Serve with 1 and 2 replicas beside the single process")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
-    model, engines = make_model("tiny", workdir), workdir / "engines"
+    model, engines = resolve_model("tiny", workdir)[1], workdir / "engines"
     sd = runtime.load(model, engines_dir=engines)  # exports once; the servers reuse the artifacts
     record = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {_cpu_count()} cores)",
+        "device": f"CPU ({platform.processor() or platform.machine()}, {device_facts()['cores']} cores)",
         "command": "python -m benchmarks.serving " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
         "model": "tiny", "size": args.size, "steps": args.steps, "sampler": "Euler a", "max_batch": args.max_batch,
-        "versions": _versions(),
+        "versions": versions(),
     }  # fmt: skip
     if args.mixed:
         return main_mixed(args, model, engines, record)
+    if args.ray:
+        return main_ray(args, model, engines, record)
     for batching in (True, False):
         server = run_server(model, engines, batching, args.max_batch)
         with server as url, httpx.Client(base_url=url, timeout=600) as client:
