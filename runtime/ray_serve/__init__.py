@@ -36,11 +36,12 @@ def artifact_path(model: str, backend: str, engines: str | None = None, allow_pi
                   progress: bool = False) -> str:  # fmt: skip
     """Where the replicas load `model` from: its artifact folder, exported now when it is missing (once, here, never
     in a replica); on torch backends the checkpoint itself (nothing to export)."""
-    from ..backends import check_backend
+    from ..backends import BACKENDS
     from ..cache import engines_dir_or_default
     from ..manifest import MANIFEST_NAME
 
-    check_backend(backend)
+    if backend not in BACKENDS:  # the name only: the replicas' nodes have the device and packages, not this one
+        raise InvalidRequestError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file() or backend in TORCH_BACKENDS:
         return str(path)

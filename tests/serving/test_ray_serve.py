@@ -246,6 +246,30 @@ def test_a_replica_killed_under_load(ray_client, tiny_model):
     assert ray_client.post("/sdapi/v1/txt2img", json=BODY).status_code == 200
 
 
+def test_build_app_scaling_options(ray_url, serving_engines, tiny_sd1):
+    """Replicas or Ray's autoscaling config, and one-line errors for bad ones (before anything is deployed)."""
+    from runtime.errors import InvalidRequestError
+    from runtime.ray_serve import build_app
+
+    model = str(tiny_sd1)
+    engines = str(serving_engines)
+
+    def model_deployment(**args):
+        return build_app(dict(model=model, engines=engines, **args))._bound_deployment.init_args[0]._bound_deployment
+
+    for args in ({"replicas": 3}, {"autoscale": "1:4"}):
+        deployment = model_deployment(**args)
+        if "replicas" in args:
+            assert deployment.num_replicas == 3 and deployment.ray_actor_options["num_cpus"] == 1
+        else:
+            autoscaling = deployment._deployment_config.autoscaling_config
+            assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 4)
+    assert model_deployment(backend="onnxruntime-cuda").ray_actor_options["num_gpus"] == 1  # checked on its nodes
+    for args, message in (({"replicas": 0}, "at least 1"), ({"autoscale": "4:1"}, "MIN <= MAX"), ({}, "args.model")):
+        with pytest.raises(InvalidRequestError, match=message):
+            build_app(dict(model=model, engines=engines, **args) if args else {})
+
+
 def test_cli_ray_options_are_checked_first(tiny_sd1):
     for extra, message in ((["--replicas", "2"], "apply with --ray"), (["--ray", "--autoscale", "3:1"], "MIN <= MAX")):
         argv = [sys.executable, str(ROOT / "cli.py"), "--quiet", "serve", "--model", str(tiny_sd1), *extra]
@@ -258,16 +282,16 @@ def test_shutdown_drains_queued_requests(ray_client, tiny_model):
     shutdown waits for them; the replicas' Services drain). Last: it takes the application down."""
     from ray import serve
 
-    bodies = [dict(BODY, prompt=f"drain {i}", seed=2000 + i, steps=40) for i in range(6)]
+    bodies = [dict(BODY, prompt=f"drain {i}", seed=2000 + i, steps=30 + i) for i in range(6)]  # none batch together
     with ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(ray_client.post, "/sdapi/v1/txt2img", json=body) for body in bodies]
         _wait_for(lambda: ray_client.get("/sdapi/v1/progress").json()["state"]["job_count"] >= 4, 60,
-                  "requests to queue on the replicas")  # fmt: skip
+                  "requests to queue on the replicas")  # 2 running at most: the others queued # fmt: skip
         serve.delete(APP)
         responses = [f.result(timeout=120) for f in futures]
     for body, response in zip(bodies, responses):
         assert response.status_code == 200, response.text
-        alone = tiny_model.txt2img(body["prompt"], negative_prompt="blurry", seed=body["seed"], steps=40,
+        alone = tiny_model.txt2img(body["prompt"], negative_prompt="blurry", seed=body["seed"], steps=body["steps"],
                                    cfg_scale=6.0, width=SIZE, height=SIZE, sampler="Euler a")  # fmt: skip
         assert np.array_equal(_pixels(response.json()["images"][0]), to_uint8(alone.images[0]))
     assert _replica_processes() == {}
