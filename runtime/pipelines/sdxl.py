@@ -4,7 +4,11 @@ Both text encoders read the prompt (each through its own tokenizer: the second p
 hidden states are concatenated along the features ([n, 77, D1 + D2]) and the second encoder's pooled, projected
 output is the UNet's `text_embeds` ([n, P]). The negative prompt is encoded the same way, except that an empty one
 is all zeros when the model's `force_zeros_for_empty_prompt` says so. A1111 emphasis applies per encoder, before
-the concatenation; the pooled output is taken before emphasis (as the A1111 web UI does).
+the concatenation; the pooled output is taken before emphasis (as the A1111 web UI does). An SDXL refiner has the
+second encoder only: its states alone are the UNet's context.
+
+The UNet's `time_ids` (sdxl_time_ids) are the same in every mode: the generation size as original and target size,
+crop (0, 0); a refiner's end with the aesthetic score instead of the target size.
 
 Not yet for SDXL (refused with one line): prompts over one chunk of 75 tokens (and BREAK), AND, prompt editing,
 clip skip.
