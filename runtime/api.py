@@ -80,6 +80,9 @@ class StableDiffusion:
         self.lora_dir: Path | None = None  # where <lora:name> prompt tags are looked up (set_lora_dir)
         self.lora_allow_pickle = False
         self.lora_state = None  # runtime.lora.apply.LoraState, made on first use
+        # where upscaler model files are found by name (hires fix, extras; None: runtime.upscalers' default folder)
+        self.upscaler_dir: Path | None = None
+        self.allow_pickle = False  # upscaler .pth/.pt files (read by the restricted unpickler)
         # Called after every UNet evaluation with the pass's step total (runtime.serving: progress, cancel by
         # raising); None: no hook. Not thread-safe: one caller at a time, as the serving worker guarantees.
         self.step_hook: Callable[[int], None] | None = None
@@ -281,6 +284,19 @@ class StableDiffusion:
         admit(self, request, "upscale")
         images = upscale(self, request, to_model_input(low_res), noise_level)
         return self._result(request, images, {"Noise level": noise_level}, watermark)
+
+    def extras(self, images: list, **options):
+        """A1111's extras upscale (runtime.pipelines.extras.ExtrasOptions: upscaler_1, upscaler_2 with
+        upscaler_2_visibility, resize_mode 0 by upscaling_resize or 1 to upscaling_resize_w x _h, upscaling_crop) of
+        PIL images or image files; an ExtrasResult of PIL images carrying the input's text and A1111's
+        "postprocessing" text. Model upscalers come from `upscaler_dir`, run on this model's backend where they can."""
+        from PIL import Image
+
+        from .pipelines.extras import ExtrasOptions, model_upscaler, postprocess
+
+        settings = ExtrasOptions(**options)
+        images = [image if isinstance(image, Image.Image) else _open_image(image) for image in images]
+        return postprocess(images, settings, lambda name: model_upscaler(self, name))
 
     def _require_channels(self, channels: tuple[int, ...], mode: str) -> None:
         """One clear line when a mode meets a model it cannot run (by the UNet's input channels, and SDXL's modes)."""

@@ -107,6 +107,7 @@ def _generate(args: argparse.Namespace, mode: str, mode_options: dict) -> int:
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     sd.memory_budget = budget  # None: the default, measured before the first request
+    sd.upscaler_dir, sd.allow_pickle = getattr(args, "upscaler_dir", None), args.allow_pickle  # hires upscalers
     sd.vae_tiling = VAE_TILING[args.vae_tiling]
     options = dict(
         negative_prompt=args.negative_prompt,
@@ -154,7 +155,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     add_checkpoint_options(p)
     _add_lora_options(p)
-    p.add_argument("--eta", type=float, default=None, help="DDIM noise multiplier in [0, 1] (default 0)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="noise multiplier in [0, 1]: DDIM's (default 0), ancestral/SDE samplers' (default 1)")
     p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="what runs the models")
     p.add_argument("--precision", default="fp32", help=PRECISION_HELP)
     p.add_argument("--engines", default=None, help=ENGINES_HELP)
@@ -172,7 +174,8 @@ def add_generation_commands(sub) -> None:
     p.add_argument("--hires-scale", type=float, default=None, help="hires fix: upscale by this factor")
     p.add_argument("--hires-width", type=int, default=0, help="hires fix: target width (0: keep the aspect ratio)")
     p.add_argument("--hires-height", type=int, default=0, help="hires fix: target height (0: keep the aspect ratio)")
-    p.add_argument("--hires-upscaler", default="Latent", help="Latent (default), 'Latent (nearest)', Lanczos ...")
+    p.add_argument("--hires-upscaler", default="Latent",
+                   help="Latent (default), 'Latent (nearest)', Lanczos, or an upscaler model's name (--upscaler-dir)")
     p.add_argument("--hires-steps", type=int, default=0, help="hires pass steps (0: the same as --steps)")
     p.add_argument("--hires-strength", type=float, default=0.7, help="hires pass denoising strength (default 0.7)")
     add_upscaler_dir_option(p)  # where --hires-upscaler finds model files

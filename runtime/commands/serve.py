@@ -48,6 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.embeddings:
         sd.load_embeddings(args.embeddings, allow_pickle=args.allow_pickle)
     sd.set_lora_dir(args.lora_dir, allow_pickle=args.allow_pickle)
+    sd.upscaler_dir, sd.allow_pickle = args.upscaler_dir, args.allow_pickle  # /upscalers, extras, hires fix
     sd.memory_budget = budget
     sd.vae_tiling = VAE_TILING[args.vae_tiling]
     config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)

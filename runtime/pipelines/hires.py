@@ -6,9 +6,10 @@ UpscalerLanczos), `modules/images.py` (resize_image), `modules/sd_samplers_commo
 `modules/rng.py` (ImageRNG) and `modules/shared.py` (latent_upscale_modes).
 
 * Upscalers: "Latent" is torch's `F.interpolate(latents, mode="bilinear", antialias=False)` (align_corners False),
-  "Latent (nearest)" and "Latent (nearest-exact)" the nearest modes, all in numpy here. "Lanczos" decodes, turns
-  each image into uint8 by truncation as A1111 does (`(255 * x).astype(uint8)`, not rounding), resizes it with PIL's
-  Lanczos through A1111's upscaler chain, and encodes it again.
+  "Latent (nearest)" and "Latent (nearest-exact)" the nearest modes, all in numpy here. Any other name is an image
+  upscaler of runtime.upscalers ("Lanczos", "Nearest", "None", or a model file of the model's upscaler_dir by A1111's
+  name or file stem): the images are decoded, turned into uint8 by truncation as A1111 does (`(255 *
+  x).astype(uint8)`, not rounding), resized through A1111's resize_image chain with that upscaler, and encoded again.
 * Seeds: A1111's second pass builds a new ImageRNG from the same seeds, so each image's stream starts again from
   seed + i (it does not continue the first pass's stream). sdrt does the same; the Lanczos pass then is exactly
   sdrt's (and diffusers') img2img of the upscaled image: the VAE posterior sample, then the noise, from the fresh
@@ -33,9 +34,11 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InvalidRequestError
-from ..images import LANCZOS, to_model_input
+from ..images import to_model_input
 from ..request import MAX_SIDE, MAX_STEPS, Img2ImgRequest, check_size
+from ..upscalers import find_upscaler, list_upscalers, resize_image
 from .common import decode_latents, encode_images, image_generators
+from .extras import model_upscaler
 from .img2img import denoise_latents
 from .txt2img import txt2img_latents
 
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
     from ..request import Txt2ImgRequest
 
 LATENT_MODES = {"Latent": "bilinear", "Latent (nearest)": "nearest", "Latent (nearest-exact)": "nearest-exact"}
-HIRES_UPSCALERS = (*LATENT_MODES, "Lanczos")
+HIRES_UPSCALERS = (*LATENT_MODES, "Lanczos")  # and every upscaler of runtime.upscalers (the model's upscaler_dir)
 DEFAULT_SCALE = 2.0  # A1111's hr_scale default
 
 
@@ -64,15 +67,16 @@ def hires_fix(
     fields the second pass changes (A1111's hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler as prompt,
     negative_prompt, sampler, schedule; see hires_overrides)."""
     check_hires(model.info, base_request, target_width, target_height, upscaler, hires_steps, hires_strength)
+    image_upscaler = None if upscaler in LATENT_MODES else _image_upscaler(model, upscaler)  # before any work
     scale = model.info["vae_scale_factor"]
     latents = txt2img_latents(model, base_request)  # [B, 4, h, w]
     if model.interrupt_hook is not None and model.interrupt_hook():  # as A1111: no second pass after an interrupt
         return decode_latents(model, latents)  # [B, H, W, 3] at the base size
     cover_w, cover_h = upscale_size(base_request.width, base_request.height, target_width, target_height)
     generators = image_generators(base_request.seed, base_request.batch_size)  # re-seeded, as A1111's second pass
-    if upscaler == "Lanczos":
+    if image_upscaler is not None:
         pixels = truncate_uint8(decode_latents(model, latents))  # [B, H, W, 3]
-        resized = [to_model_input(lanczos_upscale(Image.fromarray(p), cover_w, cover_h)) for p in pixels]
+        resized = [to_model_input(resize_image(image_upscaler, Image.fromarray(p), cover_w, cover_h)) for p in pixels]
         init_latents = encode_images(model, np.concatenate(resized), generators)  # [B, 4, cover_h / f, cover_w / f]
     else:
         init_latents = upscale_latents(latents, cover_h // scale, cover_w // scale, LATENT_MODES[upscaler])
@@ -83,6 +87,17 @@ def hires_fix(
     size = (cover_h, cover_w)  # SDXL's original and target size: A1111's hr_upscale_to_y/x (before the crop)
     latents = denoise_latents(model, request, init_latents, generators, total, start, "hires fix", size=size)
     return decode_latents(model, latents)
+
+
+def _image_upscaler(model: StableDiffusion, name: str):
+    """The runtime.upscalers upscaler `name` of the model's upscaler folder; unknown: the hires choices named."""
+    folder = getattr(model, "upscaler_dir", None)
+    try:
+        find_upscaler(name, folder)
+    except InvalidRequestError:
+        names = [*LATENT_MODES, *(entry.name for entry in list_upscalers(folder))]
+        raise InvalidRequestError(f"unknown hires upscaler {name!r}; choose one of: {', '.join(names)}") from None
+    return model_upscaler(model, name)
 
 
 def hires_target(
@@ -151,8 +166,8 @@ def check_hires(
     hires_strength: float,
 ) -> None:
     """Raise InvalidRequestError unless the hires options suit the model and the (validated) base request."""
-    if upscaler not in HIRES_UPSCALERS:
-        raise InvalidRequestError(f"unknown hires upscaler {upscaler!r}; choose one of: {', '.join(HIRES_UPSCALERS)}")
+    if not isinstance(upscaler, str) or not upscaler:
+        raise InvalidRequestError(f"the hires upscaler must be a name ({', '.join(HIRES_UPSCALERS)}, ...)")
     if isinstance(hires_steps, bool) or not isinstance(hires_steps, int) or not 0 <= hires_steps <= MAX_STEPS:
         raise InvalidRequestError(f"hires steps must be an integer between 0 and {MAX_STEPS}, not {hires_steps!r}")
     strength = hires_strength
@@ -276,21 +291,6 @@ def _nearest_taps(size_in: int, size_out: int, exact: bool) -> np.ndarray:
 def truncate_uint8(images: np.ndarray) -> np.ndarray:
     """float [B, H, W, 3] in [0, 1] -> uint8 by truncation, as A1111 turns decoded samples into PIL images."""
     return (np.float32(255.0) * images.astype(np.float32)).astype(np.uint8)
-
-
-def lanczos_upscale(image: Image.Image, width: int, height: int) -> Image.Image:
-    """A1111's resize_image(0, image, width, height, upscaler_name="Lanczos"): when enlarging, the Lanczos upscaler
-    scales both sides by max(width / w, height / h) and resizes to that size floored to a multiple of 8 if it
-    differs; any remaining difference to width x height is one more Lanczos resize."""
-    scale = max(width / image.width, height / image.height)
-    if scale > 1.0:
-        multiple_of_8 = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))
-        image = image.resize((int(image.width * scale), int(image.height * scale)), resample=LANCZOS)
-        if image.size != multiple_of_8:
-            image = image.resize(multiple_of_8, resample=LANCZOS)
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=LANCZOS)
-    return image
 
 
 # ---- first pass --------------------------------------------------------------------------------------------------

@@ -22,6 +22,12 @@ def _require_packages() -> None:
         raise BackendUnavailableError(message) from None
 
 
+# uvicorn's HTTP parser, fixed rather than "auto": with httptools installed (ray[serve] pulls uvicorn[standard]) auto
+# picks it, and it answers an unknown method with a bare 400 before the app can say 405 and which methods the path
+# allows; h11 hands every request to the app, so the server answers the same whatever else is installed.
+HTTP_IMPLEMENTATION = "h11"
+
+
 def serve(
     service, host: str = "127.0.0.1", port: int = 7860, limits=None, log_level: str = "info", options=None
 ) -> None:
@@ -33,7 +39,8 @@ def serve(
     from .app import create_app
 
     flags = {"listen": host not in ("127.0.0.1", "localhost", "::1"), "port": port, "server_name": host}
-    uvicorn.run(create_app(service, limits, options=options, flags=flags), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(service, limits, options=options, flags=flags), host=host, port=port, log_level=log_level,
+                http=HTTP_IMPLEMENTATION)  # fmt: skip
 
 
 class ServerThread:
@@ -47,7 +54,8 @@ class ServerThread:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, 0))
         self.url = f"http://{host}:{self.socket.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                                http=HTTP_IMPLEMENTATION)  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 

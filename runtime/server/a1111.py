@@ -32,7 +32,6 @@ SCHEDULER_FACTS = {
     "SGM Uniform": {"aliases": ["SGMUniform"], "need_inner_model": True},
     **{t: {"need_inner_model": True} for t in ("Uniform", "Simple", "Normal", "DDIM", "Beta")},
 }
-IMAGE_UPSCALERS = ("Lanczos",)  # hr_upscaler names that work on pixels (runtime.pipelines.hires)
 LATENT_UPSCALERS = ("Latent", "Latent (nearest)", "Latent (nearest-exact)")  # A1111's latent upscale modes
 
 

@@ -35,6 +35,8 @@ from ..errors import (
 from ..samplers import SAMPLER_NAMES, resolve_sampler
 from ..serving import Job, Service
 from . import a1111
+from .extras import ROUTES as EXTRAS_ROUTES
+from .extras import add_extras_routes
 from .metrics import Guard, Metrics
 from .openapi import BODY_ERRORS, GENERATION_ERRORS, PLAIN_ERRORS, add_docs, error_responses, stated_openapi
 from .options import ServerOptions
@@ -68,7 +70,7 @@ ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdap
           "/metrics", "/openapi.json", "/docs", "/sdapi/v1/options", "/sdapi/v1/loras", "/sdapi/v1/embeddings",
           "/sdapi/v1/upscalers", "/sdapi/v1/latent-upscale-modes", "/sdapi/v1/sd-vae", "/sdapi/v1/cmd-flags",
           "/sdapi/v1/prompt-styles", "/sdapi/v1/memory", "/sdapi/v1/scripts", "/sdapi/v1/script-info",
-          "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/skip"}  # fmt: skip
+          "/sdapi/v1/refresh-checkpoints", "/sdapi/v1/skip", *EXTRAS_ROUTES}  # fmt: skip
 PLAIN, POSTED, GENERATION = (error_responses(c) for c in (PLAIN_ERRORS, BODY_ERRORS, GENERATION_ERRORS))
 REPLICA_HEADER = "x-sdrt-replica"  # where a generation ran, when that is not this process
 
@@ -343,9 +345,11 @@ def _add_listing_routes(app: FastAPI) -> None:
         return a1111.embeddings(request.app.state.service.model)
 
     @app.get("/sdapi/v1/upscalers", response_model=list[UpscalerItem], responses=PLAIN)
-    async def upscalers():
-        return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-                for name in a1111.IMAGE_UPSCALERS]  # fmt: skip
+    async def upscalers(request: Request):
+        from ..upscalers import list_upscalers
+
+        folder = getattr(request.app.state.service.model, "upscaler_dir", None)
+        return [entry.as_a1111() for entry in await asyncio.to_thread(list_upscalers, folder)]
 
     @app.get("/sdapi/v1/latent-upscale-modes", response_model=list[LatentUpscaleModeItem], responses=PLAIN)
     async def latent_upscale_modes():
@@ -359,4 +363,4 @@ def _add_listing_routes(app: FastAPI) -> None:
 
 # Every route of the A1111 API, registered in this order by create_app (runtime.ray_serve's ingress too): a new
 # group of routes is one more `add(app)` function here.
-ROUTE_TABLE = (_add_generation_routes, _add_info_routes, add_startup_routes, add_docs)
+ROUTE_TABLE = (_add_generation_routes, _add_info_routes, add_extras_routes, add_startup_routes, add_docs)

@@ -11,8 +11,9 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 
-from ..pipelines.hires import HIRES_UPSCALERS
+from ..pipelines.hires import LATENT_MODES
 from ..samplers import SAMPLER_NAMES, resolve_sampler
+from ..upscalers import BUILTIN_UPSCALERS, list_upscalers
 from .schemas import ErrorResponse, ValidationErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -82,8 +83,10 @@ def stated_openapi(app: FastAPI, limits, schedulers: list[str]) -> Callable[[], 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            state_limits(schema["components"]["schemas"], limits, schedulers)
-            for name in ("Txt2ImgBody", "Img2ImgBody"):
+            folder = getattr(app.state.service.model, "upscaler_dir", None)
+            upscalers = [entry.name for entry in list_upscalers(folder)]  # the upscaler folder as the schema is made
+            state_limits(schema["components"]["schemas"], limits, schedulers, upscalers)
+            for name in ("Txt2ImgBody", "Img2ImgBody", "ExtrasSingleImageBody", "ExtrasBatchImagesBody"):
                 allow_null(schema["components"]["schemas"].get(name, {}).get("properties", {}))
             app.openapi_schema = schema
         return app.openapi_schema
@@ -108,10 +111,12 @@ def _constrain(prop: dict, **keywords) -> None:
         branch.update(keywords)
 
 
-def state_limits(schemas: dict, limits, schedulers: list[str]) -> None:
-    """Write the server's limits and enums into the request body schemas (in place)."""
+def state_limits(schemas: dict, limits, schedulers: list[str], upscalers: list[str] | None = None) -> None:
+    """Write the server's limits and enums into the request body schemas (in place); `upscalers`: the image upscalers
+    served (runtime.upscalers' names; default the built-ins), which hr_upscaler takes besides the latent modes."""
     image_chars = limits.max_image_bytes * 4 // 3 + 4  # base64 of the largest image accepted
-    samplers, upscalers = sampler_labels(), list(HIRES_UPSCALERS)
+    upscalers = list(BUILTIN_UPSCALERS) if upscalers is None else upscalers
+    samplers, hires_upscalers = sampler_labels(), [*LATENT_MODES, *upscalers]
     for name in ("Txt2ImgBody", "Img2ImgBody"):
         props = schemas.get(name, {}).get("properties", {})
         for field in ("width", "height"):
@@ -130,7 +135,7 @@ def state_limits(schemas: dict, limits, schedulers: list[str]) -> None:
             if field in props:
                 _constrain(props[field], enum=schedulers)
         if "hr_upscaler" in props:
-            _constrain(props["hr_upscaler"], enum=upscalers)
+            _constrain(props["hr_upscaler"], enum=hires_upscalers)
         if "resize_mode" in props:
             _constrain(props["resize_mode"], enum=[0, 1, 2, 3])
         if "mask" in props:
@@ -139,5 +144,14 @@ def state_limits(schemas: dict, limits, schedulers: list[str]) -> None:
             for branch in props["init_images"].get("anyOf", []):
                 if branch.get("type") == "array":
                     branch["items"]["maxLength"] = image_chars
+    for name in ("ExtrasSingleImageBody", "ExtrasBatchImagesBody"):
+        props = schemas.get(name, {}).get("properties", {})
+        for field in ("upscaler_1", "upscaler_2"):
+            if field in props:
+                _constrain(props[field], enum=upscalers)
+        if "resize_mode" in props:
+            _constrain(props["resize_mode"], enum=[0, 1])
+        if "image" in props:
+            _constrain(props["image"], maxLength=image_chars)
     if "PngInfoBody" in schemas:
         schemas["PngInfoBody"]["properties"]["image"]["maxLength"] = image_chars

@@ -39,7 +39,7 @@ from .jobs import Job, ProgressCallback
 
 logger = logging.getLogger(__name__)
 
-MODES = ("txt2img", "img2img", "inpaint", "outpaint", "depth2img", "upscale")
+MODES = ("txt2img", "img2img", "inpaint", "outpaint", "depth2img", "upscale", "extras")  # extras: A1111's upscale
 TXT2IMG_EXTRAS = ("hires_scale", "hires_width", "hires_height", "hires_upscaler", "hires_steps", "hires_strength",
                   "hires_prompt", "hires_negative_prompt", "hires_sampler", "hires_schedule", "loras",
                   "lora_dir")  # options of StableDiffusion.txt2img beyond the request's fields

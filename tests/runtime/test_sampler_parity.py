@@ -69,7 +69,8 @@ def test_eta_only_where_the_sampler_takes_it(tiny_sd1, engines, tmp_path, capsys
     argv = ["--quiet", "txt2img", "--model", str(tiny_sd1), "--engines", str(engines), "--prompt", "a cat"]
     argv += ["--sampler", "Euler", "--eta", "0.3", "--output", str(tmp_path / "x.png")]
     assert cli.main(argv) == 2
-    assert capsys.readouterr().err.strip() == "error: eta applies to DDIM and the ancestral and SDE samplers, not to Euler"
+    expected = "error: eta applies to DDIM and the ancestral and SDE samplers, not to Euler"
+    assert capsys.readouterr().err.strip() == expected
 
 
 def test_samplers_command_lists_every_sampler(capsys):

@@ -203,7 +203,7 @@ def test_hires_fix_fields(client, tiny_model):
 def test_settings_loras_embeddings_and_upscalers(client, tiny_model, tmp_path, monkeypatch):
     """The listings A1111 clients read first, in A1111's field names (modules/api/models.py); the LoRA listing is the
     folder's .safetensors files by stem (pickles only with allow_pickle), as <lora:name> tags find them."""
-    from runtime.pipelines.hires import HIRES_UPSCALERS
+    from runtime.pipelines.hires import HIRES_UPSCALERS, LATENT_MODES
     from runtime.prompts.embeddings import EmbeddingDatabase, TextualInversion
 
     (tmp_path / "style.safetensors").write_bytes(b"x")
@@ -230,7 +230,8 @@ def test_settings_loras_embeddings_and_upscalers(client, tiny_model, tmp_path, m
 
     upscalers = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
     latent = [u["name"] for u in client.get("/sdapi/v1/latent-upscale-modes").json()]
-    assert sorted(upscalers + latent) == sorted(HIRES_UPSCALERS)  # every hr_upscaler the server accepts, listed once
+    assert upscalers == ["None", "Lanczos", "Nearest"] and latent == list(LATENT_MODES)  # no upscaler files here
+    assert set(HIRES_UPSCALERS) <= set(upscalers + latent)  # every hr_upscaler the server takes is listed
     assert client.get("/sdapi/v1/sd-vae").json() == []  # no --vae override
 
     settings = client.get("/sdapi/v1/options").json()
