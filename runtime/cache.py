@@ -19,6 +19,8 @@ from .manifest import MANIFEST_NAME
 HOME_VARIABLE = "SDRT_HOME"
 ENGINES_FOLDER = "engines"
 SINGLE_FILE_FOLDER = "single-file"  # runtime.single_file's converted checkpoints
+UPSCALER_FOLDER = "upscalers"  # runtime.upscalers' exported upscaler models
+NESTED_KINDS = {SINGLE_FILE_FOLDER: "single file", UPSCALER_FOLDER: "upscaler"}  # folders of entries, by kind
 _ENTRY_NAME = re.compile(r"^[\w.-]+-[0-9a-f]{10}$")  # runtime.checkpoint.model_key: <name>-<short hash>
 
 
@@ -45,24 +47,24 @@ class CacheEntry:
     path: Path
     name: str  # the folder relative to the engines folder: "<model>-<hash>" or "single-file/<stem>-<hash>-..."
     size: int  # bytes under the folder
-    kind: str  # "export", "unfinished export" (no manifest yet) or "single file" (a converted checkpoint)
+    kind: str  # "export", "unfinished export" (no manifest yet), "single file" (a converted checkpoint), "upscaler"
 
 
 def cache_entries(engines_dir: Path) -> list[CacheEntry]:
-    """The artifact folders under `engines_dir` (exports and converted single files), by name."""
+    """The artifact folders under `engines_dir` (exports, converted single files, exported upscalers), by name."""
     folders = []
     if engines_dir.is_dir():
         folders = [p for p in engines_dir.iterdir() if p.is_dir() and _ENTRY_NAME.match(p.name)]
-        single = engines_dir / SINGLE_FILE_FOLDER
-        if single.is_dir():
-            folders += [p for p in single.iterdir() if p.is_dir()]
+        for nested in NESTED_KINDS:
+            if (engines_dir / nested).is_dir():
+                folders += [p for p in (engines_dir / nested).iterdir() if p.is_dir()]
     entries = [CacheEntry(p, p.relative_to(engines_dir).as_posix(), _folder_size(p), _kind(p)) for p in folders]
     return sorted(entries, key=lambda e: e.name)
 
 
 def _kind(folder: Path) -> str:
-    if folder.parent.name == SINGLE_FILE_FOLDER:
-        return "single file"
+    if folder.parent.name in NESTED_KINDS:
+        return NESTED_KINDS[folder.parent.name]
     return "export" if (folder / MANIFEST_NAME).is_file() else "unfinished export"
 
 
@@ -83,7 +85,7 @@ def clear_cache(engines_dir: Path, names: list[str] | None = None) -> list[Cache
     single = engines_dir / SINGLE_FILE_FOLDER
     if single.is_dir() and not any(single.iterdir()):
         single.rmdir()
-    return entries
+    return entries  # (the upscaler folder keeps its hashes.json: a cache of file hashes, not of artifacts)
 
 
 def _folder_size(folder: Path) -> int:

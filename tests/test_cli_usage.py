@@ -59,27 +59,31 @@ def test_quiet_after_the_subcommand_silences_the_torch_backend(tiny_sd1, tmp_pat
 
 def test_cache_list_and_clear(tmp_path, capsys):
     engines = tmp_path / "engines"
-    for entry in ("tiny-0123456789", "other-abcdef0123", "single-file/model-0123456789-sd1"):
+    for entry in ("tiny-0123456789", "other-abcdef0123", "single-file/model-0123456789-sd1",
+                  "upscalers/4x-ultra-0123456789"):  # fmt: skip
         (engines / entry / "onnx").mkdir(parents=True)
         (engines / entry / "onnx" / "unet.onnx").write_bytes(b"\0" * 2**20)
     (engines / "tiny-0123456789" / "manifest.json").write_text("{}")
+    (engines / "upscalers" / "hashes.json").write_text("{}")  # the upscaler files' hash cache: not an entry
     (engines / "notes.txt").write_text("not an artifact")
     (engines / "my-folder").mkdir()
 
     assert cli.main(["cache", "list", "--engines", str(engines)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[2] for line in lines[:-1]] == [
-        "other-abcdef0123", "single-file/model-0123456789-sd1", "tiny-0123456789"
+        "other-abcdef0123", "single-file/model-0123456789-sd1", "tiny-0123456789", "upscalers/4x-ultra-0123456789"
     ]  # fmt: skip
     assert "(unfinished export)" in lines[0] and "(single file)" in lines[1] and "(export)" in lines[2]
-    assert lines[0].split()[0] == "1.0" and lines[-1].startswith("3 entries, 3.0 MiB in ")
+    assert "(upscaler)" in lines[3]
+    assert lines[0].split()[0] == "1.0" and lines[-1].startswith("4 entries, 4.0 MiB in ")
 
     assert cli.main(["cache", "clear", "tiny-0123456789", "--engines", str(engines), "--quiet"]) == 0
     assert not (engines / "tiny-0123456789").exists() and (engines / "other-abcdef0123").exists()
     assert cli.main(["cache", "clear", "nope-0123456789", "--engines", str(engines)]) == 2
     assert "no cache entry named nope-0123456789" in capsys.readouterr().err
     assert cli.main(["cache", "clear", "--engines", str(engines)]) == 0
-    assert sorted(p.name for p in engines.iterdir()) == ["my-folder", "notes.txt"]  # only artifacts go
+    assert sorted(p.name for p in engines.iterdir()) == ["my-folder", "notes.txt", "upscalers"]  # only artifacts go
+    assert [p.name for p in (engines / "upscalers").iterdir()] == ["hashes.json"]
 
 
 def test_cache_uses_sdrt_home(tmp_path, monkeypatch, capsys):
