@@ -71,7 +71,8 @@ def _serve_on_ray(args: argparse.Namespace, limits, options, budget: int | None)
         raise InvalidRequestError(f"--replicas must be at least 1, not {args.replicas}")
     app_args = {"model": args.model, "backend": args.backend, "precision": args.precision, "engines": args.engines,
                 "allow_pickle": args.allow_pickle, **checkpoint_options(args), "lora_dir": args.lora_dir,
-                "embeddings": args.embeddings, "memory_budget": budget, "vae_tiling": VAE_TILING[args.vae_tiling],
+                "embeddings": args.embeddings, "upscaler_dir": getattr(args, "upscaler_dir", None),
+                "memory_budget": budget, "vae_tiling": VAE_TILING[args.vae_tiling],
                 "batching": not args.no_batching, "max_batch_images": args.max_batch_images,
                 "limits": dataclasses.asdict(limits), "options": dataclasses.asdict(options),
                 "flags": {"listen": args.host not in ("127.0.0.1", "localhost", "::1"), "port": args.port,

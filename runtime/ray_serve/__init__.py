@@ -70,7 +70,7 @@ def build_app(args: dict):
     """The Serve application of `args` (the `args:` of deploy/ray-serve.yaml, or what `cli.py serve --ray` passes):
 
     model (required), backend, precision, engines, allow_pickle, vae, tokenizer, prediction_type, lora_dir,
-    embeddings, memory_budget (bytes), vae_tiling (null/true/false), batching, max_batch_images,
+    embeddings, upscaler_dir, memory_budget (bytes), vae_tiling (null/true/false), batching, max_batch_images,
     replicas (int) or autoscale ("MIN:MAX"), replica_cpus (CPU backends; default 1), batch_wait_s,
     limits ({max_side, max_steps, max_images, max_body_bytes, request_timeout, max_prompt_chars, ...}),
     options ({cors_allow_origins, cors_allow_origins_regex, read_timeout, styles}), flags (/cmd-flags extras).
@@ -87,7 +87,8 @@ def build_app(args: dict):
     limits = dict(args.get("limits") or {})
     spec = {"path": path, "backend": backend, "precision": args.get("precision", "fp32"), "allow_pickle": allow_pickle,
             "lora_dir": args.get("lora_dir"), "embeddings": args.get("embeddings"),
-            "memory_budget": args.get("memory_budget"), "vae_tiling": args.get("vae_tiling"),
+            "upscaler_dir": args.get("upscaler_dir"), "memory_budget": args.get("memory_budget"),
+            "vae_tiling": args.get("vae_tiling"),
             "batching": bool(args.get("batching", True)), "max_batch_images": int(args.get("max_batch_images", 8)),
             "batch_wait_s": float(args.get("batch_wait_s", 0.02)),
             "limits": limits, **(checkpoint if backend in ("torch", "torch-cuda") else {})}  # fmt: skip

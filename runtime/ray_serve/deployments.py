@@ -74,11 +74,14 @@ class ModelView:
     lora_dir: object
     lora_allow_pickle: bool
     prompt_limits: object = None
+    upscaler_dir: object = None  # /upscalers lists its models
+    allow_pickle: bool = False
 
     @classmethod
     def of(cls, sd) -> ModelView:
         return cls(sd.name, sd.key, sd.info, SimpleNamespace(name=sd.backend.name), sd.precision, sd.embeddings,
-                   sd.lora_dir, sd.lora_allow_pickle, sd.prompt_limits)  # fmt: skip
+                   sd.lora_dir, sd.lora_allow_pickle, sd.prompt_limits, getattr(sd, "upscaler_dir", None),
+                   getattr(sd, "allow_pickle", False))  # fmt: skip
 
 
 @dataclass
@@ -143,6 +146,7 @@ class SdrtModel:
         if spec.get("embeddings"):
             sd.load_embeddings(spec["embeddings"], allow_pickle=spec.get("allow_pickle", False))
         sd.set_lora_dir(spec.get("lora_dir"), allow_pickle=spec.get("allow_pickle", False))
+        sd.upscaler_dir, sd.allow_pickle = spec.get("upscaler_dir"), spec.get("allow_pickle", False)  # as cli serve
         sd.memory_budget = spec.get("memory_budget")
         sd.vae_tiling = spec.get("vae_tiling")
         sd.prompt_limits = a1111.Limits(**spec.get("limits", {})).prompt_limits()
@@ -165,7 +169,7 @@ class SdrtModel:
             item.cancel()
             raise
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=4)  # queued behind a running one
     async def _batched(self, items: list[_Item]) -> list[Outcome]:
         await asyncio.to_thread(self._submit, items)
         waiting = [asyncio.wrap_future(item.job.future) for item in items if item.job is not None]
