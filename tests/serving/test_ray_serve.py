@@ -186,7 +186,7 @@ def test_progress_interrupt_and_cancel_reach_the_replicas(ray_url, ray_client):
     # alone takes over 20 s here; it is gone within a few seconds of the client)
     cancelled = _metric(ray_client.get("/metrics").text, "cancelled")
     with pytest.raises(httpx.TimeoutException):
-        httpx.post(f"{ray_url}/sdapi/v1/txt2img", json=dict(LONG, seed=9, width=96, height=96), timeout=1.5)
+        httpx.post(f"{ray_url}/sdapi/v1/txt2img", json=dict(LONG, seed=9, width=96, height=96), timeout=3)
     _wait_for(lambda: ray_client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0, 6,
               "the cancelled request to stop")  # fmt: skip
     assert _metric(ray_client.get("/metrics").text, "cancelled") == cancelled + 1
