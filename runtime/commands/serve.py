@@ -40,6 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             styles)  # fmt: skip
     budget = memory_budget(args)
     if args.ray:
+        if args.refiner:
+            raise InvalidRequestError("--refiner is not available with --ray")
         return _serve_on_ray(args, limits, options, budget)
     if args.replicas is not None or args.autoscale or args.address:
         raise InvalidRequestError("--replicas, --autoscale and --address apply with --ray")
@@ -51,11 +53,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sd.upscaler_dir, sd.allow_pickle = args.upscaler_dir, args.allow_pickle  # /upscalers, extras, hires fix
     sd.memory_budget = budget
     sd.vae_tiling = VAE_TILING[args.vae_tiling]
+    if args.refiner:
+        sd.refiner = _load_refiner(args, sd)
     config = ServiceConfig(batching=not args.no_batching, max_batch_images=args.max_batch_images)
     with Service(sd, config) as service:
         print(f"serving {sd.name} on http://{args.host}:{args.port} (docs at /docs, metrics at /metrics)")
         serve(service, args.host, args.port, limits, log_level="warning" if args.quiet else "info", options=options)
     return 0
+
+
+def _load_refiner(args: argparse.Namespace, sd):
+    """--refiner loaded once as the served model is (backend, engines, precision); requests name it by
+    refiner_checkpoint (runtime.server.fields.refiner_of)."""
+    from .. import load
+    from ..pipelines.refiner import check_refiner
+
+    refiner = load(args.refiner, backend=args.backend, engines_dir=args.engines, allow_pickle=args.allow_pickle,
+                   precision=args.precision)  # fmt: skip
+    check_refiner(sd, refiner, 0.8)  # both SDXL, the served one a base: an error now, not on every request
+    refiner.vae_tiling = sd.vae_tiling  # the refiner's VAE decodes
+    return refiner
 
 
 def _serve_on_ray(args: argparse.Namespace, limits, options, budget: int | None) -> int:
@@ -102,6 +119,8 @@ def add_serve_command(sub) -> None:
     p.add_argument("--engines", default=None, help=ENGINES_HELP)
     p.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     add_checkpoint_options(p)
+    p.add_argument("--refiner", default=None, metavar="MODEL",
+                   help="SDXL: a refiner served beside the model (refiner_checkpoint, refiner_switch_at)")  # fmt: skip
     p.add_argument("--lora-dir", default=None, help="folder where <lora:name:weight> prompt tags find their files")
     p.add_argument("--embeddings", default=None, help="folder of textual-inversion embeddings, used by name")
     add_upscaler_dir_option(p)  # /sdapi/v1/upscalers, extras and hires fix

@@ -170,6 +170,10 @@ def _prepare(body: GenerationBody, limits: Limits, state) -> tuple[str, dict]:
 def txt2img_calls(body: Txt2ImgBody, limits: Limits, state=None) -> list[Call]:
     """The runtime calls of a txt2img body; `state`: the app's state (service, settings, styles)."""
     prompt, options, _ = _prepare(body, limits, state)
+    model = getattr(getattr(state, "service", None), "model", None)
+    refiner = fields.refiner_of(body, model) if model is not None else None
+    if refiner is not None:  # the served refiner takes over at the switch (runs alone: never batched)
+        options.update(refiner=refiner[0], refiner_switch_at=refiner[1])
     if body.enable_hr:
         options.update(hires_upscaler=body.hr_upscaler or "Latent", hires_steps=body.hr_second_pass_steps)
         options["hires_strength"] = 0.7 if body.denoising_strength is None else body.denoising_strength
@@ -289,12 +293,17 @@ def response(
         "sd_model_hash": model_hash(model), "sd_vae_name": source.get("vae"), "sd_vae_hash": source.get("vae_hash"),
         "seed_resize_from_w": resize[0], "seed_resize_from_h": resize[1],
         "denoising_strength": results[0].parameters.get("Denoising strength"),  # img2img's, or hires fix's
-        "extra_generation_params": extra_keys or {},
+        "extra_generation_params": extra_keys or _refiner_keys(results[0].parameters),
         "index_of_first_image": 0, "infotexts": infotexts, "styles": body.styles or [],
         "job_timestamp": job_timestamp or time.strftime("%Y%m%d%H%M%S"), "clip_skip": first.clip_skip,
         "is_using_inpainting_conditioning": model.info["unet_in_channels"] == 9, "version": f"sdrt {__version__}",
     }  # fmt: skip
     return {"images": images if body.send_images else [], "parameters": parameters, "info": json.dumps(info)}
+
+
+def _refiner_keys(parameters: dict) -> dict:
+    """The refiner's infotext entries, which A1111 also reports in extra_generation_params."""
+    return {key: parameters[key] for key in ("Refiner", "Refiner switch at") if key in parameters}
 
 
 def png_info(data: str, limits: Limits) -> dict:
@@ -319,6 +328,13 @@ def model_hash(model) -> str:
 def model_title(model) -> str:
     """The checkpoint's A1111 title, "name [hash]" (what sd_model_checkpoint holds)."""
     return f"{model.name} [{model_hash(model)}]"
+
+
+def sd_models(model) -> list[dict]:
+    """GET /sdapi/v1/sd-models: the served checkpoint, and the refiner served beside it (serve --refiner)."""
+    served = [model, *([model.refiner] if getattr(model, "refiner", None) is not None else [])]
+    return [{"title": model_title(m), "model_name": m.name, "hash": model_hash(m), "sha256": None,
+             "filename": str(m.info.get("path", m.name)), "config": None} for m in served]  # fmt: skip
 
 
 def options(model, state=None) -> dict:

@@ -292,9 +292,7 @@ def _add_info_routes(app: FastAPI) -> None:
 
     @app.get("/sdapi/v1/sd-models", response_model=list[SDModelItem], responses=PLAIN)
     async def sd_models(request: Request):
-        model = request.app.state.service.model
-        return [{"title": a1111.model_title(model), "model_name": model.name, "hash": a1111.model_hash(model),
-                 "sha256": None, "filename": str(model.info.get("path", model.name)), "config": None}]  # fmt: skip
+        return a1111.sd_models(request.app.state.service.model)
 
     _add_listing_routes(app)
 

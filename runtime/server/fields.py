@@ -71,13 +71,63 @@ def check_checkpoint(key: str, wanted, model, served: str) -> None:
     """A checkpoint name (A1111's title "name [hash]", file name or hash) must be the served one."""
     from .a1111 import model_hash
 
+    if not names_checkpoint(wanted, model, served, {model_hash(model)}):
+        raise FieldError(key, f"this server serves only {served!r}, not {wanted!r}")
+
+
+def names_checkpoint(wanted, model, title: str, hashes: set[str]) -> bool:
+    """Whether `wanted` names `model` as A1111 clients send a checkpoint: its title "name [hash]", its name, its file
+    name (with or without folders and suffix) or one of its `hashes`."""
     text = str(wanted).strip()
     name, _, tag = text.partition(" [")
-    if tag and tag.rstrip("]") != model_hash(model):
+    if tag and tag.rstrip("]") not in hashes:
         name = ""  # another checkpoint of the same name
     stem = name.rsplit("/", 1)[-1].rsplit(".", 1)[0] if "." in name else name
-    if text not in (model_hash(model), served) and model.name not in (name, stem):
-        raise FieldError(key, f"this server serves only {served!r}, not {wanted!r}")
+    return text == title or text in hashes or model.name in (name, stem)
+
+
+NO_REFINER = (None, "", "None", "none")  # refiner_checkpoint values A1111 reads as no refiner
+
+
+def refiner_of(body, model) -> tuple[object, float] | None:
+    """(the served refiner, the switch) when a body's refiner_checkpoint names the refiner served beside `model`
+    (serve --refiner) and refiner_switch_at < 1; None when it runs no refiner: no refiner_checkpoint, the served
+    model itself (A1111 skips a refiner that is the loaded model), or a switch at 1 or later (A1111 never hands
+    over then). FieldError naming the field otherwise."""
+    from .a1111 import model_hash, model_title
+
+    wanted = body.refiner_checkpoint
+    if wanted in NO_REFINER:
+        return None
+    refiner = getattr(model, "refiner", None)
+    if refiner is not None and names_checkpoint(wanted, refiner, model_title(refiner), _hashes(refiner)):
+        pass
+    elif names_checkpoint(wanted, model, model_title(model), {model_hash(model)}):
+        return None
+    elif refiner is None:
+        _refuse("refiner_checkpoint", f"no refiner is served (serve --refiner MODEL), not {wanted!r}")
+    else:
+        _refuse("refiner_checkpoint", f"this server's refiner is {model_title(refiner)!r}, not {wanted!r}")
+    switch = body.refiner_switch_at
+    if switch is None:  # A1111 then hands over at the first step: the refiner alone, which sdrt does not run
+        _refuse("refiner_switch_at", "give the fraction of the schedule after which the refiner runs, in (0, 1] "
+                                     "(A1111's UI default: 0.8)")  # fmt: skip
+    if not (math.isfinite(switch) and switch > 0):
+        _refuse("refiner_switch_at", f"must be a number in (0, 1], not {switch!r}")
+    if switch >= 1:
+        return None
+    if not hasattr(body, "enable_hr"):
+        _refuse("refiner_checkpoint", "the refiner runs with txt2img only on this server")
+    if body.enable_hr:
+        _refuse("refiner_checkpoint", "the refiner with the hires fix is not supported; set enable_hr false")
+    return refiner, float(switch)
+
+
+def _hashes(model) -> set[str]:
+    """A checkpoint's hashes as A1111 clients may send them: its title's and its infotexts' (the key's)."""
+    from .a1111 import model_hash
+
+    return {model_hash(model), model.key.rsplit("-", 1)[-1]}
 
 
 def apply_settings(settings: dict, changes: dict, model, served: str) -> dict:
@@ -123,8 +173,7 @@ def refuse_unsupported(body, served_checkpoint: str, model) -> None:
         _refuse("tiling", "tiling (seamless images) is not supported")
     if body.s_min_uncond not in (None, 0, 0.0):
         _refuse("s_min_uncond", "skipping the unconditional pass at low sigmas is not supported; use 0")
-    if body.refiner_checkpoint not in (None, "", "None"):
-        _refuse("refiner_checkpoint", "no refiner is served (one checkpoint is served)")
+    refiner_of(body, model)  # a refiner it cannot run: refused by field
     if body.firstpass_image is not None:
         _refuse("firstpass_image", "a given first-pass image is not supported")
     if body.script_name not in (None, "", "None"):

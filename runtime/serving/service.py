@@ -9,7 +9,7 @@
 
 Plain txt2img requests that agree on every setting except prompt, negative prompt, seed and batch size run in
 one UNet batch (runtime.serving.batching; `batching=False` turns it off); everything else (img2img, inpaint,
-hires fix, inpainting models, prompts with extra networks) runs alone through the StableDiffusion method.
+hires fix, a refiner, inpainting models, prompts with extra networks) runs alone through the StableDiffusion method.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ from .jobs import Job, ProgressCallback
 logger = logging.getLogger(__name__)
 
 MODES = ("txt2img", "img2img", "inpaint", "outpaint", "depth2img", "upscale", "extras")  # extras: A1111's upscale
+# fmt: off
 TXT2IMG_EXTRAS = ("hires_scale", "hires_width", "hires_height", "hires_upscaler", "hires_steps", "hires_strength",
-                  "hires_prompt", "hires_negative_prompt", "hires_sampler", "hires_schedule", "loras",
-                  "lora_dir")  # options of StableDiffusion.txt2img beyond the request's fields
+                  "hires_prompt", "hires_negative_prompt", "hires_sampler", "hires_schedule", "loras", "lora_dir",
+                  "refiner", "refiner_switch_at")  # options of StableDiffusion.txt2img beyond the request's fields
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,8 @@ class Service:
         hires = extras.get("hires_scale") or extras.get("hires_width") or extras.get("hires_height")
         loras = extras.get("loras") or extras.get("lora_dir") is not None
         key = batch_key(request)
-        if hires or loras or self.model.info["unet_in_channels"] != 4 or key is None:
+        refined = extras.get("refiner") is not None  # two models in turn: runs alone
+        if hires or loras or refined or self.model.info["unet_in_channels"] != 4 or key is None:
             key = None
         else:
             key = (key, watermark)
@@ -228,8 +231,10 @@ class Service:
             group, rows = [first], first.rows
             if self.config.batching and first.key is not None:
                 for job in list(self._queue):
-                    if job.key == first.key and rows + job.rows <= self.config.max_batch_images and self._fits(
-                        group + [job], rows + job.rows
+                    if (
+                        job.key == first.key
+                        and rows + job.rows <= self.config.max_batch_images
+                        and self._fits(group + [job], rows + job.rows)
                     ):
                         self._queue.remove(job)
                         group.append(job)
@@ -307,14 +312,15 @@ class Service:
             request = options["request"]
             fields = {k: v for k, v in vars(request).items() if k != "prompt"}
             options = dict(fields, **options["extras"], watermark=options["watermark"])
-        self.model.step_hook = hook
         interrupted = _InterruptCheck([job])
-        self.model.interrupt_hook = interrupted
+        models = [self.model, *([options["refiner"]] if options.get("refiner") is not None else [])]
+        for model in models:  # a refiner's steps report progress and stop as the base's do
+            model.step_hook, model.interrupt_hook = hook, interrupted
         try:
             result = getattr(self.model, job.mode)(*job.args, **options)
         finally:
-            self.model.step_hook = None
-            self.model.interrupt_hook = None
+            for model in models:
+                model.step_hook = model.interrupt_hook = None
         job.finish(dataclasses.replace(result, interrupted=True) if interrupted.fired else result)
 
     def _run_batched(self, group: list[Job]) -> None:
@@ -364,7 +370,6 @@ class Service:
                 raise _Abandoned
 
         return on_step
-
 
 
 class _InterruptCheck:
