@@ -7,6 +7,7 @@ that table, so prompt editing costs nothing per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,9 @@ import numpy as np
 from ..backends import TextTables
 from ..errors import InvalidRequestError
 from ..prompts import (
+    EmbeddingLookup,
+    PromptChunks,
+    PromptTokenizer,
     apply_emphasis,
     apply_fixes,
     check_emphasis_mode,
@@ -53,19 +57,41 @@ def encode_groups(model: StableDiffusion, groups: list[list[str]], emphasis: str
     rescaling spans the group's texts (A1111 rescales over the whole batch it encoded together).
     """
     lookup = model.embedding_lookup  # textual inversion: embedding names -> vector slots
-    tokenized = [
-        [tokenize_prompt(t, model.tokenizer, emphasis=emphasis, embedding_at=lookup) for t in group]
-        for group in groups
-    ]
-    counts = [max(len(p.chunks) for p in group) for group in tokenized]
-    tokenized = [[pad_to_chunks(p, k, model.tokenizer) for p in group] for group, k in zip(tokenized, counts)]
+    tokenized = tokenize_groups(groups, model.tokenizer, emphasis, embedding_at=lookup)
     tables = model.backend.text_tables()
-    encoded: list[list[np.ndarray]] = [[] for _ in groups]
+
+    def run(prompts: list[PromptChunks], i: int) -> np.ndarray:
+        rows = [apply_fixes(tables.embed(np.array(p.chunks[i])), p.fixes[i]) for p in prompts]  # each [77, D]
+        return _run_text_encoder(model, np.stack(rows), clip_skip, tables)  # [n, 77, D]
+
+    return encode_chunks(tokenized, emphasis, run)
+
+
+def tokenize_groups(
+    groups: list[list[str]],
+    tokenizer: PromptTokenizer,
+    emphasis: str,
+    chunks: list[int] | None = None,
+    embedding_at: EmbeddingLookup | None = None,
+) -> list[list[PromptChunks]]:
+    """Each group's texts as token chunks, every text of a group padded with empty chunks to the group's most (or to
+    `chunks[g]` when given: what two tokenizers of one model agree on)."""
+    tokenized = [[tokenize_prompt(t, tokenizer, emphasis=emphasis, embedding_at=embedding_at) for t in group]
+                 for group in groups]  # fmt: skip
+    counts = chunks or [max(len(p.chunks) for p in group) for group in tokenized]
+    return [[pad_to_chunks(p, k, tokenizer) for p in group] for group, k in zip(tokenized, counts)]
+
+
+def encode_chunks(
+    tokenized: list[list[PromptChunks]], emphasis: str, run: Callable[[list[PromptChunks], int], np.ndarray]
+) -> list[np.ndarray]:
+    """Per group [n, 77 k, D]: chunk i of every group that has one through one `run(prompts, i)` call ([n, 77, D]),
+    then emphasis per group and chunk (A1111's process_tokens per chunk of a batch), chunks concatenated."""
+    counts = [len(group[0].chunks) for group in tokenized]
+    encoded: list[list[np.ndarray]] = [[] for _ in tokenized]
     for i in range(max(counts)):
         members = [g for g, k in enumerate(counts) if k > i]
-        prompts = [p for g in members for p in tokenized[g]]
-        rows = [apply_fixes(tables.embed(np.array(p.chunks[i])), p.fixes[i]) for p in prompts]  # each [77, D]
-        z = _run_text_encoder(model, np.stack(rows), clip_skip, tables)  # [n, 77, D]
+        z = run([p for g in members for p in tokenized[g]], i)  # [n, 77, D]
         start = 0
         for g in members:
             n = len(tokenized[g])
@@ -119,11 +145,10 @@ def build_conditioning(
     emphasis: str = "Original",
     clip_skip: int = 1,
 ) -> Conditioning:
-    """All text batches a request needs, with the UNet-call -> batch table (steps: the schedule's step count)."""
-    if model.info.get("family") == "sdxl":
-        from .sdxl import build_sdxl_conditioning
+    """All text batches a request needs, with the UNet-call -> batch table (steps: the schedule's step count).
 
-        return build_sdxl_conditioning(model, prompt, negative_prompt, batch, cfg_scale, steps, emphasis, clip_skip)
+    SDXL models (pipelines.sdxl.encode_sdxl_groups) also carry each batch's pooled text; clip skip does not apply to
+    them (A1111 applies it to SDXL only with its "Clip skip SDXL" setting, off by default)."""
     check_emphasis_mode(emphasis)
     subprompts = split_and(prompt)  # [(text, weight)], AND on the positive prompt only
     guided = cfg_scale > 1.0 or len(subprompts) > 1
@@ -131,7 +156,14 @@ def build_conditioning(
     if guided:
         schedules.insert(0, get_schedule(negative_prompt, steps))
     groups = [[text for _, text in schedule] for schedule in schedules]
-    encoded = encode_groups(model, groups + [[""]], emphasis, clip_skip)
+    pooled: list[np.ndarray] | None = None
+    if model.info.get("family") == "sdxl":
+        from .sdxl import encode_sdxl_groups
+
+        encoded, pooled = encode_sdxl_groups(model, groups + [[""]], emphasis, negative=guided)
+        pooled.pop()
+    else:
+        encoded = encode_groups(model, groups + [[""]], emphasis, clip_skip)
     empty = encoded.pop()  # [1, 77, D]
     length = max(z.shape[1] for z in encoded)
     encoded = [_pad_tokens(z, length, empty) for z in encoded]
@@ -140,9 +172,14 @@ def build_conditioning(
     for call in range(steps):
         combo = tuple(schedule_index(schedule, call) for schedule in schedules)
         call_batch.append(combos.setdefault(combo, len(combos)))
-    batches = []
+    batches, pooled_batches = [], []
     for combo in combos:  # insertion order = batch index
         parts = [np.repeat(z[i : i + 1], batch, axis=0) for z, i in zip(encoded, combo)]  # each [B, 77k, D]
         batches.append(np.ascontiguousarray(np.concatenate(parts), dtype=np.float32))
+        if pooled is not None:
+            parts = [np.repeat(p[i : i + 1], batch, axis=0) for p, i in zip(pooled, combo)]  # each [B, P]
+            pooled_batches.append(np.ascontiguousarray(np.concatenate(parts), dtype=np.float32))
     weights = np.array([w for _, w in subprompts], dtype=np.float32)
-    return Conditioning(batches, np.array(call_batch, dtype=np.int64), weights, guided)
+    return Conditioning(
+        batches, np.array(call_batch, dtype=np.int64), weights, guided, pooled_batches if pooled is not None else None
+    )

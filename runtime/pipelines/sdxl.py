@@ -1,17 +1,20 @@
-"""SDXL text conditioning, as diffusers' StableDiffusionXLPipeline.encode_prompt computes it for a plain prompt.
+"""SDXL text conditioning, as the A1111 web UI builds it; for a plain prompt of one chunk it is what diffusers'
+StableDiffusionXLPipeline.encode_prompt computes.
 
-Both text encoders read the prompt (each through its own tokenizer: the second pads with "!"); their penultimate
-hidden states are concatenated along the features ([n, 77, D1 + D2]) and the second encoder's pooled, projected
-output is the UNet's `text_embeds` ([n, P]). The negative prompt is encoded the same way, except that an empty one
-is all zeros when the model's `force_zeros_for_empty_prompt` says so. A1111 emphasis applies per encoder, before
-the concatenation; the pooled output is taken before emphasis (as the A1111 web UI does). An SDXL refiner has the
+Both text encoders read the prompt (each through its own tokenizer: the second pads with "!"), chunked the same way as
+SD 1.x prompts (75 tokens, BREAK, any length; runtime/prompts): each chunk runs through both encoders, their
+penultimate states are concatenated along the features and the chunks along the tokens ([n, 77 k, D1 + D2]); the second
+encoder's pooled, projected output of the FIRST chunk is the UNet's `text_embeds` ([n, P]). A1111 emphasis applies per
+encoder and chunk, before the concatenation; the pooled output is taken before emphasis. Prompt editing, alternation
+and AND work as for SD 1.x (pipelines.conditioning builds the per-step table, each batch with its pooled text). The
+negative prompt is encoded the same way, except that an empty one is all zeros when the model's
+`force_zeros_for_empty_prompt` says so (as long as the prompt); otherwise the shorter of the prompt and the negative is
+padded with the empty prompt's chunks (A1111's pad_cond_uncond, as for SD 1.x). Clip skip does not change SDXL
+conditioning (A1111 applies it to SDXL only with its "Clip skip SDXL" setting, off by default). An SDXL refiner has the
 second encoder only: its states alone are the UNet's context.
 
 The UNet's `time_ids` (sdxl_time_ids) are the same in every mode: the generation size as original and target size,
 crop (0, 0); a refiner's end with the aesthetic score instead of the target size.
-
-Not yet for SDXL (refused with one line): prompts over one chunk of 75 tokens (and BREAK), AND, prompt editing,
-clip skip.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidRequestError
-from ..prompts import apply_emphasis, apply_fixes, check_emphasis_mode, get_schedule, split_and, tokenize_prompt
+from ..prompts import apply_fixes
 from ..prompts.extra_networks import extract_lora_tags
-from .conditioning import Conditioning
+from .conditioning import CHUNK_TOKENS, Conditioning, encode_chunks, tokenize_groups
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
@@ -76,16 +79,18 @@ def refuse_sdxl(info: dict, what: str) -> None:
         )
 
 
-def sdxl_time_ids(info: dict, height: int, width: int, rows: int, guided: bool) -> np.ndarray:
+def sdxl_time_ids(
+    info: dict, height: int, width: int, rows: int, guided: bool, uncond_rows: int | None = None
+) -> np.ndarray:
     """SDXL's micro-conditioning, float32 [rows, 6] (or [rows, 5] for a refiner), as diffusers' SDXL pipelines give
     it by default and the A1111 web UI builds it: original size (h, w) = the generation size, crop top-left (0, 0),
     then the target size (h, w), or for a refiner the aesthetic score (6, the uncond rows' 2.5). `rows`: the UNet
-    batch, its first half uncond when `guided`."""
+    batch, its first `uncond_rows` uncond when `guided` (default: the first half; with AND, B of (1 + m) B)."""
     size = [height, width]
     if info["sdxl"].get("requires_aesthetics_score"):
         ids = np.array([[*size, 0, 0, AESTHETIC_SCORE]] * rows, dtype=np.float32)  # [rows, 5]
         if guided:
-            ids[: rows // 2, 4] = NEGATIVE_AESTHETIC_SCORE
+            ids[: rows // 2 if uncond_rows is None else uncond_rows, 4] = NEGATIVE_AESTHETIC_SCORE
         return ids
     return np.tile(np.array([*size, 0, 0, *size], dtype=np.float32), (rows, 1))  # [rows, 6]
 
@@ -97,8 +102,9 @@ def sdxl_feeds(info: dict, conditioning: Conditioning, height: int, width: int) 
         return None
     if conditioning.pooled is None:  # conditioning built by code that does not carry the pooled text
         raise InvalidRequestError("SDXL conditioning without its pooled text is not supported")
-    rows = len(conditioning.batches[0])
-    return {"time_ids": sdxl_time_ids(info, height, width, rows, conditioning.guided)}
+    rows = len(conditioning.batches[0])  # [uncond, cond_1 .. cond_m] of B rows each
+    uncond_rows = rows // (len(conditioning.cond_weights) + 1)
+    return {"time_ids": sdxl_time_ids(info, height, width, rows, conditioning.guided, uncond_rows)}
 
 
 def check_sdxl_backend(info: dict, backend: str) -> None:
@@ -122,82 +128,53 @@ def sdxl_without_loras(method: Callable) -> Callable:
     return generate
 
 
-def check_sdxl_prompt(prompt: str, steps: int, clip_skip: int) -> None:
-    """InvalidRequestError for the prompt language SDXL does not have yet: AND, prompt editing, clip skip."""
-    if clip_skip > 1:
-        raise InvalidRequestError("clip skip on SDXL models is not supported yet")
-    if len(split_and(prompt)) > 1:
-        raise InvalidRequestError("AND (composable prompts) on SDXL models is not supported yet")
-    if len(get_schedule(prompt, steps)) > 1:
-        raise InvalidRequestError(
-            "prompt editing and alternation ([a:b:n], [a|b]) on SDXL models are not supported yet"
-        )
+def encode_sdxl_groups(
+    model: StableDiffusion, groups: list[list[str]], emphasis: str, negative: bool
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each group of texts as the A1111 web UI encodes one SDXL batch: per group the states [n, 77 k, D1 + D2] and
+    the pooled text [n, P] (k: the group's most chunks; a refiner's states are text encoder 2's alone [n, 77 k, D2]).
 
-
-def build_sdxl_conditioning(
-    model: StableDiffusion,
-    prompt: str,
-    negative_prompt: str,
-    batch: int,
-    cfg_scale: float,
-    steps: int,
-    emphasis: str = "Original",
-    clip_skip: int = 1,
-) -> Conditioning:
-    """One UNet text batch [(1 + guided) B, 77, D1 + D2] with its pooled text [(1 + guided) B, P], uncond first."""
-    check_emphasis_mode(emphasis)
-    guided = cfg_scale > 1.0
-    texts = [prompt, negative_prompt] if guided else [prompt]
-    for text in texts:
-        check_sdxl_prompt(text, steps, clip_skip)
-    zero_negative = guided and not negative_prompt and model.info["sdxl"]["force_zeros_for_empty_prompt"]
-    hidden, pooled = encode_sdxl(model, texts[:1] if zero_negative else texts, emphasis)  # [n, 77, D], [n, P]
-    if zero_negative:  # diffusers' force_zeros_for_empty_prompt: no text encoder run for it
-        hidden = np.concatenate([hidden, np.zeros_like(hidden)])
-        pooled = np.concatenate([pooled, np.zeros_like(pooled)])
-    order = [1, 0] if guided else [0]  # uncond first
-    text_batch = np.concatenate([np.repeat(hidden[i : i + 1], batch, axis=0) for i in order])  # [N, 77, D]
-    pooled_batch = np.concatenate([np.repeat(pooled[i : i + 1], batch, axis=0) for i in order])  # [N, P]
-    return Conditioning(
-        [np.ascontiguousarray(text_batch, dtype=np.float32)],
-        np.zeros(steps, dtype=np.int64),
-        np.ones(1, dtype=np.float32),
-        guided,
-        pooled=[np.ascontiguousarray(pooled_batch, dtype=np.float32)],
-    )
-
-
-def encode_sdxl(model: StableDiffusion, texts: list[str], emphasis: str) -> tuple[np.ndarray, np.ndarray]:
-    """Each text through both encoders: (penultimate states concatenated [n, 77, D1 + D2], pooled [n, P]); an SDXL
-    refiner has text encoder 2 only: its states alone [n, 77, D2] (diffusers' encode_prompt without text_encoder)."""
-    encoded = []
+    Both encoders chunk the texts the same way (75 tokens, BREAK, each chunk with its own start and end tokens and
+    its emphasis); every chunk runs through both encoders, their penultimate states are concatenated per chunk and
+    the chunks along the tokens; the pooled text is text encoder 2's of the first chunk. `negative`: groups[0] is
+    the negative prompt's, all zeros when its texts are all empty and the model says force_zeros_for_empty_prompt:
+    zeros as long as the longest group, which is what A1111 computes too (it runs such an uncond apart, unpadded,
+    and zero context tokens add nothing to attention whatever their number).
+    """
+    zero = negative and model.info["sdxl"]["force_zeros_for_empty_prompt"] and not any(groups[0])
+    texts = groups[1:] if zero else groups
+    tokenizers = [model.tokenizer_2]
     if model.info["sdxl"].get("two_encoders", True):
-        chunks_1 = [_one_chunk(tokenize_prompt(t, model.tokenizer, emphasis=emphasis)) for t in texts]
+        tokenizers.insert(0, model.tokenizer)
+    per_encoder = [tokenize_groups(texts, tokenizer, emphasis) for tokenizer in tokenizers]
+    counts = [max(len(encoder[g][0].chunks) for encoder in per_encoder) for g in range(len(texts))]
+    per_encoder = [tokenize_groups(texts, tokenizer, emphasis, counts) for tokenizer in tokenizers]
+    states = []
+    if len(tokenizers) == 2:
         tables = model.backend.text_tables()
-        inputs_embeds = np.stack([apply_fixes(tables.embed(np.array(p.chunks[0])), p.fixes[0]) for p in chunks_1])
-        hidden_1 = model.backend.session("text_encoder").run({"inputs_embeds": inputs_embeds}, ["hidden_states"])
-        encoded.append((hidden_1, chunks_1))
-    chunks_2 = [_one_chunk(tokenize_prompt(t, model.tokenizer_2, emphasis=emphasis)) for t in texts]
-    ids_2 = np.array([p.chunks[0] for p in chunks_2], dtype=np.int32)  # [n, 77]
-    encoded_2 = model.backend.session("text_encoder_2").run({"input_ids": ids_2}, ["hidden_states", "text_embeds"])
-    encoded.append((encoded_2, chunks_2))
-    z = [_emphasis(states["hidden_states"][PENULTIMATE], prompts, emphasis) for states, prompts in encoded]
-    return np.concatenate(z, axis=-1), encoded_2["text_embeds"].astype(np.float32)  # [n, 77, D1 + D2], [n, P]
+        session_1 = model.backend.session("text_encoder")
 
+        def run_1(prompts: list, i: int) -> np.ndarray:
+            embeds = np.stack([apply_fixes(tables.embed(np.array(p.chunks[i])), p.fixes[i]) for p in prompts])
+            return session_1.run({"inputs_embeds": embeds}, ["hidden_states"])["hidden_states"][PENULTIMATE]
 
-def _emphasis(z: np.ndarray, prompts: list, mode: str) -> np.ndarray:
-    """A1111 emphasis on each text's own encoding (its mean rescale spans that text only)."""
-    rows = [
-        apply_emphasis(z[i : i + 1], np.array([p.multipliers[0]], dtype=np.float32), mode)
-        for i, p in enumerate(prompts)
-    ]
-    return np.concatenate(rows).astype(np.float32, copy=False)  # [n, 77, D]
+        states.append(encode_chunks(per_encoder[0], emphasis, run_1))
+    session_2 = model.backend.session("text_encoder_2")
+    first_pooled: list[np.ndarray] = []
 
+    def run_2(prompts: list, i: int) -> np.ndarray:
+        ids = np.array([p.chunks[i] for p in prompts], dtype=np.int32)  # [n, 77]
+        out = session_2.run({"input_ids": ids}, ["hidden_states", "text_embeds"])
+        if i == 0:  # every group has a first chunk: this call holds all texts, in group order
+            first_pooled.append(out["text_embeds"].astype(np.float32))
+        return out["hidden_states"][PENULTIMATE]
 
-def _one_chunk(prompt):
-    """The tokenized prompt when it fits one chunk of 75 tokens (what SDXL runs so far)."""
-    if len(prompt.chunks) > 1:
-        raise InvalidRequestError(
-            "prompts over 75 tokens (or with BREAK) on SDXL models are not supported yet: shorten the prompt"
-        )
-    return prompt
+    states.append(encode_chunks(per_encoder[-1], emphasis, run_2))
+    hidden = [np.concatenate(parts, axis=-1) for parts in zip(*states)]  # per group [n, 77 k, D1 + D2]
+    offsets = np.cumsum([0] + [len(group) for group in texts])
+    pooled = [first_pooled[0][a:b] for a, b in zip(offsets[:-1], offsets[1:])]  # per group [n, P]
+    if zero:  # force_zeros_for_empty_prompt: no text encoder run; as long as the longest group (diffusers' zeros_like)
+        tokens = CHUNK_TOKENS * max(counts)
+        hidden.insert(0, np.zeros((len(groups[0]), tokens, hidden[-1].shape[2]), dtype=np.float32))
+        pooled.insert(0, np.zeros((len(groups[0]), pooled[-1].shape[1]), dtype=np.float32))
+    return hidden, pooled
