@@ -9,13 +9,17 @@ Inside the graph every float tensor becomes float16 except
   * the normalisations (LayerNormalization, InstanceNormalization, GroupNormalization), computed in float32
     between two Casts: their mean/variance reductions are where fp16 loses most;
   * the UNet's timestep path up to the first linear layer (sin/cos of t * freq, t up to 1000, needs fp32 as
-    diffusers computes it), found by following float32 graph inputs through non-linear ops;
+    diffusers computes it), found by following float32 graph inputs through non-linear ops; SDXL's `time_ids`
+    (sizes up to a few thousand pixels, embedded by the same sin/cos) likewise;
   * shape arithmetic (floats made by Cast from integers, Resize scales and roi), left as it is.
 Softmax runs in fp16: every GPU implementation subtracts the row maximum and accumulates in fp32.
 Initializers are converted with their values clamped to the finite fp16 range (float32's lowest, used as an
 attention mask value, becomes -65504 and not -inf). The VAE is fp16 for SD 1.x/2.x, as diffusers'
 StableDiffusionPipeline runs it whatever `force_upcast` says (runtime.backends.gpu.vae_runs_fp16; the backends
-retry an overflowing decode in fp32); the x4 upscaler's VAE stays fp32 where its config says `force_upcast`.
+retry an overflowing decode in fp32); the x4 upscaler's and SDXL's VAEs stay fp32 where their config says
+`force_upcast` (SDXL's does: its VAE overflows in fp16), as their diffusers pipelines upcast them.
+SDXL: both text encoders and the UNet (its text_embeds and time_ids inputs) are converted, and every tokenizer
+folder the model has is copied (tokenizer/ and tokenizer_2/; a refiner's tokenizer_2/ alone).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ LINEAR_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"})  #
 FIXED_TYPE_OPS = frozenset({"Cast", "CastLike", "Constant", "ConstantOfShape", "RandomNormal", "RandomUniform"})
 # input positions whose type the operator fixes to float32 whatever the data type
 PROTECTED_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
-KEEP_FP32_INPUTS = ("timestep",)
+KEEP_FP32_INPUTS = ("timestep", "time_ids")  # time_ids: SDXL's size/crop ids
 FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -80,7 +84,7 @@ def export_fp16(folder: Path, force: bool = False, progress: bool = True) -> Pat
     if not force and _is_current(target, source):
         logger.info("reusing %s", target)
         return target
-    from .onnx_export import ONNX_DIR, TOKENIZER_DIR, _work_dir
+    from .onnx_export import ONNX_DIR, _work_dir, tokenizer_dirs
     from .specs import component_specs
 
     target.mkdir(parents=True, exist_ok=True)
@@ -100,7 +104,8 @@ def export_fp16(folder: Path, force: bool = False, progress: bool = True) -> Pat
             translate_weight_map(folder / info.file, out)
     for name in TEXT_TABLE_FILES:
         _link_or_copy(folder / name, target / name)
-    _copy_tree(folder / TOKENIZER_DIR, target / TOKENIZER_DIR)
+    for tokenizer in tokenizer_dirs(source.model):  # SDXL: tokenizer_2/ too (a refiner: that one only)
+        _copy_tree(folder / tokenizer, target / tokenizer)
     tools = dict(source.tools, fp16_pass="sdrt-fp16-1", fp16_io="float32")
     write_manifest(target, replace(source, components=components, tools=tools))
     return target

@@ -79,9 +79,11 @@ def open_gpu_backend(name: str, *, artifacts: Path | None, checkpoint: Path | No
 def vae_runs_fp16(model: dict) -> bool:
     """Whether the VAE runs in fp16 on a GPU backend: yes for SD 1.x/2.x, as diffusers' StableDiffusionPipeline
     decodes in the pipeline's dtype whatever the VAE config's `force_upcast` says (SD 1.5's says true); the x4
-    upscaler's pipeline honours force_upcast (upcast_vae), so its VAE follows the config. An fp16 decode that
-    overflows is computed again in fp32 (NanGuard), as A1111 does."""
-    return not (model.get("unet_num_class_embeds") and model.get("vae_force_upcast", True))
+    upscaler's and SDXL's pipelines honour force_upcast (upcast_vae; SDXL's VAE config says it, its decode
+    overflows in fp16), so their VAE follows the config (an fp16-safe SDXL VAE given with --vae says false). An fp16
+    decode that overflows is computed again in fp32 (NanGuard), as A1111 does."""
+    follows_config = model.get("unet_num_class_embeds") or model.get("sdxl")
+    return not (follows_config and model.get("vae_force_upcast", True))
 
 
 class NanGuard:
