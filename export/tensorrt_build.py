@@ -7,6 +7,11 @@ Engines live in `<artifacts>/tensorrt/`. Each engine's file name is its cache ke
     text_encoder.fp16.b1-16.o3.trt10.8.0.sm90.plan        (rows per call 1..16, whatever the image size)
     vae_decoder.fp32.b1-h64-w64.o3.trt10.8.0.sm90.plan
 
+SDXL: both text encoders (text_encoder_2 takes token ids, rows 1..16), the UNet with its text_embeds [rows, P] and
+time_ids [rows, 6] (a refiner's [rows, 5]) in every profile point, the VAE fp32 (force_upcast). Without options the
+static profile is the model's native size (SDXL: 1024x1024, latent 128, the CUDA-graph path); `--dynamic 512..1536`
+builds the dynamic one (optimum 1024); both can sit side by side, and the runtime prefers a static engine.
+
 The UNet's profile spans the rows and token chunks of every request it can serve: 1 row (one image without
 guidance) up to (1 + m) x B rows (B images, m AND terms, the unconditional row), 1 up to K chunks of 77 tokens;
 its optimum is 2 x B rows of one chunk. The runtime captures one CUDA graph per shape actually used.
@@ -39,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 ENGINE_DIR = "tensorrt"
 TEXT_ROWS = (1, 2, 16)  # min/opt/max rows per text-encoder call (prompt chunks x prompts share one call)
-ENGINE_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+ENGINE_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # those a model has
 MAX_TOKEN_CHUNKS = 8
 MAX_AND_TERMS = 8
 
@@ -131,7 +136,7 @@ def engine_specs(model: dict, precisions: dict[str, str], request: BuildRequest)
         if name not in precisions:
             continue
         spec = specs[name]
-        if name == "text_encoder":
+        if name in ("text_encoder", "text_encoder_2"):
             profile, shapes = f"b{TEXT_ROWS[0]}-{TEXT_ROWS[2]}", _text_shapes(spec)
         elif name == "unet":
             profile, shapes = _unet_profile(spec, height, width, request)

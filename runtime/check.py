@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # max |error| / max |reference| allowed per precision: fp16 keeps ~3 decimal digits, accumulated over ~20 layers
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2}
-CHECK_COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+CHECK_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")  # those a model has
 CHECK_TIMESTEP = 500.0
 
 

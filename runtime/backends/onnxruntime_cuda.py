@@ -31,7 +31,8 @@ from .gpu import NanGuard, fp32_fallback_session, vae_runs_fp16
 logger = logging.getLogger(__name__)
 
 ORT_DIR = "fp16-ort"
-MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip"}
+MODEL_TYPES = {"unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae", "text_encoder": "clip",
+               "text_encoder_2": "clip"}  # fmt: skip
 
 
 def fused_fp16_model(folder: Path, component: str, keep_vae_fp32: bool) -> Path:

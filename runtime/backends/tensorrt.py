@@ -33,6 +33,7 @@ from .gpu import NanGuard, fp32_fallback_session
 logger = logging.getLogger(__name__)
 
 GRAPHED_COMPONENTS = ("unet",)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SDXL's second: token ids in, hidden states and pooled text out
 
 
 class SharedActivations:
@@ -221,18 +222,19 @@ class TensorRTSession:
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         shapes = {name: tuple(np.shape(value)) for name, value in feeds.items()}
-        if self.component == "text_encoder" and not any(e.covers(shapes) for e in self.engines):
+        if self.component in TEXT_ENCODERS and not any(e.covers(shapes) for e in self.engines):
             return self._run_in_slices(feeds, outputs)
         engine = self._pick(shapes)
         values = engine.run(feeds, self.stream)
         return {name: values[name] for name in (outputs or engine.outputs)}
 
     def _run_in_slices(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
-        """The text encoder over more rows than its profile takes (many texts x chunks): slices of at most the
-        largest row count an engine takes, joined again (rows are independent; hidden_states has rows on axis 1)."""
-        embeds = feeds["inputs_embeds"]  # [n, 77, D]
-        step = max(e.profile["shapes"]["inputs_embeds"][2][0] for e in self.engines)
-        parts = [self.run({"inputs_embeds": embeds[i : i + step]}, outputs) for i in range(0, len(embeds), step)]
+        """A text encoder over more rows than its profile takes (many texts x chunks): slices of at most the
+        largest row count an engine takes, joined again (rows are independent; hidden_states has rows on axis 1).
+        Its one input: inputs_embeds [n, 77, D] (text encoder 1) or input_ids [n, 77] (SDXL's text encoder 2)."""
+        (name, rows), *_ = feeds.items()
+        step = max(e.profile["shapes"][name][2][0] for e in self.engines)
+        parts = [self.run({name: rows[i : i + step]}, outputs) for i in range(0, len(rows), step)]
         return {name: np.concatenate([part[name] for part in parts], axis=1 if name == "hidden_states" else 0)
                 for name in parts[0]}  # fmt: skip
 

@@ -4,6 +4,9 @@ UNet step captured as a torch CUDA graph per input shape (static input/output te
 `compile=True` compiles the UNet with torch.compile ("max-autotune-no-cudagraphs"); the graph capture still wraps
 it. The VAE runs in fp16 for SD 1.x/2.x as diffusers' StableDiffusionPipeline does (gpu.vae_runs_fp16); an fp16
 decode with NaN/Inf is computed again in fp32. The depth estimator (depth2img, once per request) runs in fp32.
+SDXL: text encoder 2 (token ids in, export.modules.TextEncoder2), the UNet's added conditioning (text_embeds and
+time_ids as diffusers' added_cond_kwargs, in the graph's static inputs like the others), the VAE fp32 where its
+config says force_upcast (SDXL's does).
 
 Inputs go through pinned staging tensors with non-blocking copies; an input that is the same read-only numpy array
 object as the last one of its name (the per-generation text conditioning) stays on the device, not uploaded again.
@@ -25,6 +28,8 @@ from .torch import _load, text_tables_of
 logger = logging.getLogger(__name__)
 
 WARMUP_RUNS = 3  # before a capture: cuDNN/cuBLAS pick their algorithms and allocate workspaces
+# float inputs kept float32 on the device: the UNet embeds them with sin/cos (diffusers casts them to float itself)
+FP32_INPUTS = ("timestep", "time_ids")
 
 
 def require_cuda() -> None:
@@ -40,9 +45,8 @@ class GraphedUNet:
         self.unet = unet
         self.graphs: dict = {}  # shape key -> (graph, static inputs, static output)
 
-    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
-        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels)
-        return out.sample
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, text_embeds=None, time_ids=None):
+        return unet_forward(self.unet, sample, timestep, encoder_hidden_states, class_labels, text_embeds, time_ids)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
@@ -80,6 +84,20 @@ class GraphedUNet:
         self.graphs.clear()
 
 
+def unet_forward(unet, sample, timestep, encoder_hidden_states, class_labels=None, text_embeds=None, time_ids=None):
+    """noise_pred of a diffusers UNet2DConditionModel from the UNet session's inputs; SDXL's text_embeds [B, P] and
+    time_ids [B, 6] (a refiner's [B, 5]) go in as its added_cond_kwargs."""
+    added = None if time_ids is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+    out = unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+               added_cond_kwargs=added)  # fmt: skip
+    return out.sample
+
+
+def device_dtype(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uploaded input in the dtype its module computes in: floats in `dtype` but FP32_INPUTS; ids as they are."""
+    return tensor.to(dtype) if tensor.is_floating_point() and name not in FP32_INPUTS else tensor
+
+
 class Uploads:
     """Host -> device copies of one session's inputs through pinned staging tensors (non-blocking), skipping an
     input that is the same read-only array object as the last upload of its name (kept referenced, so its id cannot
@@ -101,9 +119,7 @@ class Uploads:
             staging = self.staging[name] = torch.empty(value.shape, dtype=dtype, pin_memory=True)
         # the previous copy out of this staging tensor has finished: every run ends in a device -> host copy
         np.copyto(staging.numpy(), value)
-        t = staging.to("cuda", non_blocking=True)
-        if t.is_floating_point() and name != "timestep":
-            t = t.to(self.dtype)
+        t = device_dtype(name, staging.to("cuda", non_blocking=True), self.dtype)
         t = t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
         if not value.flags.writeable:
             self.last[name] = (value, t)
@@ -116,10 +132,10 @@ class TorchCudaSession:
     def __init__(self, component: str, module: torch.nn.Module, dtype: torch.dtype, graphed: GraphedUNet | None):
         self.component, self.module, self.dtype, self.graphed = component, module, dtype, graphed
         self.uploads = Uploads(dtype)
-        if component == "text_encoder":
-            from export.modules import TextEncoder
+        if component in ("text_encoder", "text_encoder_2"):
+            from export.modules import TextEncoder, TextEncoder2
 
-            self.text_encoder = TextEncoder(module)
+            self.text_encoder = (TextEncoder if component == "text_encoder" else TextEncoder2)(module)
 
     def _tensor(self, name: str, value: np.ndarray) -> torch.Tensor:
         return self.uploads.tensor(name, value)
@@ -130,13 +146,12 @@ class TorchCudaSession:
         if self.component == "text_encoder":
             last, hidden = self.text_encoder(t["inputs_embeds"])
             result = {"last_hidden_state": last, "hidden_states": hidden}
+        elif self.component == "text_encoder_2":  # SDXL's: ids [n, 77] -> states [L + 1, n, 77, D2], pooled [n, P]
+            hidden, pooled = self.text_encoder(t["input_ids"])
+            result = {"hidden_states": hidden, "text_embeds": pooled}
         elif self.component == "unet":
-            if self.graphed is not None:
-                result = {"noise_pred": self.graphed(t)}
-            else:
-                noise = self.module(t["sample"], t["timestep"], encoder_hidden_states=t["encoder_hidden_states"],
-                                    class_labels=t.get("class_labels")).sample  # fmt: skip
-                result = {"noise_pred": noise}
+            noise = self.graphed(t) if self.graphed is not None else unet_forward(self.module, **t)
+            result = {"noise_pred": noise}
         elif self.component == "vae_decoder":
             result = {"image": self.module.decode(t["latent"]).sample}
         elif self.component == "vae_encoder":

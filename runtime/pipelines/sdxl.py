@@ -33,7 +33,8 @@ from .conditioning import CHUNK_TOKENS, Conditioning, encode_chunks, tokenize_gr
 if TYPE_CHECKING:
     from ..api import StableDiffusion
 
-SDXL_BACKENDS = ("onnxruntime", "torch")  # where SDXL runs so far
+# where SDXL runs: the GPU backends take text encoder 2 and the UNet's text_embeds/time_ids too; openvino not yet
+SDXL_BACKENDS = ("onnxruntime", "torch", "torch-cuda", "onnxruntime-cuda", "tensorrt")
 SDXL_MODES = ("txt2img", "img2img", "inpaint", "outpaint")  # what SDXL models run so far
 PENULTIMATE = -2  # SDXL conditions on the layer before the last of both encoders, without the final norm
 # A refiner's (requires_aesthetics_score) time ids end with an aesthetic score instead of the target size: these
@@ -111,7 +112,7 @@ def check_sdxl_backend(info: dict, backend: str) -> None:
     """InvalidRequestError when an SDXL model meets a backend that does not run SDXL yet."""
     if is_sdxl(info) and backend not in SDXL_BACKENDS:
         raise InvalidRequestError(
-            f"SDXL models on the {backend} backend are not supported yet: use --backend {' or '.join(SDXL_BACKENDS)}"
+            f"SDXL models on the {backend} backend are not supported yet: use --backend {', '.join(SDXL_BACKENDS)}"
         )
 
 

@@ -57,3 +57,24 @@ def sd1_fp16(sd1_fp32: Path) -> Path:
     from export.fp16 import export_fp16
 
     return export_fp16(sd1_fp32, progress=False)
+
+
+@pytest.fixture(scope="session")
+def sdxl_fp32(tiny_sdxl: Path, shared_engines: Path, gpu_engines_dir: Path) -> Path:
+    """The tiny SDXL export (the session's shared one, copied: fp16 models, fused models and engine sidecars are
+    written inside it)."""
+    import shutil
+
+    if not HAS_TORCH:
+        pytest.skip("exporting needs torch and diffusers (export extras)")
+    from export import export_model
+
+    shared = export_model(tiny_sdxl, shared_engines, progress=False)
+    return Path(shutil.copytree(shared, gpu_engines_dir / shared.name))
+
+
+@pytest.fixture(scope="session")
+def sdxl_fp16(sdxl_fp32: Path) -> Path:
+    from export.fp16 import export_fp16
+
+    return export_fp16(sdxl_fp32, progress=False)
