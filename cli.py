@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sd1 / sd2-v: text to image (epsilon / v-prediction); sd15-shaped: SD 1.5's layer shapes; "
                    "sd1-inpaint, sd2-depth, x4-upscaler: the inpaint, depth2img and upscale models; "
                    "sdxl: SDXL base's layout; sdxl-inpaint: its 9-channel inpainting UNet; sdxl-refiner: SDXL's "
-                   "refiner layout (text encoder 2 only)")  # fmt: skip
+                   "refiner layout (text encoder 2 only); sdxl-shaped: SDXL base's layer shapes (3.5 billion "
+                   "parameters, 7 GB: for GPU benchmarks)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_tiny_model)
 

@@ -1,10 +1,14 @@
 """GPU benchmark: diffusers (fp16, SDPA) against every sdrt backend available here, eager and graphed, in one run.
 
     python -m benchmarks.gpu                       # SD-1.5 shapes, random weights: 512x512, 50 steps, CFG 7.5
+    python -m benchmarks.gpu --model sdxl-shaped   # SDXL base shapes: 1024x1024, 30 steps, CFG 5
     python -m benchmarks.gpu --steps 20 --runs 3   # shorter
 
-The checkpoint is export/tiny.py's "sd15-shaped" variant (SD 1.5's published configs, seeded random weights:
-latency depends on shapes, not on values). Per system: text encoder, one UNet step (batch 2 with CFG), VAE decode,
+The checkpoint is export/tiny.py's "sd15-shaped" or "sdxl-shaped" variant (the published configs, seeded random
+weights: latency depends on shapes, not on values), built under --work on first use (the SDXL one, 3.5 billion
+parameters saved in fp16, takes about a minute and 7 GB: it is built on the GPU machine, never by the tests). The
+peer is diffusers' StableDiffusionPipeline or StableDiffusionXLPipeline (fp16, its VAE upcast to fp32 for the decode
+as the pipeline does for SDXL). Per system: text encoders, one UNet step (batch 2 with CFG), VAE decode,
 end to end (median of --runs after a warm-up), device memory, and the host time per step spent outside the UNet
 call. GPU work is timed with CUDA events (diffusers) or around calls that end in a host copy (sdrt's sessions
 synchronize before returning). Device memory: the largest (total - free) seen after each run, less the baseline
@@ -26,6 +30,8 @@ from benchmarks.gpu_report import DIFFUSERS, Writer, header, markdown, speedup
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 SAMPLER = "Euler"
+# per model: the checkpoint variant's usual size, steps and CFG scale (the defaults of --size, --steps, --cfg)
+CASES = {"sd15-shaped": (512, 50, 7.5), "sdxl-shaped": (1024, 30, 5.0)}
 
 
 def require_cuda() -> dict:
@@ -101,16 +107,17 @@ class Timed:
         return getattr(self.session, name)
 
 
-def bench_sdrt(load, label: str, size: int, steps: int, runs: int) -> dict:
+def bench_sdrt(load, label: str, size: int, steps: int, runs: int, cfg: float = 7.5) -> dict:
     """End to end and per stage for the StableDiffusion `load()` returns (its backend already chosen); memory is
     measured from before the load, as for diffusers. Host time per step: end-to-end wall time less the GPU time of
     every session call (CUDA events), over the steps, where the GPU time can be read (torch-cuda)."""
     _release_memory()
     watch = MemoryWatch()
     sd = load()
-    options = dict(steps=steps, seed=1, width=size, height=size, sampler=SAMPLER, cfg_scale=7.5)
+    options = dict(steps=steps, seed=1, width=size, height=size, sampler=SAMPLER, cfg_scale=cfg)
     events = sd.backend.name == "torch-cuda"
-    names = ("text_encoder", "unet", "vae_decoder")
+    texts = ("text_encoder", "text_encoder_2") if sd.info.get("sdxl") else ("text_encoder",)  # SDXL base: both
+    names = (*texts, "unet", "vae_decoder")
     sessions = {name: Timed(sd.backend.session(name), events) for name in names}
     sd.backend.session = lambda name, _o=sd.backend.session: sessions.get(name) or _o(name)
     sd.txt2img(PROMPT, **options)  # warm-up (engine activation, graph capture)
@@ -122,7 +129,7 @@ def bench_sdrt(load, label: str, size: int, steps: int, runs: int) -> dict:
         sd.txt2img(PROMPT, **options)
         total = time.perf_counter() - start
         totals.append(total)
-        text.append(sum(sessions["text_encoder"].wall))  # every text-encoder call of one generation
+        text.append(sum(sum(sessions[name].wall) for name in texts))  # every text-encoder call of one generation
         gpu = [timed.gpu_seconds() for timed in sessions.values()]
         if None not in gpu:
             host.append((total - sum(gpu)) / steps)
@@ -151,13 +158,17 @@ def _release_memory() -> None:
             torch.cuda.empty_cache()
 
 
-def bench_diffusers(checkpoint: Path, size: int, steps: int, runs: int) -> dict:
+def bench_diffusers(checkpoint: Path, size: int, steps: int, runs: int, cfg: float = 7.5) -> dict:
     import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _release_memory()
     watch = MemoryWatch()
-    pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float16, safety_checker=None)
+    sdxl = (checkpoint / "text_encoder_2").is_dir()
+    if sdxl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(checkpoint, torch_dtype=torch.float16)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(checkpoint, torch_dtype=torch.float16, safety_checker=None)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe = pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
@@ -176,7 +187,7 @@ def bench_diffusers(checkpoint: Path, size: int, steps: int, runs: int) -> dict:
     def run() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        pipe(PROMPT, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size, output_type="np",
+        pipe(PROMPT, num_inference_steps=steps, guidance_scale=cfg, height=size, width=size, output_type="np",
              generator=torch.Generator("cuda").manual_seed(1))  # fmt: skip
         end.record()
         end.synchronize()
@@ -191,10 +202,8 @@ def bench_diffusers(checkpoint: Path, size: int, steps: int, runs: int) -> dict:
     run()  # per-step UNet times (synchronizing every call: not part of the end-to-end figure)
     pipe.unet.forward = original
     with torch.inference_mode():
-        ids = pipe.tokenizer([PROMPT] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids.cuda()
-        latents = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=torch.float16)
-        text = [_cuda_ms(lambda: pipe.text_encoder(ids)) for _ in range(runs)]
-        vae = [_cuda_ms(lambda: pipe.vae.decode(latents)) for _ in range(runs)]
+        text = [_cuda_ms(_diffusers_text_encoders(pipe, sdxl)) for _ in range(runs)]
+        vae = _diffusers_vae_decodes(pipe, size, runs, upcast=sdxl and pipe.vae.config.force_upcast)
     return {
         "system": DIFFUSERS,
         "end_to_end_ms": _median_ms(totals),
@@ -204,6 +213,28 @@ def bench_diffusers(checkpoint: Path, size: int, steps: int, runs: int) -> dict:
         "host_per_step_ms": None,
         "device_memory_mib": round(watch.peak / 2**20, 1),
     }
+
+
+def _diffusers_text_encoders(pipe, sdxl: bool):
+    """One call of the pipeline's text encoders on the prompt and the empty negative: both of SDXL's (its
+    encode_prompt, which also tokenizes), SD's one on ready token ids."""
+    if sdxl:
+        return lambda: pipe.encode_prompt(PROMPT, device="cuda", do_classifier_free_guidance=True)
+    ids = pipe.tokenizer([PROMPT] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids.cuda()
+    return lambda: pipe.text_encoder(ids)
+
+
+def _diffusers_vae_decodes(pipe, size: int, runs: int, upcast: bool) -> list[float]:
+    """VAE decode times of one latent, in the dtype the pipeline decodes in: fp32 with `upcast` (SDXL's pipeline, its
+    VAE config saying force_upcast), else fp16."""
+    import torch
+
+    dtype = torch.float32 if upcast else torch.float16
+    pipe.vae.to(dtype)
+    latents = torch.randn(1, 4, size // 8, size // 8, device="cuda", dtype=dtype)
+    times = [_cuda_ms(lambda: pipe.vae.decode(latents)) for _ in range(runs)]
+    pipe.vae.to(torch.float16)
+    return times
 
 
 def _cuda_ms(fn) -> float:
@@ -259,8 +290,10 @@ def _load_variant(checkpoint: Path, engines: Path, backend: str, graph: bool, si
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--model", default="sd15-shaped", choices=list(CASES), help="the published shapes to run")
+    parser.add_argument("--size", type=int, default=None, help="pixels per side (default: 512, SDXL 1024)")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50, SDXL 30)")
+    parser.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 7.5, SDXL 5)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--backends", default="torch-cuda,onnxruntime-cuda,tensorrt", help="sdrt backends, in order")
     parser.add_argument("--work", default="benchmarks/.work", help="checkpoint and engines (reused across runs)")
@@ -268,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stem", help="result file names without suffix (default: <date>-<device>)")
     parser.add_argument("--dry-run", action="store_true", help="check arguments, imports and the writer; no GPU")
     args = parser.parse_args(argv)
+    size, steps, cfg = CASES[args.model]
+    args.size = size if args.size is None else args.size
+    args.steps = steps if args.steps is None else args.steps
+    args.cfg = cfg if args.cfg is None else args.cfg
     from runtime.errors import SdrtError
 
     if args.steps < 1 or args.runs < 1 or args.size < 64 or args.size % 8:
@@ -291,7 +328,7 @@ def dry_run(args: argparse.Namespace) -> int:
     import export.tiny  # noqa: F401  (the checkpoint maker the run uses)
     import runtime  # noqa: F401
 
-    variants = sdrt_variants(Path(args.work) / "sd15-shaped", Path(args.work) / "engines", args.size,
+    variants = sdrt_variants(Path(args.work) / args.model, Path(args.work) / "engines", args.size,
                              tuple(b for b in args.backends.split(",") if b))  # fmt: skip
     result = header(args, {"device": "dry run (no GPU)"})
     peer = {"system": DIFFUSERS, "error": "not run (dry run)" if _has_diffusers() else "diffusers is not installed"}
@@ -324,13 +361,14 @@ def run(args: argparse.Namespace, device: dict, write) -> dict:
     from export.tiny import TinyConfig, make_tiny_checkpoint
 
     work = Path(args.work)
-    checkpoint = work / "sd15-shaped"
+    checkpoint = work / args.model
     if not (checkpoint / "model_index.json").is_file():
-        make_tiny_checkpoint(checkpoint, TinyConfig(variant="sd15-shaped"))
+        make_tiny_checkpoint(checkpoint, TinyConfig(variant=args.model))
     result = header(args, device)
     systems = result["systems"]
     if _has_diffusers():
-        systems.append(_attempt(DIFFUSERS, lambda: bench_diffusers(checkpoint, args.size, args.steps, args.runs)))
+        bench = lambda: bench_diffusers(checkpoint, args.size, args.steps, args.runs, args.cfg)  # noqa: E731
+        systems.append(_attempt(DIFFUSERS, bench))
     else:
         systems.append({"system": DIFFUSERS, "error": "diffusers is not installed"})
     write(result)
@@ -339,7 +377,8 @@ def run(args: argparse.Namespace, device: dict, write) -> dict:
         if isinstance(load, str):
             systems.append({"system": label, "error": load})
         else:
-            bench = lambda load=load, label=label: bench_sdrt(load, label, args.size, args.steps, args.runs)  # noqa: E731
+            bench = lambda load=load, label=label: bench_sdrt(load, label, args.size, args.steps, args.runs,  # noqa: E731
+                                                              args.cfg)  # fmt: skip
             systems.append(_attempt(label, bench))
         result["speedup_vs_diffusers"] = speedup(systems)
         write(result)

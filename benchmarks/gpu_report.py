@@ -35,8 +35,9 @@ def markdown(result: dict) -> str:
             continue
         rows.append("| " + " | ".join([r["system"], *("-" if r[k] is None else str(r[k]) for k in keys)]) + " |")
     speedup = result.get("speedup_vs_diffusers")
-    rows.append(f"\n{result['device']}, {result['steps']} steps, {result['size']}x{result['size']}, batch 1, CFG 7.5; "
-                f"best sdrt speedup over diffusers end to end: {speedup}")  # fmt: skip
+    model, cfg = result.get("model", "sd15-shaped"), result.get("cfg_scale", 7.5)
+    rows.append(f"\n{result['device']}, {model}, {result['steps']} steps, {result['size']}x{result['size']}, batch 1, "
+                f"CFG {cfg}; best sdrt speedup over diffusers end to end: {speedup}")  # fmt: skip
     return "\n".join(rows) + "\n"
 
 
@@ -62,8 +63,10 @@ def header(args: argparse.Namespace, device: dict) -> dict:
         "python": platform.python_version(),
         "versions": versions(),
         "command": " ".join(["python -m benchmarks.gpu", *(sys.argv[1:] if sys.argv[0].endswith("gpu.py") else [])]),
+        "model": getattr(args, "model", "sd15-shaped"),
         "size": args.size,
         "steps": args.steps,
+        "cfg_scale": getattr(args, "cfg", 7.5),
         "runs": args.runs,
         "systems": [],
         "speedup_vs_diffusers": None,

@@ -82,3 +82,47 @@ SDXL_SCHEDULER = {
     "trained_betas": None,
     "use_karras_sigmas": False,
 }
+
+# Stable Diffusion XL base 1.0 (unet/, vae/, text_encoder_2/ config.json as published; its text_encoder/ is SD 1.5's
+# CLIP ViT-L, SD15_TEXT_ENCODER): 2,567,463,684 UNet, 694,659,840 text encoder 2 and 83,653,863 VAE parameters
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,  # 768 + 1280: both encoders' states side by side
+    "attention_head_dim": [5, 10, 20],  # heads per level (64 channels each)
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # pooled text 1280 + 6 ids x 256
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+}
+
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True)
+
+SDXL_TEXT_ENCODER_2 = {  # OpenCLIP ViT-bigG's text tower with its projection (CLIPTextModelWithProjection)
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 20,
+    "max_position_embeddings": 77,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-05,
+    "projection_dim": 1280,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 1,
+}

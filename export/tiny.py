@@ -30,7 +30,9 @@ _CORPUS = (
     "low quality, worst quality, ugly, deformed, watermark, text, signature, city street at night"
 )
 
-# "sd15-shaped": SD 1.5's published shapes, random weights (benchmarks); "sd1-inpaint": sd1 with a 9-channel UNet
+# "sd15-shaped": SD 1.5's published shapes, random weights (benchmarks); "sdxl-shaped": SDXL base 1.0's published
+# shapes, random weights, saved in fp16 (benchmarks on a GPU machine: 3.5 billion parameters, 7 GB);
+# "sd1-inpaint": sd1 with a 9-channel UNet
 # (4 latents + 1 mask + 4 masked-image latents), saved as a StableDiffusionInpaintPipeline; "sd2-depth": SD2 with a
 # 5-channel UNet (latents + depth) and a DPT-hybrid depth estimator (StableDiffusionDepth2ImgPipeline);
 # "x4-upscaler": 7-channel UNet (latents + noised low-res image) with noise-level class embeddings, a x4 VAE and a
@@ -41,9 +43,9 @@ _CORPUS = (
 # its states alone and on 5 ids (size, crop, aesthetic score) (StableDiffusionXLImg2ImgPipeline with
 # requires_aesthetics_score)
 VARIANTS = ("sd1", "sd2-v", "sd15-shaped", "sd1-inpaint", "sd2-depth", "x4-upscaler", "sdxl", "sdxl-inpaint",
-            "sdxl-refiner")  # fmt: skip
+            "sdxl-refiner", "sdxl-shaped")  # fmt: skip
 SD2_TEXT = ("sd2-v", "sd2-depth", "x4-upscaler")  # OpenCLIP-style text encoder: gelu, pad token "!"
-SDXL_VARIANTS = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
+SDXL_VARIANTS = ("sdxl", "sdxl-inpaint", "sdxl-refiner", "sdxl-shaped")
 UNET_IN_CHANNELS = {"sd1-inpaint": 9, "sd2-depth": 5, "x4-upscaler": 7, "sdxl-inpaint": 9}
 
 
@@ -156,7 +158,8 @@ def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -
     torch.manual_seed(config.seed)
     write_tiny_tokenizer(folder / "tokenizer", pad_token=pad_token)
     vocab = json.loads((folder / "tokenizer" / "vocab.json").read_text())
-    build = _sd15_shaped_modules if config.variant == "sd15-shaped" else _tiny_modules
+    shaped = {"sd15-shaped": _sd15_shaped_modules, "sdxl-shaped": _sdxl_shaped_modules}  # published shapes
+    build = shaped.get(config.variant, _tiny_modules)
     text_encoder, unet, vae = build(config, vocab)
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     parts = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}
@@ -174,6 +177,8 @@ def make_tiny_checkpoint(folder: str | Path, config: TinyConfig | None = None) -
         shutil.rmtree(folder / "tokenizer")
     with quiet_hub_libraries():  # no torchvision warnings, no bar per shard written
         pipe = _pipeline(config, **parts)
+        if config.variant == "sdxl-shaped":  # half the disk and load time; latency depends on shapes only
+            pipe.to(torch.float16)
         pipe.save_pretrained(folder, safe_serialization=True)
     # save_pretrained rewrites the tokenizer and schedulers in its own format; keep them as the Hub publishes them
     for part, pad in tokenizer_pads.items():
@@ -202,7 +207,7 @@ def _pipeline(config: TinyConfig, **parts):
         from .configs import X4_MAX_NOISE_LEVEL
 
         return diffusers.StableDiffusionUpscalePipeline(**parts, **schedulers, max_noise_level=X4_MAX_NOISE_LEVEL)
-    if config.variant == "sdxl":
+    if config.variant in ("sdxl", "sdxl-shaped"):
         return diffusers.StableDiffusionXLPipeline(**parts, **schedulers, force_zeros_for_empty_prompt=True)
     if config.variant == "sdxl-inpaint":
         return diffusers.StableDiffusionXLInpaintPipeline(
@@ -294,6 +299,11 @@ def _sdxl_text_encoder_2(config: TinyConfig, vocab: dict):
     """SDXL's second text encoder, tiny: OpenCLIP-style (gelu, pad token "!" at id 0) with a text projection."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+    if config.variant == "sdxl-shaped":
+        from .configs import SDXL_TEXT_ENCODER_2
+
+        text = dict(SDXL_TEXT_ENCODER_2, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN], pad_token_id=0)
+        return CLIPTextModelWithProjection(CLIPTextConfig(**text))
     text_config = CLIPTextConfig(
         vocab_size=len(vocab),
         hidden_size=config.hidden_size,
@@ -334,6 +344,19 @@ def _sd15_shaped_modules(config: TinyConfig, vocab: dict):
     text = dict(SD15_TEXT_ENCODER, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN])
     text["pad_token_id"] = vocab[EOS_TOKEN]
     return CLIPTextModel(CLIPTextConfig(**text)), UNet2DConditionModel(**SD15_UNET), AutoencoderKL(**SD15_VAE)
+
+
+def _sdxl_shaped_modules(config: TinyConfig, vocab: dict):
+    """SDXL base 1.0's published shapes with random weights: text encoder 1 (CLIP ViT-L, as SD 1.5's), the UNet, the
+    VAE (force_upcast); text encoder 2 comes from _sdxl_text_encoder_2."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .configs import SD15_TEXT_ENCODER, SDXL_UNET, SDXL_VAE
+
+    text = dict(SD15_TEXT_ENCODER, bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN])
+    text["pad_token_id"] = vocab[EOS_TOKEN]
+    return CLIPTextModel(CLIPTextConfig(**text)), UNet2DConditionModel(**SDXL_UNET), AutoencoderKL(**SDXL_VAE)
 
 
 def _scheduler_configs(variant: str) -> dict[str, dict]:
