@@ -4,7 +4,7 @@ Reference: the fp32 export of the same tiny checkpoint (itself equal to diffuser
 fed the same inputs. Both text encoders and the UNet are fp16 inside with float32 IO; the VAE stays fp32 because
 SDXL's VAE config says force_upcast (diffusers' SDXL pipelines upcast it); a refiner folder (text encoder 2 only, no
 tokenizer/) converts too. Measured on the tiny models: max abs error / max |reference| 2e-4 to 8e-4 (text encoders),
-1.4e-3 (UNet; 3.4e-3 when time_ids are cast to fp16 at the input); the bound is 2e-2, as for SD 1.x
+1.4e-3 (UNet; up to 9.6e-3 when time_ids are cast to fp16 at the input); the bound is 2e-2, as for SD 1.x
 (tests/gpu/test_fp16_export.py).
 """
 
@@ -94,8 +94,9 @@ def test_fp16_component_matches_fp32(request, case, component):
 
 @needs_torch
 def test_time_ids_embedding_stays_fp32(sdxl_pair, tmp_path):
-    """The same UNet converted with time_ids cast to fp16 at the input (as any other float input) is measurably
-    further from fp32 on non-integer ids than the export's, which keeps their sin/cos path fp32 as timestep's."""
+    """The same UNet converted with time_ids cast to fp16 at the input (as any other float input) is far further from
+    fp32 on ids that fp16 cannot hold (x.5 above 1024: 0.5 rad off in sin/cos) than the export's, which keeps their
+    sin/cos path fp32 as timestep's. Measured: 9.6e-3 against 1.4e-3."""
     from export.fp16 import convert_component
     from export.specs import component_specs
     from runtime.manifest import read_manifest
@@ -107,10 +108,11 @@ def test_time_ids_embedding_stays_fp32(sdxl_pair, tmp_path):
     out = tmp_path / "onnx" / "unet.onnx"
     convert_component(fp32 / "onnx" / "unet.onnx", out, manifest.components["unet"], shapes, tmp_path, ("timestep",))
     feeds = _feeds(fp32, "unet")
+    feeds["time_ids"][:] = np.array([1536.5, 1024.5, 0.5, 64.5, 1536.5, 1024.5], np.float32)
     ref = _run(fp32 / "onnx" / "unet.onnx", feeds)[0]
     kept = _rel_error(_run(fp16 / "onnx" / "unet.onnx", feeds)[0], ref)
     cast = _rel_error(_run(out, feeds)[0], ref)
-    assert kept < REL_TOLERANCE and cast > 2 * kept
+    assert kept < REL_TOLERANCE and cast > 4 * kept
 
 
 @needs_torch
