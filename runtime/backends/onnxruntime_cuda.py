@@ -2,7 +2,8 @@
 
 Models: ONNX Runtime's own Stable Diffusion fusions (attention, GroupNorm, BiasSplitGelu ...) only match fp32
 graphs, so each fp32 export is fused first (`onnxruntime.transformers.optimizer`, model types unet / vae / clip),
-then converted to fp16 with float32 IO (the timestep embedding's nodes kept fp32), into `<artifacts>/fp16-ort/`.
+then converted to fp16 with float32 IO (the timestep embedding's nodes kept fp32, and SDXL's time_ids'), into
+`<artifacts>/fp16-ort/`. SDXL's text encoder 2 is fused as a CLIP model too; its VAE stays fp32 (force_upcast).
 The CPU provider cannot run those fused models; the fp16 export of export/fp16.py is what runs there.
 
 Running: the UNet is bound to fixed device buffers (IO binding) per input shape, and with `enable_cuda_graph`

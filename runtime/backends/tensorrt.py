@@ -12,6 +12,8 @@ Lifecycle per engine (written against the TensorRT 10.x / 11.x Python API):
              and replayed every step; graphs of other shapes stay valid while no buffer moves; a moved buffer, a
              new activation block or a refit drops them all; a capture that fails falls back to eager for that
              shape, with one log line
+SDXL: text encoder 2 has engines of its own (token ids in; a call over its rows runs in slices, as text encoder 1's),
+the UNet's text_embeds and time_ids are bound like its other inputs, the VAE engine is fp32 (force_upcast).
 A request whose UNet shape (rows, token chunks, size) no engine covers is refused before any work by
 `check_request`, naming the `cli.py build` options that cover it. depth2img's depth estimator (one call per
 request) runs as its fp32 ONNX model on ONNX Runtime.
