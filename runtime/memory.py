@@ -134,7 +134,8 @@ def vae_bytes(facts: dict, latent_height: int, latent_width: int, images: int, f
     for level, width in enumerate(channels):
         inputs = max(width, channels[level - 1]) if level else width  # upsampled from the level before
         conv = max(conv, latent_pixels * 4**level * inputs)
-    return int(images * FLOAT_BYTES * (ATTENTION_FACTOR * attention + VAE_CONV_FACTOR * conv))
+    output = 3 * latent_pixels * 4 ** (len(channels) - 1)  # the decoded RGB image the call returns
+    return int(images * FLOAT_BYTES * (ATTENTION_FACTOR * attention + VAE_CONV_FACTOR * conv + output))
 
 
 def tiled_vae_bytes(

@@ -177,9 +177,9 @@ class SdrtModel:
         return [self._outcome(item) for item in items]
 
     def _submit(self, items: list[_Item]) -> None:
-        """Submit the batch's calls in one hold of the Service's lock (a reentrant Condition), so its worker sees
-        them queued together and groups the compatible ones; a refused call (bad request) gets its error."""
-        with self.service._cond:
+        """Submit the batch's calls together (Service.submitting_together), so the replica's worker groups the
+        compatible ones; a refused call (bad request) gets its error."""
+        with self.service.submitting_together():
             for item in items:
                 if item.cancelled:
                     continue

@@ -2,8 +2,9 @@
 
 Every field A1111 publishes for txt2img/img2img is accepted with A1111's default, so existing clients work
 unchanged. Each field either changes the images as A1111 defines it, or, set to anything but its default, is refused
-with a 422 naming it (runtime.server.fields: restore_faces, tiling, scripts, a refiner ...); fields with no effect on
-the images (saving, comments, send_images, force_task_id) and unknown extra fields are accepted, as A1111 does.
+with a 422 naming it (runtime.server.fields: restore_faces, tiling, scripts, a refiner the server does not serve ...);
+fields with no effect on the images (saving, comments, send_images, force_task_id) and unknown extra fields are
+accepted, as A1111 does.
 """
 
 from __future__ import annotations

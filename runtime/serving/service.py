@@ -15,10 +15,12 @@ hires fix, a refiner, inpainting models, prompts with extra networks) runs alone
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..admission import admit, batch_out_of_memory, fits_together, txt2img_passes
@@ -114,6 +116,14 @@ class Service:
             self._queue.append(job)
             self._cond.notify_all()
         return job
+
+    @contextlib.contextmanager
+    def submitting_together(self) -> Iterator[None]:
+        """`with service.submitting_together(): service.submit(...) ...`: the worker takes none of these submissions
+        before the block ends, so it sees them queued together and runs the compatible txt2img ones in one batch
+        (runtime.ray_serve hands a serve.batch of calls over this way)."""
+        with self._cond:  # reentrant: submit() takes it again inside
+            yield
 
     def generate(self, mode: str, *args, **options):
         """submit(...) and wait: the GenerationResult, or the request's typed error."""
