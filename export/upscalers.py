@@ -18,6 +18,13 @@ model (spandrel's `pad_to_multiple`); a trace would freeze that padding at the t
 those paddings and the runtime applies them before the model instead. Every export is checked before it is
 installed: the runtime's call (that padding, the ONNX model, the crop) must equal the torch module at two sizes other
 than the traced one; a model for which it does not is refused.
+
+fp16: where spandrel's descriptor says the architecture supports half precision (`supports_half`), the fp32 graph is
+also converted by export.fp16's pass (the SD models' fp16 conversion: float32 IO, fp16 weights and compute, the
+normalisations fp32) into `<folder>-fp16.onnx`, named in upscaler.json's `fp16_model`; the GPU backends run it. It is
+checked on ONNX Runtime's CPU provider at the traced size: a converted model whose output is not finite or not
+within FP16_TOLERANCE of the fp32 one (relative to the output's largest value) is not kept (`fp16_model` null, the
+GPU backends then run fp32).
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ OPSET = 17
 PURPOSES = ("SR", "Restoration")
 WEIGHTED_TILING = ("SwinIR",)  # A1111 1.10 runs SwinIR through upscaler_utils.upscale_2; the others through the grid
 CHECK_TOLERANCE = 1e-4  # largest |onnx - torch| accepted at the check sizes (float32 rounding is ~1e-6)
+FP16_TOLERANCE = 1e-2  # largest |fp16 - fp32| / max |fp32| kept (fp16's own rounding is 4.9e-4 per operation)
 SPANDREL_HINT = "pip install --no-deps spandrel (and pip install -e .[export] for torch and einops)"
 
 
@@ -175,6 +183,7 @@ def export_upscaler(path: Path, engines_dir: Path, allow_pickle: bool = False) -
         trace(descriptor.model, sample, onnx_file)
         check_export(descriptor, onnx_file, padding, sample, path)
         meta = describe(descriptor, padding, memory, path, folder)
+        meta["fp16_model"] = export_fp16(onnx_file, sample, path) if descriptor.supports_half else None
         (work / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
     logger.info("exported upscaler %s (%s, %dx) in %.1f s", path.name, meta["architecture"], meta["scale"],
                 time.perf_counter() - started)  # fmt: skip
@@ -322,6 +331,35 @@ def check_export(descriptor, onnx_path: Path, padding: dict | None, side: int, s
             )
 
 
+def export_fp16(onnx_file: Path, side: int, source: Path) -> str | None:
+    """Write the fp16 conversion of the fp32 upscaler graph `onnx_file` beside it (`<stem>-fp16.onnx`) and return
+    its file name; None (nothing written) when its check on ONNX Runtime's CPU provider fails."""
+    import onnx
+    import onnxruntime as ort
+
+    from .fp16 import _float_types, convert_model
+
+    target = onnx_file.with_name(f"{onnx_file.stem}-fp16.onnx")
+    model = onnx.load(str(onnx_file))
+    convert_model(model, _float_types(onnx_file))
+    onnx.save_model(model, str(target))
+    image = np.random.default_rng(3).random((1, 3, side, side), dtype=np.float32)
+    try:
+        expected = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).run(None, {"image": image})
+        got = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"image": image})
+        error = float(np.abs(got[0] - expected[0]).max() / max(float(np.abs(expected[0]).max()), 1e-6))
+    except Exception as exc:  # onnxruntime's own exception types
+        reason, error = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__, float("nan")
+    else:
+        reason = f"relative error {error:.2g} over {FP16_TOLERANCE:g}"
+    if not error <= FP16_TOLERANCE:  # NaN included
+        target.unlink()
+        logger.warning("%s: no fp16 model (%s); the GPU backends run it in fp32", source.name, reason)
+        return None
+    logger.info("%s: fp16 model within %.2g of fp32 (relative)", source.name, error)
+    return target.name
+
+
 @contextlib.contextmanager
 def _building(target: Path) -> Iterator[Path]:
     """A temporary folder beside `target`, renamed to it on success and removed on any failure."""
@@ -344,15 +382,23 @@ def _building(target: Path) -> Iterator[Path]:
 
 
 class TorchUpscalerSession:
-    """The torch backend's upscaler: spandrel's module itself behind the ONNX model's contract (`image` in,
-    `upscaled` out, before the clamp), so the host-side padding, tiling and rounding are the same code."""
+    """The torch backend's upscaler: spandrel's module itself behind the ONNX model's contract (`image` float32 in,
+    `upscaled` float32 out, before the clamp), so the host-side padding, tiling and rounding are the same code.
+    torch-cuda: `device` "cuda" and `dtype` torch.float16 (where the architecture supports half precision); the
+    module is moved and cast in place, the input cast to `dtype` on the device, the output returned as float32."""
 
-    def __init__(self, descriptor):
+    def __init__(self, descriptor, device: str = "cpu", dtype=None):
+        import torch
+
         self.descriptor = descriptor
+        self.device, self.dtype = torch.device(device), dtype or torch.float32
+        self.component = f"upscaler ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
+        descriptor.model.to(device=self.device, dtype=self.dtype)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         import torch
 
+        image = torch.from_numpy(np.ascontiguousarray(feeds["image"], dtype=np.float32))
         with torch.no_grad():
-            upscaled = self.descriptor.model(torch.from_numpy(np.ascontiguousarray(feeds["image"])))
-        return {"upscaled": upscaled.numpy()}
+            upscaled = self.descriptor.model(image.to(self.device, self.dtype))
+        return {"upscaled": upscaled.float().cpu().numpy()}

@@ -6,9 +6,10 @@ knows by their display names ("R-ESRGAN 4x+" for RealESRGAN_x4plus.pth, ...; mod
 Real-ESRGAN ones; sdrt reports the same. A stem present as .safetensors and as a pickle is the .safetensors file.
 
 Each file is exported once (export.upscalers) into `<engines>/upscalers/<stem>-<sha256[:10]>/`: `<that name>.onnx`
-(named after its folder, so openvino's compile cache keeps one entry per model) and
-`upscaler.json` (the architecture, scale, padding and memory facts the runtime needs), written to a temporary folder
-and renamed into place, so a folder with `upscaler.json` is always complete.
+(named after its folder, so openvino's compile cache keeps one entry per model), `<that name>-fp16.onnx` where
+spandrel says the architecture supports half precision (the GPU backends' model), and `upscaler.json` (the
+architecture, scale, padding and memory facts the runtime needs), written to a temporary folder and renamed into
+place, so a folder with `upscaler.json` is always complete.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ PICKLE_SUFFIXES = (".pth", ".pt")  # what A1111's ESRGAN, SwinIR, HAT and DAT fo
 UPSCALER_SUFFIXES = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)  # preference order for one stem
 FOLDER_NAME = "upscalers"  # under $SDRT_HOME, and under an engines folder for the exports
 META_FILE = "upscaler.json"
-EXPORT_VERSION = 1  # bump when the exported folders change, so old ones are not reused
+EXPORT_VERSION = 2  # bump when the exported folders change, so old ones are not reused (2: the fp16 model)
 SHORT_HASH = 10
 DEFAULT_SCALE = 4  # A1111's UpscalerData scale for user files
 
@@ -127,6 +128,12 @@ def artifact_folder(engines_dir: Path, path: Path, sha256: str) -> Path:
 def model_path(folder: Path) -> Path:
     """The ONNX file of an export folder."""
     return folder / f"{folder.name}.onnx"
+
+
+def fp16_model_path(folder: Path, meta: dict) -> Path | None:
+    """The fp16 ONNX file of an export folder (for the GPU backends); None where the architecture has none."""
+    name = meta.get("fp16_model")
+    return None if not name else folder / name
 
 
 def file_sha256(engines_dir: Path, path: Path) -> str:
