@@ -25,8 +25,11 @@ Contract (what the HTTP routes, hires fix and `cli.py upscale-image` use):
   hires fix calls: upscale by max(width / w, height / h) when enlarging, then Lanczos to exactly width x height.
 
 Backends: onnxruntime (the exported fp32 graph on the CPU provider), openvino (the same file), torch (spandrel's
-module itself). GPU backends (specified, not built yet): the fp16 ONNX (export.fp16's conversion) where spandrel
-says the architecture supports half precision, fp32 otherwise; an output with NaN/Inf is computed again in fp32.
+module itself), all fp32. GPU backends (runtime.upscalers.gpu): onnxruntime-cuda runs the fp16 ONNX (export.fp16's
+conversion) where spandrel says the architecture supports half precision, fp32 otherwise; torch-cuda spandrel's
+module in fp16 (or fp32) on CUDA; tensorrt builds no engine for them and runs them as onnxruntime-cuda does (torch-cuda
+where ONNX Runtime has no CUDA provider, onnxruntime on the CPU where neither is there). An fp16 output tile with
+NaN/Inf is computed again in fp32.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ __all__ = ["BUILTIN_UPSCALERS", "Upscaler", "UpscalerFile", "default_upscaler_di
 LANCZOS, NEAREST = Image.Resampling.LANCZOS, Image.Resampling.NEAREST
 BUILTIN_UPSCALERS = ("None", "Lanczos", "Nearest")  # A1111's order at the top of its list
 TILE_SIZE, TILE_OVERLAP = 192, 8  # A1111's ESRGAN_tile and ESRGAN_tile_overlap defaults
-MODEL_BACKENDS = ("onnxruntime", "openvino", "torch")
+MODEL_BACKENDS = ("onnxruntime", "openvino", "torch", "onnxruntime-cuda", "torch-cuda", "tensorrt")
+GPU_MODEL_BACKENDS = ("onnxruntime-cuda", "torch-cuda", "tensorrt")  # runtime.upscalers.gpu
 MAX_PASSES = 3  # A1111's Upscaler.upscale runs the model at most three times
 
 
@@ -171,9 +175,13 @@ def load_upscaler(
         raise BackendUnavailableError(
             f"upscaler models run on {', '.join(MODEL_BACKENDS)}; not on {backend} yet (use one of those)"
         )
+    if backend in GPU_MODEL_BACKENDS:  # what runs it (what is missing: an error before any export)
+        from .gpu import runner
+
+        backend = runner(backend)
     engines = engines_dir_or_default(engines_dir)
     artifacts, meta = _exported(entry.path, engines, allow_pickle)
-    session = _session(backend, artifacts, entry.path, allow_pickle)
+    session = _session(backend, artifacts, entry.path, allow_pickle, meta)
     return ModelUpscaler(entry.name, entry.path, meta, session, tile_size, tile_overlap, memory_budget, progress)
 
 
@@ -197,11 +205,15 @@ def _exported(path: Path, engines: Path, allow_pickle: bool) -> tuple[Path, dict
     return folder, meta
 
 
-def _session(backend: str, folder: Path, path: Path, allow_pickle: bool):
+def _session(backend: str, folder: Path, path: Path, allow_pickle: bool, meta: dict):
     """What runs the model: `run({"image": x}, ["upscaled"])` on the chosen backend."""
     from ..backends import check_backend, cpu_threads
     from .files import model_path
 
+    if backend in GPU_MODEL_BACKENDS:
+        from .gpu import gpu_session
+
+        return gpu_session(backend, folder, meta, path, allow_pickle)
     check_backend(backend)
     if backend == "onnxruntime":
         from ..backends.onnxruntime import CPU_PROVIDERS, OnnxRuntimeSession
