@@ -260,10 +260,11 @@ def test_tensorrt_runs_upscalers_as_onnxruntime_cuda_where_its_provider_is_there
     image = random_image(40, 32, seed=3)
     expected = np.asarray(fp32.upscale(image, 2)).astype(int)
     for backend in ("onnxruntime-cuda", "tensorrt"):
+        checked.clear()
         upscaler = load_upscaler("compact-2x", folder, backend=backend, engines_dir=engines)
+        assert checked == ["onnxruntime-cuda"]  # tensorrt: its first runner, found available
         assert isinstance(upscaler.session, HalfWithFallback) and upscaler.session.half.component == "upscaler (fp16)"
         assert np.abs(np.asarray(upscaler.upscale(image, 2)).astype(int) - expected).max() <= 2
-    assert checked[-1] == "onnxruntime-cuda"  # the tensorrt backend asked for its first runner
 
 
 def test_tensorrt_falls_back_to_torch_cuda_where_onnxruntime_has_no_cuda_provider(monkeypatch):
