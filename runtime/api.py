@@ -25,7 +25,7 @@ from .infotext import generation_parameters, image_infotexts, mask_blur, model_p
 from .lora.requests import with_loras
 from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
 from .pipelines.img2img import img2img
-from .pipelines.sdxl import check_sdxl_backend, check_sdxl_mode, refuse_sdxl, sdxl_without_loras, tokenizer_folder
+from .pipelines.sdxl import check_sdxl_backend, check_sdxl_mode, refuse_sdxl, tokenizer_folder
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
 from .request import (
@@ -124,7 +124,6 @@ class StableDiffusion:
             yield bar.update if hook is None else (lambda: (bar.update(), hook(total)))
 
     @allocation_errors
-    @sdxl_without_loras
     @with_loras
     def txt2img(
         self,
@@ -181,7 +180,6 @@ class StableDiffusion:
         return self._result(request, images, {**extra, **second_params}, watermark)
 
     @allocation_errors
-    @sdxl_without_loras
     @with_loras
     def img2img(self, prompt: str, init_image, watermark: str | None = None, **options) -> GenerationResult:
         """Generate from an init image (a path or a PIL image); options are the fields of Img2ImgRequest."""
@@ -197,7 +195,6 @@ class StableDiffusion:
         return self._result(request, images, extra, watermark)
 
     @allocation_errors
-    @sdxl_without_loras
     @with_loras
     def inpaint(self, prompt: str, init_image, mask, watermark: str | None = None, **options) -> GenerationResult:
         """Repaint the white part of `mask` (a path or a PIL image); options are the fields of InpaintRequest."""
@@ -216,7 +213,6 @@ class StableDiffusion:
         return self._result(request, run_inpaint(self, request, image), extra, watermark)
 
     @allocation_errors
-    @sdxl_without_loras
     @with_loras
     def outpaint(
         self, prompt: str, init_image, extend: tuple[int, int, int, int], watermark: str | None = None, **options
@@ -238,7 +234,6 @@ class StableDiffusion:
         return self._result(request, run_outpaint(self, request, image, extend), extra, watermark)
 
     @allocation_errors
-    @sdxl_without_loras
     @with_loras
     def depth2img(
         self, prompt: str, init_image, depth_map=None, watermark: str | None = None, **options
@@ -264,7 +259,6 @@ class StableDiffusion:
         return self._result(request, images, extra, watermark)
 
     @allocation_errors
-    @sdxl_without_loras
     @with_loras
     def upscale(
         self, prompt: str, image, noise_level: int = 20, watermark: str | None = None, **options

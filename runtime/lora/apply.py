@@ -1,9 +1,9 @@
 """Merging LoRAs into full weights and handing them to the backend (`apply_weights`), once per change of set.
 
 merged = base + sum over LoRAs and layers of  up @ down * (alpha / rank) * multiplier
-where the multiplier is the LoRA's text-encoder or UNet weight. The base values come from the backend; the
-merged values replace whole parameters, so every set is built from base (A -> B -> A gives A's weights exactly),
-and an empty set (no LoRA, or every multiplier 0) restores the base weights.
+where the multiplier is the LoRA's text-encoder (both of SDXL's) or UNet weight. The base values come from the
+backend; the merged values replace whole parameters, so every set is built from base (A -> B -> A gives A's weights
+exactly), and an empty set (no LoRA, or every multiplier 0) restores the base weights.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 from ..errors import LoraError
 from .files import LoraFile, read_lora_file, short_hash
 from .keys import LoraLayer, parse_layers
-from .sources import WeightSource, weight_source
-from .weight_map import MAPPED_COMPONENTS
+from .sources import WeightSource, mapped_components, weight_source
+from .weight_map import TEXT_ENCODERS
 
 logger = logging.getLogger(__name__)
 MAX_CACHED_FILES = 8  # parsed LoRA files kept for reuse, most recent first
@@ -57,7 +57,7 @@ def merged_weights(
     deltas: dict[str, dict[str, np.ndarray]] = {}
     for use, layers in uses:
         for layer in layers:
-            multiplier = use.te_multiplier if layer.component == "text_encoder" else use.unet_multiplier
+            multiplier = use.te_multiplier if layer.component in TEXT_ENCODERS else use.unet_multiplier
             if multiplier == 0:
                 continue
             shape = source.parameter_shapes(layer.component)[layer.parameter]
@@ -77,6 +77,7 @@ class LoraState:
     def __init__(self, backend: WeightBackend):
         self.backend = backend
         self.source: WeightSource | None = None  # parameter shapes and base values, found on first use
+        self.components: tuple[str, ...] = ()  # the mapped components the model has (SDXL: text_encoder_2 too)
         self._active: tuple = ()
         self._files: dict[tuple, tuple[LoraFile, list[LoraLayer]]] = {}  # by file identity
 
@@ -90,6 +91,7 @@ class LoraState:
             raise LoraError(f"the {getattr(self.backend, 'name', '?')} backend cannot apply LoRA weights")
         if self.source is None:
             self.source = weight_source(self.backend)
+            self.components = mapped_components(self.backend)
         loaded = [(use, self._layers(use, allow_pickle)) for use in uses]
         patches = merged_weights(loaded, self.source)
         self._active = ("unknown",)  # until apply_weights returns: a failure there leaves no trusted state
@@ -101,7 +103,7 @@ class LoraState:
         file_key = use.key[:3]
         if file_key not in self._files:
             lora = read_lora_file(use.path, allow_pickle)
-            shapes = {c: self.source.parameter_shapes(c) for c in MAPPED_COMPONENTS}
+            shapes = {c: self.source.parameter_shapes(c) for c in self.components}
             recent = list(self._files.items())[: MAX_CACHED_FILES - 1]
             self._files = {file_key: (lora, parse_layers(lora, shapes)), **dict(recent)}
         return self._files[file_key][1]

@@ -2,8 +2,11 @@
 
 kohya / A1111:   lora_unet_<module with _>.lora_down.weight, .lora_up.weight, .alpha
                  lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight ...
+                 SDXL: lora_te1_ (CLIP ViT-L), lora_te2_ (OpenCLIP bigG), lora_unet_ under LDM/SGM names as kohya's
+                 sd-scripts train them (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q)
                  lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q... (LDM UNet names, also read)
 diffusers/PEFT:  unet.<module>.lora_A.weight, .lora_B.weight (optional .alpha);  text_encoder.<module>.lora_A.weight
+                 (SDXL's second encoder: text_encoder_2.<module>...)
 older diffusers: unet.<...>.attn1.processor.to_q_lora.down.weight / .up.weight;  <module>.lora.down.weight;
                  text_encoder.<module>.lora_linear_layer.down.weight
 
@@ -21,9 +24,11 @@ import numpy as np
 
 from ..errors import LoraError
 from .files import LoraFile
+from .weight_map import TEXT_ENCODERS
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}  # fmt: skip
+PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 # (down suffix, up suffix) of each format, longest first so that ".lora.down.weight" is not read as ".down.weight"
 SUFFIXES = (
     (".lora_down.weight", ".lora_up.weight"),
@@ -40,7 +45,7 @@ Shapes = Mapping[str, Mapping[str, tuple[int, ...]]]  # component -> diffusers p
 class LoraLayer:
     """One low-rank delta: delta = up @ down * scale (reshaped to the parameter), times the user's weight."""
 
-    component: str  # "unet" or "text_encoder"
+    component: str  # "unet", "text_encoder" or "text_encoder_2"
     parameter: str  # diffusers name of the weight it changes
     down: np.ndarray  # float32 [r, in] or [r, in, kh, kw]
     up: np.ndarray  # float32 [out, r] or [out, r, 1, 1]
@@ -147,7 +152,7 @@ def _resolve(prefix: str, down_suffix: str, shapes: Shapes, index: dict) -> tupl
         if match is None:
             return None
         module = module[: match.start()] + "." + match.group(1) + (".0" if match.group(1) == "to_out" else "")
-    if component == "text_encoder" and not module.startswith("text_model."):
+    if component in TEXT_ENCODERS and not module.startswith(("text_model.", "text_projection")):
         module = "text_model." + module
     weight = module + ".weight"
     return (component, weight) if weight in shapes.get(component, {}) else None

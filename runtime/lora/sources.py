@@ -14,7 +14,13 @@ import numpy as np
 
 from ..errors import LoraError, ModelError
 from ..safetensors_reader import read_safetensors
-from .weight_map import MappedInitializer, base_parameters, canonical_parameter_name, ensure_weight_map
+from .weight_map import (
+    MAPPED_COMPONENTS,
+    MappedInitializer,
+    base_parameters,
+    canonical_parameter_name,
+    ensure_weight_map,
+)
 
 
 class WeightSource(Protocol):
@@ -93,3 +99,15 @@ def weight_source(backend) -> WeightSource:
     if getattr(backend, "checkpoint", None) is not None:
         return CheckpointWeights(backend.checkpoint)
     raise LoraError(f"the {getattr(backend, 'name', '?')} backend cannot apply LoRA weights")
+
+
+def mapped_components(backend) -> tuple[str, ...]:
+    """The components LoRA can reach that the backend's model has: the export's (manifest) or the checkpoint's
+    folders; an SD 1.x/2.x model has no text_encoder_2, an SDXL refiner no text_encoder."""
+    manifest = getattr(backend, "manifest", None)
+    if manifest is not None:
+        return tuple(c for c in MAPPED_COMPONENTS if c in manifest.components)
+    checkpoint = getattr(backend, "checkpoint", None)
+    if checkpoint is not None:
+        return tuple(c for c in MAPPED_COMPONENTS if (Path(checkpoint) / c).is_dir())
+    return ("text_encoder", "unet")

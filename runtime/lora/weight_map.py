@@ -1,7 +1,7 @@
 """Which ONNX initializer holds which diffusers parameter: the map LoRA (and TensorRT refit) patch weights through.
 
 The TorchScript exporter renames weights (`onnx::MatMul_123`) and stores Linear weights transposed, so the map is
-found by value: every unet/text_encoder parameter is fingerprinted (shape + sha256 of its float32 bytes, also of
+found by value: every UNet and text-encoder parameter is fingerprinted (shape + sha256 of its float32 bytes, also of
 its transpose), then every ONNX initializer is looked up by the same fingerprint. A fingerprint several parameters
 share (identical values, e.g. fresh LayerNorm weights) is ambiguous and left out, and so is an initializer no
 parameter produced (folded constants). The map is written beside the model at export:
@@ -28,7 +28,8 @@ from ..errors import ModelError
 from ..manifest import atomic_write_bytes
 
 MAP_FORMAT = 1
-MAPPED_COMPONENTS = ("text_encoder", "unet")
+MAPPED_COMPONENTS = ("text_encoder", "text_encoder_2", "unet")  # text_encoder_2: SDXL's second (a refiner's only)
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 Fingerprint = tuple[tuple[int, ...], str]
 
 
@@ -41,8 +42,9 @@ class MappedInitializer:
 
 def canonical_parameter_name(component: str, name: str) -> str:
     """The name LoRA files and the backend weight interface use: transformers 5's CLIPTextModel dropped the
-    `text_model.` level that transformers 4 (and every LoRA file) has, so it is put back here."""
-    if component == "text_encoder" and not name.startswith("text_model."):
+    `text_model.` level that transformers 4 (and every LoRA file) has, so it is put back here (SDXL's second encoder,
+    CLIPTextModelWithProjection, keeps it; its `text_projection` sits beside `text_model`)."""
+    if component in TEXT_ENCODERS and not name.startswith(("text_model.", "text_projection.")):
         return "text_model." + name
     return name
 

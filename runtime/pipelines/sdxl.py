@@ -19,15 +19,12 @@ crop (0, 0); a refiner's end with the aesthetic score instead of the target size
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidRequestError
 from ..prompts import apply_fixes
-from ..prompts.extra_networks import extract_lora_tags
 from .conditioning import CHUNK_TOKENS, Conditioning, encode_chunks, tokenize_groups
 
 if TYPE_CHECKING:
@@ -114,19 +111,6 @@ def check_sdxl_backend(info: dict, backend: str) -> None:
         raise InvalidRequestError(
             f"SDXL models on the {backend} backend are not supported yet: use --backend {', '.join(SDXL_BACKENDS)}"
         )
-
-
-def sdxl_without_loras(method: Callable) -> Callable:
-    """A generation method that refuses LoRAs (`loras=`, `<lora:...>` tags) on SDXL models before with_loras would
-    apply them."""
-
-    @functools.wraps(method)
-    def generate(self: StableDiffusion, prompt: str, *args, **options):
-        if is_sdxl(self.info) and (options.get("loras") or extract_lora_tags(prompt)[1]):
-            refuse_sdxl(self.info, "LoRA")
-        return method(self, prompt, *args, **options)
-
-    return generate
 
 
 def encode_sdxl_groups(

@@ -140,19 +140,6 @@ def test_emphasis_matches_formula_on_diffusers_embeddings(sdxl, pipe):
     assert np.abs(plain.batches[0] - conditioning.batches[0]).max() > 1e-2  # the weight changed the embeddings
 
 
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"loras": ["missing.safetensors"]}, "LoRA on SDXL"),
-        ({"prompt": "a cat <lora:detail:0.5>"}, "LoRA on SDXL"),
-    ],
-)
-def test_unsupported_txt2img_options_are_refused(sdxl, options, message):
-    options = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, **options}
-    with pytest.raises(InvalidRequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        sdxl.txt2img(options.pop("prompt"), **options)
-
-
 def test_unsupported_modes_and_backends_are_refused(sdxl, tiny_sdxl, shared_engines, tmp_path):
     from PIL import Image
 
