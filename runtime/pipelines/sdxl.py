@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..api import StableDiffusion
 
 # where SDXL runs: the GPU backends take text encoder 2 and the UNet's text_embeds/time_ids too; openvino not yet
-SDXL_BACKENDS = ("onnxruntime", "torch", "torch-cuda", "onnxruntime-cuda", "tensorrt")
+SDXL_BACKENDS = ("onnxruntime", "openvino", "torch", "torch-cuda", "onnxruntime-cuda", "tensorrt")
 SDXL_MODES = ("txt2img", "img2img", "inpaint", "outpaint")  # what SDXL models run so far
 PENULTIMATE = -2  # SDXL conditions on the layer before the last of both encoders, without the final norm
 # A refiner's (requires_aesthetics_score) time ids end with an aesthetic score instead of the target size: these
