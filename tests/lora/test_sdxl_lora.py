@@ -52,22 +52,23 @@ TE2_MODULES = (*TE_MODULES, "text_model.encoder.layers.2.mlp.fc2")  # the last l
 
 
 def _shapes(checkpoint) -> dict[str, dict[str, tuple[int, ...]]]:
-    """component -> module -> weight shape, from the checkpoint's diffusers/transformers modules."""
+    """component -> module -> weight shape, from the checkpoint's diffusers/transformers modules (a refiner: text
+    encoder 2 and the UNet)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    unet = dict(UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet").named_modules())
-    te = dict(CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder").named_modules())
-    te2 = dict(CLIPTextModelWithProjection.from_pretrained(checkpoint, subfolder="text_encoder_2").named_modules())
+    def weights(modules, names):
+        return {n: tuple((modules[n] if n in modules else modules[n.removeprefix("text_model.")]).weight.shape)
+                for n in names}  # fmt: skip
 
-    def weight(modules, name):
-        return tuple((modules[name] if name in modules else modules[name.removeprefix("text_model.")]).weight.shape)
-
-    return {
-        "unet": {name: weight(unet, name) for name in PEFT_UNET},
-        "text_encoder": {name: weight(te, name) for name in TE_MODULES},
-        "text_encoder_2": {name: weight(te2, name) for name in TE2_MODULES},
-    }
+    unet = UNet2DConditionModel.from_pretrained(checkpoint, subfolder="unet")
+    shapes = {"unet": weights(dict(unet.named_modules()), PEFT_UNET)}
+    if (checkpoint / "text_encoder").is_dir():
+        te = CLIPTextModel.from_pretrained(checkpoint, subfolder="text_encoder")
+        shapes["text_encoder"] = weights(dict(te.named_modules()), TE_MODULES)
+    te2 = CLIPTextModelWithProjection.from_pretrained(checkpoint, subfolder="text_encoder_2")
+    shapes["text_encoder_2"] = weights(dict(te2.named_modules()), TE2_MODULES)
+    return shapes
 
 
 def _pair(rng, shape, rank, std=0.4):
@@ -217,3 +218,57 @@ def test_sd1_lora_or_missing_file_on_sdxl_is_refused(models, tmp_path):
         model.txt2img(PROMPT, loras=[(other, 1.0)], **GENERATION)
     with pytest.raises(LoraError, match="does not exist"):
         model.txt2img(PROMPT, loras=[(tmp_path / "missing.safetensors", 1.0)], **GENERATION)
+
+
+def test_export_maps_text_encoder_2(models):
+    """The export writes text encoder 2's weight map: every Linear weight of its layers and its projection reach an
+    ONNX initializer (the module's own parameter list is the reference)."""
+    from transformers import CLIPTextModelWithProjection
+
+    from runtime.lora.weight_map import read_weight_map
+
+    backend = models["onnxruntime"].backend
+    mapped = {
+        m.parameter for m in read_weight_map(backend.folder / "onnx" / "text_encoder_2.weight_map.json").values()
+    }
+    module = CLIPTextModelWithProjection.from_pretrained(
+        models["torch"].backend.checkpoint, subfolder="text_encoder_2"
+    )
+    linear = {n for n, p in module.named_parameters() if p.ndim == 2 and "embeddings" not in n}
+    assert len(linear) > 6 and linear <= mapped, sorted(linear - mapped)[:3]
+
+
+@needs_peft
+def test_refiner_lora_matches_diffusers(tiny_sdxl_refiner, tmp_path):
+    """A refiner (text encoder 2 only): a kohya LoRA on text encoder 2 and the UNet gives img2img images equal to
+    StableDiffusionXLImg2ImgPipeline with it fused; a LoRA with lora_te1_ keys names no module of it."""
+    from safetensors.numpy import save_file
+
+    import runtime
+    from runtime.errors import LoraError
+    from tests.runtime.test_sdxl_img2img import diffusers_pipe, generators, init_image
+    from tests.runtime.test_txt2img_parity import SEED as IMAGE_SEED  # the seed generators(1) starts from
+
+    shapes = _shapes(tiny_sdxl_refiner)
+    path = write_kohya_sdxl(tmp_path / "refiner.safetensors", shapes, seed=23)
+    refiner = runtime.load(tiny_sdxl_refiner, backend="torch")
+    options = dict(strength=0.6, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG, sampler="Euler a")
+    options.update(seed=IMAGE_SEED, batch_size=1)
+    result = refiner.img2img(PROMPT, init_image(), loras=[(path, 0.9)], **options).images
+    pipe = diffusers_pipe("StableDiffusionXLImg2ImgPipeline", tiny_sdxl_refiner, "Euler a", "default",
+                          add_watermarker=False)  # fmt: skip
+    pipe.load_lora_weights(str(path), adapter_name="a")
+    pipe.fuse_lora(components=["unet", "text_encoder_2"], lora_scale=0.9, adapter_names=["a"])
+    pipe.unload_lora_weights()
+    expected = pipe(PROMPT, image=init_image(), strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                    guidance_scale=CFG, generator=generators(1), output_type="np").images  # fmt: skip
+    assert_parity(result, expected)
+    base = refiner.img2img(PROMPT, init_image(), **options).images
+    assert np.abs(result - base).max() > 0.02
+    te1 = tmp_path / "te1.safetensors"
+    key = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    width = shapes["text_encoder_2"][TE_MODULES[0]][1]
+    save_file({f"{key}.lora_down.weight": np.zeros((4, width), np.float32),
+               f"{key}.lora_up.weight": np.zeros((width, 4), np.float32)}, str(te1))  # fmt: skip
+    with pytest.raises(LoraError, match="does not match this model"):
+        refiner.img2img(PROMPT, init_image(), loras=[(te1, 1.0)], **options)
