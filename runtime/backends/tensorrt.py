@@ -328,10 +328,10 @@ class TensorRTBackend:
         return self._tables
 
     def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
-        """Refit the UNet / text encoder engines to base + patch values (None or {}: base weights exactly)."""
+        """Refit the UNet / text encoder(s) engines to base + patch values (None or {}: base weights exactly)."""
         from .tensorrt_refit import refit_component
 
-        for component in ("unet", "text_encoder"):
+        for component in sorted({*(patches or {}), *self._base_weights}):  # SDXL: text_encoder_2 too
             values = (patches or {}).get(component, {})
             if not values and component not in self._base_weights:
                 continue  # never patched: already base

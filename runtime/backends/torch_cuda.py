@@ -228,7 +228,7 @@ class TorchCudaBackend:
     def apply_weights(self, patches: dict[str, dict[str, np.ndarray]] | None) -> None:
         """Set parameters to the given full values (diffusers names); everything else back to base."""
         wanted = {(c, n): v for c, values in (patches or {}).items() for n, v in values.items()}
-        for component in ("unet", "text_encoder"):
+        for component in sorted({c for c, _ in wanted} | {c for c, _ in self._base}):  # SDXL: text_encoder_2 too
             params = dict(self._module(component).named_parameters())
 
             def param(name: str, params=params, component=component) -> torch.nn.Parameter:

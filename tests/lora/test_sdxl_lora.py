@@ -272,3 +272,45 @@ def test_refiner_lora_matches_diffusers(tiny_sdxl_refiner, tmp_path):
                f"{key}.lora_up.weight": np.zeros((width, 4), np.float32)}, str(te1))  # fmt: skip
     with pytest.raises(LoraError, match="does not match this model"):
         refiner.img2img(PROMPT, init_image(), loras=[(te1, 1.0)], **options)
+
+
+def test_gpu_backends_patch_text_encoder_2(tiny_sdxl_refiner, monkeypatch):
+    """Without a GPU: torch-cuda's weight interface on the refiner's CPU modules writes text encoder 2's parameters
+    and restores them bit for bit, never loading a text encoder the model lacks; TensorRT refits the text_encoder_2
+    engines (refit_component stands in for the refitter) and refits them back to base."""
+    import types
+
+    import torch
+
+    from runtime.backends import tensorrt_refit
+    from runtime.backends.tensorrt import TensorRTBackend
+    from runtime.backends.torch import _load
+    from runtime.backends.torch_cuda import TorchCudaBackend
+
+    cuda = TorchCudaBackend.__new__(TorchCudaBackend)
+    cuda._modules = {"text_encoder_2": _load(tiny_sdxl_refiner, "text_encoder_2", False)}
+    cuda._base, cuda._graphed = {}, None
+    name = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    parameter = dict(cuda._modules["text_encoder_2"].named_parameters())[name]
+    base = parameter.detach().clone()
+    cuda.apply_weights({"text_encoder_2": {name: base.numpy() * 2}})
+    assert torch.equal(parameter.detach(), base * 2) and set(cuda._modules) == {"text_encoder_2"}
+    cuda.apply_weights(None)
+    assert torch.equal(parameter.detach(), base)
+
+    calls = []
+
+    def refit(backend, component, engines, values):
+        calls.append((component, engines, sorted(values)))
+        backend._base_weights.setdefault(component, {})
+
+    monkeypatch.setattr(tensorrt_refit, "refit_component", refit)
+    trt = TensorRTBackend.__new__(TensorRTBackend)
+    trt._base_weights = {}
+    trt.session = lambda component: types.SimpleNamespace(engines=[f"{component} engine"])
+    trt.apply_weights({"text_encoder_2": {name: np.zeros(1)}})
+    trt.apply_weights(None)
+    assert calls == [
+        ("text_encoder_2", ["text_encoder_2 engine"], [name]),
+        ("text_encoder_2", ["text_encoder_2 engine"], []),
+    ]
