@@ -104,7 +104,7 @@ def _group(lora: LoraFile) -> dict[tuple[str, str], dict[str, np.ndarray]]:
 
 def _underscore_index(component: str, names: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     """kohya module name (dots -> underscores) -> diffusers module path, for every `.weight` parameter; for the
-    UNet also under its LDM name (`input_blocks_1_1_proj_in`), which some trainers write."""
+    UNet also under its LDM name (`input_blocks_1_1_proj_in`), which some trainers write (kohya's for SDXL)."""
     modules = [name.removesuffix(".weight") for name in names if name.endswith(".weight")]
     index = {module.replace(".", "_"): module for module in modules}
     if component == "unet":
@@ -113,15 +113,21 @@ def _underscore_index(component: str, names: Mapping[str, tuple[int, ...]]) -> d
     return index
 
 
+# SDXL's added conditioning (text_embeds + time_ids) under SGM's names: label_emb = Sequential(Sequential(Linear,
+# SiLU, Linear))
+SGM_ADDED_EMBEDDING = {"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"}
+
+
 def _ldm_names(modules: list[str]) -> dict[str, str]:
     """LDM module path -> diffusers module path of a diffusers UNet, from the single-file name table."""
     from ..single_file.keys import UNetLayout, unet_map
 
     present = set(modules)
+    sgm = {ldm: module for ldm, module in SGM_ADDED_EMBEDDING.items() if module in present}
     levels = sum(1 for i in range(64) if f"down_blocks.{i}.resnets.0.conv1" in present)
     per = sum(1 for j in range(64) if f"down_blocks.0.resnets.{j}.conv1" in present)
     if levels == 0 or per == 0:
-        return {}
+        return sgm
     layout = UNetLayout(
         layers_per_block=per,
         down_attention=tuple(f"down_blocks.{i}.attentions.0.proj_in" in present for i in range(levels)),
@@ -129,7 +135,7 @@ def _ldm_names(modules: list[str]) -> dict[str, str]:
         class_embedding=any(m.startswith("class_embedding.") for m in modules),
     )
     table = unet_map(layout)
-    names = {}
+    names = dict(sgm)
     for module in modules:
         ldm = table.to_ldm(module + ".weight")
         if ldm is not None:

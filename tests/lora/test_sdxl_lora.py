@@ -40,8 +40,10 @@ UNET_LDM = {
     "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_v": "output_blocks.1.1.transformer_blocks.0.attn2.to_v",
     "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks.0.1.transformer_blocks.0.ff.net.2",
     "up_blocks.0.attentions.0.proj_out": "output_blocks.0.1.proj_out",
+    "down_blocks.1.resnets.0.time_emb_proj": "input_blocks.3.0.emb_layers.1",
+    "add_embedding.linear_1": "label_emb.0.0",  # the added conditioning (text_embeds, time_ids)
 }
-PEFT_UNET = (*UNET_LDM, "add_embedding.linear_1", "down_blocks.1.resnets.0.time_emb_proj")
+PEFT_UNET = tuple(UNET_LDM)
 TE_MODULES = (
     "text_model.encoder.layers.0.self_attn.q_proj",
     "text_model.encoder.layers.1.self_attn.v_proj",
@@ -98,8 +100,6 @@ def write_kohya_sdxl(path, shapes, seed, rank=4, alpha=2.0):
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     for component, modules in shapes.items():
         for module, shape in modules.items():
-            if component == "unet" and module not in UNET_LDM:
-                continue
             name = UNET_LDM[module] if component == "unet" else module
             key = prefixes[component] + name.replace(".", "_")
             tensors[key + ".lora_down.weight"], tensors[key + ".lora_up.weight"] = _pair(rng, shape, rank)
@@ -314,3 +314,38 @@ def test_gpu_backends_patch_text_encoder_2(tiny_sdxl_refiner, monkeypatch):
         ("text_encoder_2", ["text_encoder_2 engine"], [name]),
         ("text_encoder_2", ["text_encoder_2 engine"], []),
     ]
+
+
+# kohya's names for SDXL base 1.0's UNet (sgm's UNetModel: 3 levels of 2 resnets, attention in levels 1 and 2, 2 and
+# 10 transformer blocks) -> the diffusers module, worked out from sgm's block numbering
+SDXL_BASE_NAMES = {
+    "input_blocks_4_1_transformer_blocks_1_attn1_to_k": "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_k",
+    "input_blocks_7_1_transformer_blocks_0_attn2_to_out_0": (
+        "down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_out.0"
+    ),
+    "middle_block_1_transformer_blocks_9_ff_net_2": "mid_block.attentions.0.transformer_blocks.9.ff.net.2",
+    "output_blocks_5_1_proj_out": "up_blocks.1.attentions.2.proj_out",
+    "input_blocks_6_0_op": "down_blocks.1.downsamplers.0.conv",
+    "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "output_blocks_0_0_skip_connection": "up_blocks.0.resnets.0.conv_shortcut",
+    "output_blocks_8_0_out_layers_3": "up_blocks.2.resnets.2.conv2",
+    "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
+    "label_emb_0_2": "add_embedding.linear_2",
+}
+
+
+def test_kohya_names_on_sdxl_base_layout():
+    """kohya's SGM names resolve to the right modules of SDXL base's published UNet (built on the meta device)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from export.configs import SDXL_UNET
+    from runtime.lora.keys import _resolve, _underscore_index
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**{k: v for k, v in SDXL_UNET.items() if not k.startswith("_")})
+    shapes = {"unet": {n: tuple(p.shape) for n, p in unet.named_parameters()}}
+    index = {"unet": _underscore_index("unet", shapes["unet"])}
+    for kohya, module in SDXL_BASE_NAMES.items():
+        assert _resolve("lora_unet_" + kohya, ".lora_down.weight", shapes, index) == ("unet", module + ".weight")
