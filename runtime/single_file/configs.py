@@ -41,11 +41,22 @@ def unet_layout(tensors: dict[str, np.ndarray]) -> UNetLayout:
     levels = blocks // (per + 1)
     down = tuple(f"input_blocks.{1 + i * (per + 1)}.1.proj_in.weight" in tensors for i in range(levels))
     up = tuple(f"output_blocks.{i * (per + 1)}.1.proj_in.weight" in tensors for i in range(levels))
-    return UNetLayout(per, down, up, class_embedding="label_emb.weight" in tensors)
+    return UNetLayout(
+        per,
+        down,
+        up,
+        class_embedding="label_emb.weight" in tensors,
+        added_embedding="label_emb.0.0.weight" in tensors,
+    )
 
 
-def unet_config(tensors: dict[str, np.ndarray], family: Family, layout: UNetLayout) -> dict:
-    """UNet2DConditionModel's config: channels, levels and attention from the shapes, heads by the family's rule."""
+def unet_config(
+    tensors: dict[str, np.ndarray], family: Family, layout: UNetLayout, pooled_dim: int | None = None
+) -> dict:
+    """UNet2DConditionModel's config: channels, levels and attention from the shapes, heads by the family's rule.
+
+    SDXL (`pooled_dim`: text encoder 2's projection width) adds the "text_time" embedding and a transformer depth
+    per level."""
     per, levels = layout.layers_per_block, len(layout.down_attention)
     conv_in = _shape(tensors, "input_blocks.0.0.weight", "UNet")
     channels = [
@@ -85,7 +96,37 @@ def unet_config(tensors: dict[str, np.ndarray], family: Family, layout: UNetLayo
         config["only_cross_attention"] = [i < levels - 1 for i in range(levels)]  # published: [T, T, T, F]
     if layout.class_embedding:
         config["num_class_embeds"] = tensors["label_emb.weight"].shape[0]
+    if layout.added_embedding:
+        config.update(_sdxl_unet(tensors, family, layout, pooled_dim, depth))
     return config
+
+
+def _sdxl_unet(
+    tensors: dict[str, np.ndarray], family: Family, layout: UNetLayout, pooled_dim: int | None, mid_depth: int
+) -> dict:
+    """SDXL's added conditioning: label_emb.0.0 reads the pooled text (pooled_dim) then 6 size/crop ids (the
+    refiner: 5, an aesthetic score for the target size), each embedded in addition_time_embed_dim features; and the
+    transformer depth of each level (SDXL base: [1, 2, 10]; levels without attention take the mid block's)."""
+    added = _shape(tensors, "label_emb.0.0.weight", "UNet")[1]
+    ids = 5 if family.text == "sdxl_refiner" else 6
+    if pooled_dim is None or added <= pooled_dim or (added - pooled_dim) % ids:
+        raise ModelError(
+            f"the UNet's added conditioning takes {added} features: not the pooled text ({pooled_dim}) plus {ids} "
+            "embedded size/crop ids"
+        )
+    per = layout.layers_per_block
+    depths = [
+        _count(tensors, rf"^input_blocks\.{1 + i * (per + 1)}\.1\.transformer_blocks\.(\d+)\.") if a else mid_depth
+        for i, a in enumerate(layout.down_attention)
+    ]
+    if depths[-1] != mid_depth:  # diffusers gives the mid block the last level's depth
+        raise ModelError(f"the UNet's mid block has {mid_depth} transformer blocks, its lowest level {depths[-1]}")
+    return {
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": (added - pooled_dim) // ids,
+        "projection_class_embeddings_input_dim": added,
+        "transformer_layers_per_block": depths if len(set(depths)) > 1 else mid_depth,
+    }
 
 
 def vae_layout(tensors: dict[str, np.ndarray]) -> tuple[int, int]:
@@ -114,12 +155,17 @@ def vae_config(tensors: dict[str, np.ndarray], family: Family) -> dict:
         "act_fn": "silu",
         "sample_size": family.sample_size * 2 ** (levels - 1),
         "scaling_factor": family.vae_scaling_factor,
+        **({"force_upcast": True} if family.force_upcast else {}),
     }
 
 
-def text_config(tensors: dict[str, np.ndarray], family: Family, bos_id: int, eos_id: int, pad_id: int) -> dict:
-    """CLIPTextConfig of the text encoder (LDM names, prefix stripped): widths from shapes, heads by 64 channels."""
-    if family.text == "clip":
+def text_config(tensors: dict[str, np.ndarray], text: str, bos_id: int, eos_id: int, pad_id: int) -> dict:
+    """CLIPTextConfig of the text encoder (LDM names, prefix stripped): widths from shapes, heads by 64 channels.
+
+    `text`: "clip" (CLIP-L), "open_clip" (SD 2.x: the last block unused) or "open_clip_g" (SDXL's second encoder:
+    every block, and its projection: a CLIPTextModelWithProjection)."""
+    projection = None
+    if text == "clip":
         base = "text_model." if any(n.startswith("text_model.") for n in tensors) else ""
         vocab, width = _shape(tensors, base + "embeddings.token_embedding.weight", "text encoder")
         positions = _shape(tensors, base + "embeddings.position_embedding.weight", "text encoder")[0]
@@ -129,7 +175,9 @@ def text_config(tensors: dict[str, np.ndarray], family: Family, bos_id: int, eos
     else:
         vocab, width = _shape(tensors, "token_embedding.weight", "text encoder")
         positions = _shape(tensors, "positional_embedding", "text encoder")[0]
-        layers = open_clip_layers(tensors) - 1  # SD 2 conditions on the penultimate block
+        layers = open_clip_layers(tensors) - (1 if text == "open_clip" else 0)  # SD 2: the penultimate block
+        if text == "open_clip_g":
+            projection = _shape(tensors, "text_projection", "text encoder")[1]
         inner = _shape(tensors, "transformer.resblocks.0.mlp.c_fc.weight", "text encoder")[0]
         activation = "gelu"
     if width % TEXT_HEAD_WIDTH or layers < 1:
@@ -137,7 +185,7 @@ def text_config(tensors: dict[str, np.ndarray], family: Family, bos_id: int, eos
             f"the text encoder's width {width} is not a multiple of {TEXT_HEAD_WIDTH}: not CLIP-L/OpenCLIP"
         )
     return {
-        "architectures": ["CLIPTextModel"],
+        "architectures": ["CLIPTextModel" if projection is None else "CLIPTextModelWithProjection"],
         "model_type": "clip_text_model",
         "vocab_size": vocab,
         "hidden_size": width,
@@ -147,7 +195,7 @@ def text_config(tensors: dict[str, np.ndarray], family: Family, bos_id: int, eos
         "max_position_embeddings": positions,
         "hidden_act": activation,
         "layer_norm_eps": 1e-05,
-        "projection_dim": width,
+        "projection_dim": width if projection is None else projection,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,

@@ -1,7 +1,8 @@
 """Single-file checkpoint -> diffusers folder in the artifact cache, written once (temp folder + rename).
 
 `<engines>/single-file/<stem>-<sha256[:10]>-<variant>/` holds model_index.json, unet/ vae/ text_encoder/ (config.json
-+ float32 safetensors), tokenizer/, scheduler/ and `sdrt_source.json` (the A1111 model and VAE names and hashes the
++ float32 safetensors), tokenizer/ (SDXL: also text_encoder_2/ and tokenizer_2/; its refiner: those alone),
+scheduler/ and `sdrt_source.json` (the A1111 model and VAE names and hashes the
 infotext reports). `<variant>` hashes everything else that changes the result: the VAE override, the prediction type
 override, an explicit tokenizer, and the converter's version. The rest of sdrt treats the folder like any other.
 """
@@ -25,7 +26,18 @@ from ..errors import ModelError
 from .configs import text_config, unet_config, unet_layout, vae_config
 from .families import SD2_EPS, Family, detect_family, with_prediction_type
 from .hashing import SHORT_HASH, HashCache
-from .keys import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX, rename_all, unet_map, vae_map, vae_to_diffusers
+from .keys import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    SDXL_REFINER_PREFIX,
+    UNET_PREFIX,
+    rename_all,
+    unet_map,
+    vae_map,
+    vae_to_diffusers,
+)
 from .probe import probe_prediction_type
 from .reader import read_tensors
 from .text import clip_to_diffusers, open_clip_to_diffusers
@@ -54,7 +66,7 @@ def folder_hash(folder: Path | None) -> str | None:
         return None
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
-        for path in (Path(folder) / name, Path(folder) / "tokenizer" / name):
+        for path in (Path(folder) / name, Path(folder) / "tokenizer" / name, Path(folder) / "tokenizer_2" / name):
             if path.is_file():
                 digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -103,17 +115,19 @@ def _write_parts(
     unet = _section(tensors, UNET_PREFIX)
     conv_in = unet.get("input_blocks.0.0.weight")
     family = detect_family(set(tensors), conv_in.shape[1] if conv_in is not None and conv_in.ndim == 4 else None)
-    text_prefix = CLIP_PREFIX if family.text == "clip" else OPEN_CLIP_PREFIX
-    _write_text_encoder(work, _section(tensors, text_prefix), family, tokenizer)
+    pooled_dim = None
+    for text, prefix, part in _text_encoders(family):
+        config = _write_text_encoder(work, _section(tensors, prefix), text, part, tokenizer)
+        pooled_dim = config["projection_dim"]  # SDXL: text encoder 2's, which the UNet's added conditioning reads
     layout = unet_layout(unet)
     write_safetensors(
         work / "unet" / "diffusion_pytorch_model.safetensors", rename_all(unet, unet_map(layout).to_diffusers, "UNet")
     )
-    _write_json(work / "unet" / "config.json", unet_config(unet, family, layout))  # what the probe loads
+    _write_json(work / "unet" / "config.json", unet_config(unet, family, layout, pooled_dim))  # what the probe loads
     _write_vae(work, split_vae(tensors), vae, family, allow_pickle, path)
     chosen, how = _prediction_type(family, prediction_type, step, work / "unet")
     family = with_prediction_type(family, chosen)
-    _write_json(work / "unet" / "config.json", unet_config(unet, family, layout))  # the final family (SD 2 v: upcast)
+    _write_json(work / "unet" / "config.json", unet_config(unet, family, layout, pooled_dim))  # SD 2 v: upcast
     _write_pipeline(work, family)
     return {"family": family.name, "prediction_type": chosen, "prediction_type_from": how}
 
@@ -122,19 +136,36 @@ def _section(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarra
     return {name[len(prefix) :]: value for name, value in tensors.items() if name.startswith(prefix)}
 
 
-def _write_text_encoder(work: Path, text: dict[str, np.ndarray], family: Family, tokenizer: Path | None) -> None:
-    folder, pad = find_tokenizer(family.text, tokenizer)
-    vocab = copy_tokenizer(folder, work / "tokenizer", pad)
-    bos, eos, pad_id = special_ids(work / "tokenizer", vocab)
-    config = text_config(text, family, bos, eos, pad_id)
+def _text_encoders(family: Family) -> list[tuple[str, str, str]]:
+    """(text encoder kind, tensor prefix, diffusers part) of each text encoder of the family."""
+    if family.text == "sdxl":
+        return [("clip", SDXL_CLIP_PREFIX, "text_encoder"), ("open_clip_g", SDXL_OPEN_CLIP_PREFIX, "text_encoder_2")]
+    if family.text == "sdxl_refiner":
+        return [("open_clip_g", SDXL_REFINER_PREFIX, "text_encoder_2")]
+    return [(family.text, CLIP_PREFIX if family.text == "clip" else OPEN_CLIP_PREFIX, "text_encoder")]
+
+
+def _write_text_encoder(
+    work: Path, tensors: dict[str, np.ndarray], text: str, part: str, tokenizer: Path | None
+) -> dict:
+    """Write one text encoder (`part`: text_encoder or text_encoder_2) and its tokenizer; return its config."""
+    folder, pad = find_tokenizer(text, tokenizer)
+    tokenizer_part = work / part.replace("text_encoder", "tokenizer")
+    vocab = copy_tokenizer(folder, tokenizer_part, pad)
+    bos, eos, pad_id = special_ids(tokenizer_part, vocab)
+    config = text_config(tensors, text, bos, eos, pad_id)
     if max(vocab.values(), default=0) >= config["vocab_size"]:
         raise ModelError(
             f"the tokenizer in {folder} has ids up to {max(vocab.values())}, beyond the text encoder's "
             f"{config['vocab_size']} token embeddings: it does not belong to this model"
         )
-    weights = clip_to_diffusers(text) if family.text == "clip" else open_clip_to_diffusers(text)
-    write_safetensors(work / "text_encoder" / "model.safetensors", weights)
-    _write_json(work / "text_encoder" / "config.json", config)
+    if text == "clip":
+        weights = clip_to_diffusers(tensors)
+    else:
+        weights = open_clip_to_diffusers(tensors, sdxl=text == "open_clip_g")
+    write_safetensors(work / part / "model.safetensors", weights)
+    _write_json(work / part / "config.json", config)
+    return config
 
 
 def _write_vae(
@@ -185,6 +216,9 @@ def _prediction_type(family: Family, given: str | None, step: int | None, unet_f
 def _write_pipeline(work: Path, family: Family) -> None:
     """scheduler/ (and the x4 upscaler's low_res_scheduler/) configs and model_index.json."""
     _write_json(work / "scheduler" / "scheduler_config.json", family.scheduler)
+    if family.sdxl:
+        _write_json(work / "model_index.json", _sdxl_index(family))
+        return
     index = {
         "_class_name": family.pipeline_class,
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -201,6 +235,26 @@ def _write_pipeline(work: Path, family: Family) -> None:
     elif family.pipeline_class != "StableDiffusionDepth2ImgPipeline":
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     _write_json(work / "model_index.json", index)
+
+
+def _sdxl_index(family: Family) -> dict:
+    """model_index.json as SDXL's published folders have it (base 1.0, refiner 1.0, inpainting 0.1)."""
+    encoder_1 = [None, None] if family.text == "sdxl_refiner" else ["transformers", "CLIPTextModel"]
+    tokenizer_1 = [None, None] if family.text == "sdxl_refiner" else ["transformers", "CLIPTokenizer"]
+    index = {
+        "_class_name": family.pipeline_class,
+        "text_encoder": encoder_1,
+        "tokenizer": tokenizer_1,
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", family.scheduler["_class_name"]],
+        "force_zeros_for_empty_prompt": family.text != "sdxl_refiner",
+    }
+    if family.pipeline_class != "StableDiffusionXLPipeline":
+        index["requires_aesthetics_score"] = family.text == "sdxl_refiner"
+    return index
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -2,8 +2,8 @@
 
 Shapes fix most of the architecture (channels, levels, layers, cross-attention and text widths, vocabulary); the
 rest comes from the family's published diffusers configs, written here: attention heads (SD 1.x: 8 per UNet block;
-SD 2.x: one head per 64 channels; CLIP-L and OpenCLIP-H text: one head per 64 channels), the text activation, the
-scheduler, the VAE scaling factor and the default image size.
+SD 2.x and SDXL: one head per 64 channels; CLIP-L, OpenCLIP-H and -bigG text: one head per 64 channels), the text
+activation, the scheduler, the VAE scaling factor (and SDXL's fp32 VAE) and the default image size.
 """
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..errors import ModelError
-from .keys import CLIP_PREFIX, OPEN_CLIP_PREFIX, UNET_PREFIX
+from .keys import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPEN_CLIP_PREFIX,
+    SDXL_REFINER_PREFIX,
+    UNET_PREFIX,
+)
 
 TEXT_HEAD_WIDTH = 64  # CLIP ViT-L/14 (768 / 12) and OpenCLIP ViT-H/14 (1024 / 16)
 SD2_HEAD_WIDTH = 64  # SD 2.x UNet: num_head_channels 64 (diffusers' attention_head_dim [5, 10, 20, 20])
@@ -45,6 +52,16 @@ X4_LOW_RES_SCHEDULER = {
     "variance_type": "fixed_small",
 }
 X4_MAX_NOISE_LEVEL = 350
+SDXL_SCHEDULER = dict(  # stabilityai/stable-diffusion-xl-base-1.0 (and its refiner, and the SDXL inpainting 0.1)
+    _SCALED_LINEAR,
+    _class_name="EulerDiscreteScheduler",
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    timestep_spacing="leading",
+    use_karras_sigmas=False,
+)
+SDXL_VAE_SCALING_FACTOR = 0.13025
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,7 @@ class Family:
 
     name: str
     pipeline_class: str
-    text: str  # "clip" (SD 1.x) or "open_clip" (SD 2.x)
+    text: str  # "clip" (SD 1.x), "open_clip" (SD 2.x), "sdxl" (CLIP-L + OpenCLIP-bigG), "sdxl_refiner" (bigG only)
     unet_heads: str  # "8": 8 heads in every block (SD 1.x, x4); "64": one head per 64 channels (SD 2.x)
     scheduler: dict
     sample_size: int  # UNet latent size of the default image (512 px: 64, 768 px: 96)
@@ -61,6 +78,11 @@ class Family:
     upcast_attention: bool = False
     only_cross_attention: bool = False  # x4: attention blocks without self-attention, except at the lowest level
     low_res_scheduler: dict | None = None
+    force_upcast: bool = False  # SDXL: the VAE runs in float32 (its published config says so)
+
+    @property
+    def sdxl(self) -> bool:
+        return self.text in ("sdxl", "sdxl_refiner")
 
 
 SD1 = Family("SD 1.x", "StableDiffusionPipeline", "clip", "8", SD1_SCHEDULER, 64)
@@ -82,6 +104,14 @@ X4_UPSCALER = Family(
     only_cross_attention=True,
     low_res_scheduler=X4_LOW_RES_SCHEDULER,
 )
+_SDXL = dict(vae_scaling_factor=SDXL_VAE_SCALING_FACTOR, force_upcast=True)
+SDXL = Family("SDXL", "StableDiffusionXLPipeline", "sdxl", "64", SDXL_SCHEDULER, 128, **_SDXL)
+SDXL_INPAINT = Family(
+    "SDXL inpainting", "StableDiffusionXLInpaintPipeline", "sdxl", "64", SDXL_SCHEDULER, 128, **_SDXL
+)
+SDXL_REFINER = Family(
+    "SDXL refiner", "StableDiffusionXLImg2ImgPipeline", "sdxl_refiner", "64", SDXL_SCHEDULER, 128, **_SDXL
+)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
@@ -90,8 +120,8 @@ def detect_family(names: set[str], unet_in_channels: int | None) -> Family:
 
     SD 2.x with 4 channels is returned as SD2_EPS here; v-prediction cannot be read from shapes (see
     runtime.single_file.probe)."""
-    if any(n.startswith(("conditioner.embedders.", "model.diffusion_model.label_emb.0.0.")) for n in names):
-        raise ModelError("an SDXL single-file checkpoint: not supported yet (SDXL runs from a diffusers folder)")
+    if any(n.startswith(("conditioner.embedders.", UNET_PREFIX + "label_emb.0.0.")) for n in names):
+        return _detect_sdxl(names, unet_in_channels)
     if unet_in_channels is None:
         if any(n.startswith(("model.diffusion_model.", "double_blocks.", "joint_blocks.")) for n in names):
             raise ModelError("unknown model family: not an SD 1.x/2.x UNet (SD3, Flux, ... are not supported)")
@@ -109,6 +139,25 @@ def detect_family(names: set[str], unet_in_channels: int | None) -> Family:
     if unet_in_channels not in families:
         kind = "SD 1.x" if clip else "SD 2.x"
         raise ModelError(f"unknown model family: an {kind} text encoder with a {unet_in_channels}-channel UNet")
+    return families[unet_in_channels]
+
+
+def _detect_sdxl(names: set[str], unet_in_channels: int | None) -> Family:
+    """SDXL base or inpainting (CLIP-L as embedder 0, OpenCLIP-bigG as embedder 1) or the refiner (bigG alone)."""
+    has = {prefix: any(n.startswith(prefix) for n in names) for prefix in (SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX)}
+    refiner = any(n.startswith(SDXL_REFINER_PREFIX) for n in names)
+    if unet_in_channels is None or UNET_PREFIX + "label_emb.0.0.weight" not in names:
+        raise ModelError("an SDXL checkpoint without its UNet or the UNet's added conditioning (label_emb.0.*)")
+    if all(has.values()) and not refiner:
+        families = {4: SDXL, 9: SDXL_INPAINT}
+    elif refiner and not any(has.values()):
+        families = {4: SDXL_REFINER}
+    else:
+        raise ModelError(
+            "unknown SDXL layout: expected conditioner.embedders.0.transformer + 1.model (base) or 0.model (refiner)"
+        )
+    if unet_in_channels not in families:
+        raise ModelError(f"unknown model family: an SDXL text encoder layout with a {unet_in_channels}-channel UNet")
     return families[unet_in_channels]
 
 

@@ -19,6 +19,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: a transformers CLIPTextModel
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: an OpenCLIP text tower
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL: CLIP ViT-L, as SD 1.x's
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL: OpenCLIP ViT-bigG with its text projection
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the SDXL refiner: OpenCLIP ViT-bigG alone
 
 # LDM ResBlock (openaimodel.py) -> diffusers ResnetBlock2D
 UNET_RESNET_PARTS = (
@@ -42,6 +45,7 @@ class UNetLayout:
     down_attention: tuple[bool, ...]  # per level, from the highest resolution
     up_attention: tuple[bool, ...]  # per diffusers up block (lowest resolution first)
     class_embedding: bool = False  # the x4 upscaler's noise-level labels
+    added_embedding: bool = False  # SDXL: label_emb.0.{0,2} embed the pooled text and size/crop ids ("text_time")
 
 
 class PrefixMap:
@@ -90,6 +94,8 @@ def unet_map(layout: UNetLayout) -> PrefixMap:
     ]
     if layout.class_embedding:
         pairs.append(("label_emb.", "class_embedding."))
+    if layout.added_embedding:
+        pairs += [("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2.")]
     for level in range(levels):
         for j in range(per):
             block = 1 + level * (per + 1) + j

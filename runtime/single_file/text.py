@@ -4,6 +4,8 @@ SD 1.x stores a transformers CLIPTextModel under `cond_stage_model.transformer.`
 `text_model.` level). SD 2.x stores an OpenCLIP text tower under `cond_stage_model.model.`: q, k and v fused into
 `in_proj_weight` [3D, D], and one more residual block than SD 2 uses (it takes the penultimate layer's output, then
 the final LayerNorm), so the converted encoder has one layer fewer, as diffusers' SD 2 text encoders have.
+SDXL's OpenCLIP-bigG tower keeps every block (SDXL reads the penultimate hidden states itself) and its projection
+head `text_projection` [D, P], which becomes CLIPTextModelWithProjection's `text_projection.weight` [P, D].
 """
 
 from __future__ import annotations
@@ -52,14 +54,19 @@ def open_clip_layers(tensors: dict[str, np.ndarray]) -> int:
     return len(blocks)
 
 
-def open_clip_to_diffusers(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """SD 2.x OpenCLIP tensors (prefix `cond_stage_model.model.` stripped) -> CLIPTextModel names, last block
-    dropped (SD 2 conditions on the penultimate block)."""
-    used = open_clip_layers(tensors) - 1
+def open_clip_to_diffusers(tensors: dict[str, np.ndarray], sdxl: bool = False) -> dict[str, np.ndarray]:
+    """OpenCLIP tensors (prefix stripped) -> CLIPTextModel names. SD 2.x: the last block dropped (SD 2 conditions on
+    the penultimate block). SDXL (`sdxl`): every block, and the projection as CLIPTextModelWithProjection's."""
+    used = open_clip_layers(tensors) - (0 if sdxl else 1)
     out = {}
     for name, value in tensors.items():
         if name in OPEN_CLIP_TOP:
             out[OPEN_CLIP_TOP[name]] = value
+            continue
+        if sdxl and name == "text_projection":
+            if value.ndim != 2:
+                raise ModelError(f"the OpenCLIP text_projection has shape {value.shape}, not [width, projection]")
+            out["text_projection.weight"] = np.ascontiguousarray(value.T)  # x @ P  ==  Linear with weight P.T
             continue
         match = _BLOCK.match(name)
         if match is None:

@@ -2,6 +2,7 @@
 
 SD 1.x uses CLIP ViT-L/14's tokenizer; SD 2.x uses OpenCLIP's, which is the same BPE vocabulary padded with "!"
 (id 0) instead of the end token. Without an SD 2 tokenizer in the cache, CLIP-L's is used with that padding.
+SDXL uses CLIP-L's as `tokenizer` and OpenCLIP-bigG's (the same vocabulary, padded with "!") as `tokenizer_2`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ SD1_REPOS = (
     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
     ("runwayml/stable-diffusion-v1-5", "tokenizer"),
     ("CompVis/stable-diffusion-v1-4", "tokenizer"),
+    ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
 )
 SD2_REPOS = (
     ("stabilityai/stable-diffusion-2-1", "tokenizer"),
@@ -26,6 +28,11 @@ SD2_REPOS = (
     ("stabilityai/stable-diffusion-2", "tokenizer"),
     ("stabilityai/stable-diffusion-2-base", "tokenizer"),
     ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ""),
+)
+SDXL_2_REPOS = (
+    ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+    ("stabilityai/stable-diffusion-xl-refiner-1.0", "tokenizer_2"),
+    ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", ""),
 )
 SD2_PAD_TOKEN = "!"
 
@@ -56,22 +63,30 @@ def _cached(repo_id: str, subfolder: str) -> Path | None:
 
 
 def find_tokenizer(text: str, given: Path | None) -> tuple[Path, str | None]:
-    """(tokenizer folder, pad token to force or None) for a "clip" (SD 1.x) or "open_clip" (SD 2.x) text encoder."""
+    """(tokenizer folder, pad token to force or None) for a "clip" (SD 1.x, SDXL's first), "open_clip" (SD 2.x) or
+    "open_clip_g" (SDXL's second) text encoder. SDXL's second always pads with "!", as its published tokenizer_2."""
+    bigg = text == "open_clip_g"
+    force = SD2_PAD_TOKEN if bigg else None
     if given is not None:
         given = Path(given).expanduser()
-        folder = given / "tokenizer" if _is_tokenizer(given / "tokenizer") else given
+        sub = "tokenizer_2" if bigg and _is_tokenizer(given / "tokenizer_2") else "tokenizer"
+        folder = given / sub if _is_tokenizer(given / sub) else given
         if not _is_tokenizer(folder):
             raise ModelError(f"--tokenizer {given}: no tokenizer there (vocab.json + merges.txt, or tokenizer.json)")
-        return folder, None
-    for repo_id, subfolder in SD2_REPOS if text == "open_clip" else SD1_REPOS:
+        return folder, force
+    repos = {"open_clip": SD2_REPOS, "open_clip_g": SDXL_2_REPOS + SD2_REPOS}.get(text, SD1_REPOS)
+    for repo_id, subfolder in repos:
         folder = _cached(repo_id, subfolder)
         if folder is not None:
-            return folder, None
-    if text == "open_clip":
+            return folder, force
+    if text in ("open_clip", "open_clip_g"):
         folder = _cached(*CLIP_L)
         if folder is not None:
             return folder, SD2_PAD_TOKEN
-    need = "stabilityai/stable-diffusion-2-1 (or openai/clip-vit-large-patch14)" if text == "open_clip" else CLIP_L[0]
+    need = {
+        "open_clip": "stabilityai/stable-diffusion-2-1 (or openai/clip-vit-large-patch14)",
+        "open_clip_g": "stabilityai/stable-diffusion-xl-base-1.0 (or openai/clip-vit-large-patch14)",
+    }.get(text, CLIP_L[0])
     raise ModelError(
         f"a single-file checkpoint has no tokenizer and none is in the Hugging Face cache ({hub_cache_root()}): "
         f"run `huggingface-cli download {need.split(' ')[0]}` or pass --tokenizer DIR"

@@ -16,7 +16,8 @@ one_torch_thread = pytest.fixture(scope="session", autouse=True)(single_torch_th
 
 @pytest.fixture(scope="session")
 def hub_cache(tmp_path_factory) -> Path:
-    """A Hugging Face cache with CLIP-L's tokenizer (tiny stand-in) and SD 2.1's tokenizer/ (padded with "!")."""
+    """A Hugging Face cache with CLIP-L's tokenizer (tiny stand-in), SD 2.1's tokenizer/ and SDXL base's tokenizer_2/
+    (both padded with "!")."""
     from export.tiny import write_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("hub")
@@ -25,6 +26,8 @@ def hub_cache(tmp_path_factory) -> Path:
     (clip / "refs").mkdir()
     (clip / "refs" / "main").write_text("0123abcd")
     write_tiny_tokenizer(root / "models--stabilityai--stable-diffusion-2-1" / "snapshots" / "4567" / "tokenizer", "!")
+    sdxl = root / "models--stabilityai--stable-diffusion-xl-base-1.0" / "snapshots" / "89ab"
+    write_tiny_tokenizer(sdxl / "tokenizer_2", "!")
     return root
 
 
@@ -47,6 +50,25 @@ def tiny_models(tmp_path_factory):
         if variant not in built:
             folder = make_tiny(root / f"tiny-{variant}", variant)
             built[variant] = folder, write_single_file(folder, root / f"tiny-{variant}.safetensors")
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_models(tmp_path_factory):
+    """SDXL variant ("sdxl", "sdxl-inpaint", "sdxl-refiner") -> (diffusers folder, SGM-layout single file)."""
+    if not HAS_TORCH:
+        pytest.skip("building tiny checkpoints needs torch and diffusers (export extras)")
+    from tests.single_file.ldm import make_tiny_sdxl, write_sdxl_single_file
+
+    root = tmp_path_factory.mktemp("single-file-sdxl")
+    built = {}
+
+    def get(variant: str) -> tuple[Path, Path]:
+        if variant not in built:
+            folder = make_tiny_sdxl(root / f"tiny-{variant}", variant)
+            built[variant] = folder, write_sdxl_single_file(folder, root / f"tiny-{variant}.safetensors")
         return built[variant]
 
     return get

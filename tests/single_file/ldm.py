@@ -108,7 +108,9 @@ def _weights(folder: Path, part: str) -> dict[str, np.ndarray]:
 def unet_layout_of(config: dict) -> UNetLayout:
     down = tuple(t.startswith("CrossAttn") for t in config["down_block_types"])
     up = tuple(t.startswith("CrossAttn") for t in config["up_block_types"])
-    return UNetLayout(config["layers_per_block"], down, up, class_embedding=bool(config.get("num_class_embeds")))
+    added = config.get("addition_embed_type") == "text_time"
+    classes = bool(config.get("num_class_embeds"))
+    return UNetLayout(config["layers_per_block"], down, up, class_embedding=classes, added_embedding=added)
 
 
 def ldm_unet(folder: Path) -> dict[str, np.ndarray]:
@@ -149,4 +151,119 @@ def single_file_state(folder: Path) -> dict[str, np.ndarray]:
 
 def write_single_file(folder: Path, path: Path) -> Path:
     save_file({k: np.ascontiguousarray(v) for k, v in single_file_state(folder).items()}, str(path))
+    return path
+
+
+# SDXL: tiny checkpoints whose shapes follow SDXL's head rules (64 channels per head in the UNet and both encoders)
+SDXL_VARIANTS = ("sdxl", "sdxl-inpaint", "sdxl-refiner")
+SDXL_POOLED = 32  # text encoder 2's projection width (unlike its hidden width: a transposed projection fails)
+SDXL_TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
+SDXL_WIDTH_2 = 128  # text encoder 2's width, 2 heads (diffusers tells SDXL's encoders apart by width: 768 / 1280)
+
+
+def make_tiny_sdxl(folder: Path, variant: str, seed: int = 0) -> Path:
+    """A tiny SDXL diffusers folder (base, inpainting or refiner): as SDXL, no attention at the first level and a
+    transformer depth per level (1, then 2 at the lowest level and the mid block)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from export.tiny import (
+        BOS_TOKEN,
+        EOS_TOKEN,
+        TinyConfig,
+        _pipeline,
+        _randomise_norms,
+        _scheduler_configs,
+        write_tiny_tokenizer,
+    )
+
+    refiner = variant == "sdxl-refiner"
+    torch.manual_seed(seed)
+    pads = {"tokenizer_2": "!"} if refiner else {"tokenizer": EOS_TOKEN, "tokenizer_2": "!"}
+    for part, pad in pads.items():
+        write_tiny_tokenizer(folder / part, pad_token=pad)
+    vocab = json.loads((folder / "tokenizer_2" / "vocab.json").read_text())
+
+    def text(width: int, act: str, pad: str, cls):
+        config = CLIPTextConfig(
+            vocab_size=len(vocab), hidden_size=width, intermediate_size=width + 32, num_hidden_layers=3,
+            num_attention_heads=width // 64, max_position_embeddings=77, hidden_act=act, projection_dim=SDXL_POOLED,
+            bos_token_id=vocab[BOS_TOKEN], eos_token_id=vocab[EOS_TOKEN], pad_token_id=vocab[pad],
+        )  # fmt: skip
+        return cls(config)
+
+    encoder_1 = None if refiner else text(TEXT_WIDTH, "quick_gelu", EOS_TOKEN, CLIPTextModel)
+    encoder_2 = text(SDXL_WIDTH_2, "gelu", "!", CLIPTextModelWithProjection)
+    ids = 5 if refiner else 6
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=9 if variant == "sdxl-inpaint" else 4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 64, 128), attention_head_dim=[1, 1, 2], transformer_layers_per_block=[1, 1, 2],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=SDXL_WIDTH_2 + (0 if refiner else TEXT_WIDTH), use_linear_projection=True,
+        norm_num_groups=32, addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED + ids * SDXL_TIME_DIM,
+    )  # fmt: skip
+    vae = make_vae(2)
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)
+    for module in (encoder_1, encoder_2, unet):
+        if module is not None:
+            _randomise_norms(module)
+    tokenizers = {part: CLIPTokenizer.from_pretrained(folder / part) for part in pads}
+    parts = dict(vae=vae, text_encoder=encoder_1, text_encoder_2=encoder_2, unet=unet)
+    parts.update(tokenizer=tokenizers.get("tokenizer"), tokenizer_2=tokenizers["tokenizer_2"])
+    _pipeline(TinyConfig(variant=variant), **parts).save_pretrained(folder, safe_serialization=True)
+    for part, pad in pads.items():
+        (folder / part / "tokenizer.json").unlink(missing_ok=True)
+        write_tiny_tokenizer(folder / part, pad_token=pad)
+    for part, published in _scheduler_configs(variant).items():
+        (folder / part / "scheduler_config.json").write_text(json.dumps(published, indent=2))
+    return folder
+
+
+def open_clip_g_to_ldm(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CLIPTextModelWithProjection tensors -> an OpenCLIP text tower (no prefix), written here independently of the
+    converter: q, k and v fused into in_proj, layers -> transformer.resblocks, the projection transposed."""
+    parts = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}  # fmt: skip
+    top = {"embeddings.token_embedding.weight": "token_embedding.weight",
+           "embeddings.position_embedding.weight": "positional_embedding",
+           "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}  # fmt: skip
+    out, qkv = {}, {}
+    for name, value in weights.items():
+        name = name.removeprefix("text_model.")
+        if name == "text_projection.weight":
+            out["text_projection"] = np.ascontiguousarray(value.T)
+        elif name in top:
+            out[top[name]] = value
+        elif name.startswith("encoder.layers."):
+            layer, rest = name[len("encoder.layers.") :].split(".", 1)
+            module, kind = rest.rsplit(".", 1)
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                qkv.setdefault((layer, kind), {})[module[10]] = value
+            else:
+                out[f"transformer.resblocks.{layer}.{parts[module]}.{kind}"] = value
+    for (layer, kind), split in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = np.concatenate([split[c] for c in "qkv"])
+    return out
+
+
+def sdxl_single_file_state(folder: Path) -> dict[str, np.ndarray]:
+    """An SDXL diffusers folder in the SGM layout: conditioner.embedders.0.transformer (CLIP-L, HF names) and
+    .1.model (OpenCLIP-bigG); a refiner's bigG alone as .0.model; the UNet with label_emb.0.{0,2}; the VAE."""
+    state = dict(EXTRA_TENSORS)
+    state.update(ldm_unet(folder))
+    state.update(ldm_vae(_weights(folder, "vae"), _config(folder, "vae")))
+    refiner = not (folder / "text_encoder").is_dir()
+    if not refiner:
+        clip = {k.removeprefix("text_model."): v for k, v in _weights(folder, "text_encoder").items()}
+        state.update({f"conditioner.embedders.0.transformer.text_model.{k}": v for k, v in clip.items()})
+    bigg = "conditioner.embedders.0.model." if refiner else "conditioner.embedders.1.model."
+    state.update({bigg + k: v for k, v in open_clip_g_to_ldm(_weights(folder, "text_encoder_2")).items()})
+    return state
+
+
+def write_sdxl_single_file(folder: Path, path: Path) -> Path:
+    save_file({k: np.ascontiguousarray(v) for k, v in sdxl_single_file_state(folder).items()}, str(path))
     return path

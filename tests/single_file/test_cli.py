@@ -70,9 +70,9 @@ def _bad_file(kind: str, tmp_path, request) -> tuple[object, str]:
     if kind == "unrelated":
         save_file({"linear.weight": np.ones((3, 3), np.float32)}, path)
         return path, "not a Stable Diffusion checkpoint"
-    if kind == "sdxl":
+    if kind == "sdxl":  # SDXL's layout with its text encoders cut short
         save_file(_sdxl_like(), path)
-        return path, "SDXL"
+        return path, "the checkpoint is incomplete"
     if kind == "unknown-family":  # an SD 1.x text encoder with a 6-channel UNet
         unet = {"model.diffusion_model.input_blocks.0.0.weight": np.zeros((32, 6, 3, 3), np.float32)}
         save_file({**unet, "cond_stage_model.transformer.text_model.final_layer_norm.weight": np.ones(64)}, path)
