@@ -41,10 +41,10 @@ def single_file_pipe(pipeline_class: str, path, folder, sampler: str, schedule: 
     return pipe
 
 
-def _load(model, engines):
+def _load(model, engines, **options):
     import runtime
 
-    return runtime.load(model, backend="torch", engines_dir=engines)
+    return runtime.load(model, backend="torch", engines_dir=engines, **options)
 
 
 @needs_torch
@@ -116,3 +116,73 @@ def test_bad_sdxl_layouts_are_refused_in_one_line(names, channels, message):
     with pytest.raises(ModelError, match=message) as info:
         detect_family(set(names), channels)
     assert "\n" not in str(info.value)
+
+
+def _tokenizer_image(model, engines, **load_options):
+    return _load(model, engines, **load_options).txt2img(PROMPT, width=WIDTH, height=HEIGHT, steps=2, seed=SEED).images
+
+
+@needs_torch
+def test_sdxl_tokenizers_from_clip_l_or_a_given_folder(tiny_sdxl_models, tmp_path, monkeypatch):
+    """Without SDXL's tokenizer_2 in the cache, CLIP-L's vocabulary padded with "!" stands in (what tokenizer_2 is);
+    --tokenizer given an SDXL folder takes its tokenizer/ and tokenizer_2/."""
+    from export.tiny import write_tiny_tokenizer
+    from runtime.single_file import prepare_checkpoint
+
+    folder, path = tiny_sdxl_models("sdxl")
+    expected = _tokenizer_image(folder, tmp_path / "engines")
+    hub = tmp_path / "hub"
+    write_tiny_tokenizer(hub / "models--openai--clip-vit-large-patch14" / "snapshots" / "1")  # pads with EOS
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    converted = prepare_checkpoint(path, tmp_path / "engines")
+    pads = [json.loads((converted / p / "special_tokens_map.json").read_text())["pad_token"] for p in PARTS]
+    assert pads == ["<|endoftext|>", "!"]
+    np.testing.assert_allclose(_tokenizer_image(path, tmp_path / "engines"), expected, rtol=0, atol=1e-6)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    given = _tokenizer_image(path, tmp_path / "engines-2", tokenizer=folder)
+    np.testing.assert_allclose(given, expected, rtol=0, atol=1e-6)
+
+
+PARTS = ("tokenizer", "tokenizer_2")
+# stabilityai/stable-diffusion-xl-refiner-1.0's unet/config.json (what shapes and the head rule must give back)
+SDXL_REFINER_UNET = {
+    "block_out_channels": [384, 768, 1536, 1536],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [6, 12, 24, 24],
+    "transformer_layers_per_block": 4,
+    "cross_attention_dim": 1280,
+    "projection_class_embeddings_input_dim": 2560,  # pooled 1280 + 5 ids x 256
+}
+
+
+@needs_torch
+@pytest.mark.parametrize("variant", ["base", "refiner"])
+def test_sdxl_published_shapes_give_the_published_configs(variant):
+    """SDXL base 1.0's and the refiner's UNets (meta tensors: shapes only) in the SGM layout convert back to their
+    published configs: heads of 64 channels, depth per level, 256-wide time ids."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from export.configs import SDXL_UNET
+    from runtime.single_file.configs import unet_config, unet_layout
+    from runtime.single_file.families import SDXL, SDXL_REFINER
+    from runtime.single_file.keys import unet_map
+    from tests.single_file.ldm import unet_layout_of
+
+    published = dict(SDXL_UNET) if variant == "base" else dict(SDXL_UNET, **SDXL_REFINER_UNET)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**published)
+    table = unet_map(unet_layout_of(published))
+    ldm = {table.to_ldm(k): np.broadcast_to(np.float32(0), v.shape) for k, v in unet.state_dict().items()}
+    family = SDXL if variant == "base" else SDXL_REFINER
+    config = unet_config(ldm, family, unet_layout(ldm), pooled_dim=1280)
+    with torch.device("meta"):  # the same modules and shapes (transformer depth per level included) ...
+        converted = UNet2DConditionModel.from_config(config)
+    shapes = {k: v.shape for k, v in unet.state_dict().items()}
+    assert {k: v.shape for k, v in converted.state_dict().items()} == shapes
+    for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim", "cross_attention_dim"):
+        assert config[key] == published[key], key
+    attention = [kind.startswith("CrossAttn") for kind in published["down_block_types"]]  # ... and heads
+    heads = [h for h, a in zip(config["attention_head_dim"], attention) if a]
+    assert heads == [h for h, a in zip(published["attention_head_dim"], attention) if a]
