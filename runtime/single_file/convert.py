@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 CONVERTER_VERSION = 1  # bump when the converted folders change, so old ones are not reused
 CACHE_FOLDER = "single-file"
 SD2_BASE_STEP = 875000  # diffusers: an SD 2 Lightning checkpoint at this step is SD 2 base (epsilon)
+V_PRED_MARKER = "v_pred"  # an empty tensor v-prediction SDXL fine-tunes carry (ComfyUI reads it the same way)
 
 
 def cache_root(engines_dir: Path) -> Path:
@@ -125,7 +126,7 @@ def _write_parts(
     )
     _write_json(work / "unet" / "config.json", unet_config(unet, family, layout, pooled_dim))  # what the probe loads
     _write_vae(work, split_vae(tensors), vae, family, allow_pickle, path)
-    chosen, how = _prediction_type(family, prediction_type, step, work / "unet")
+    chosen, how = _prediction_type(family, prediction_type, step, work / "unet", V_PRED_MARKER in tensors)
     family = with_prediction_type(family, chosen)
     _write_json(work / "unet" / "config.json", unet_config(unet, family, layout, pooled_dim))  # SD 2 v: upcast
     _write_pipeline(work, family)
@@ -197,10 +198,15 @@ def check_vae_fits(vae: dict[str, np.ndarray], reference: dict[str, np.ndarray],
         raise ModelError(f"the VAE {path} does not fit this model (first difference: {differ[0]!r})")
 
 
-def _prediction_type(family: Family, given: str | None, step: int | None, unet_folder: Path) -> tuple[str, str]:
-    """(prediction type, how it was decided): given > SD 2 base's training step > A1111's probe > the family's."""
+def _prediction_type(
+    family: Family, given: str | None, step: int | None, unet_folder: Path, marked: bool = False
+) -> tuple[str, str]:
+    """(prediction type, how it was decided): given > a `v_pred` marker tensor > SD 2 base's training step >
+    A1111's probe > the family's."""
     if given is not None:
         return given, "given"
+    if marked:
+        return "v_prediction", V_PRED_MARKER
     default = family.scheduler.get("prediction_type", "epsilon")
     if family is not SD2_EPS:  # only SD 2.x base models come in both kinds
         return default, "family"

@@ -186,3 +186,21 @@ def test_sdxl_published_shapes_give_the_published_configs(variant):
     attention = [kind.startswith("CrossAttn") for kind in published["down_block_types"]]  # ... and heads
     heads = [h for h, a in zip(config["attention_head_dim"], attention) if a]
     assert heads == [h for h, a in zip(published["attention_head_dim"], attention) if a]
+
+
+@needs_torch
+def test_sdxl_v_pred_marker_selects_v_prediction(tiny_sdxl_models, tmp_path):
+    """v-prediction SDXL fine-tunes carry an empty `v_pred` tensor (read by ComfyUI): the file converts to a
+    v-prediction scheduler and samples as diffusers' single-file pipeline with prediction_type="v_prediction"."""
+    from safetensors.numpy import load_file, save_file
+
+    folder, plain = tiny_sdxl_models("sdxl")
+    path = tmp_path / "tiny-sdxl-vpred.safetensors"
+    save_file({**load_file(str(plain)), "v_pred": np.zeros(0, np.float32)}, str(path))
+    sd = _load(path, tmp_path)
+    assert (sd.info["prediction_type"], sd.info["source"]["prediction_type_from"]) == ("v_prediction", "v_pred")
+    result = sd.txt2img(PROMPT, width=WIDTH, height=HEIGHT, sampler="DPM++ 2M", **COMMON)
+    pipe = single_file_pipe("StableDiffusionXLPipeline", path, folder, "DPM++ 2M")
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    expected = pipe(PROMPT, width=WIDTH, height=HEIGHT, generator=generators(2), output_type="np", **DIFFUSERS).images
+    assert_parity(result.images, expected)
