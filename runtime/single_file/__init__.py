@@ -28,8 +28,9 @@ def prepare_checkpoint(
 ) -> Path:
     """A local diffusers folder for `model`, converting a single file and applying a VAE override as needed.
 
-    `prediction_type` ("epsilon" or "v_prediction") overrides what is read from an SD 2.x single file; `tokenizer`
-    is a tokenizer folder for single files (default: CLIP's or SD 2's tokenizer in the Hugging Face cache)."""
+    `prediction_type` ("epsilon" or "v_prediction") overrides what is read from a single file (SD 2.x's probe,
+    SDXL's `v_pred` marker); `tokenizer` is a tokenizer folder for single files (default: CLIP's, SD 2's or SDXL's
+    tokenizers in the Hugging Face cache; an SDXL folder gives both its tokenizer/ and tokenizer_2/)."""
     if prediction_type not in (None, *PREDICTION_TYPES):
         raise InvalidRequestError(
             f"prediction type must be one of {', '.join(PREDICTION_TYPES)}, not {prediction_type!r}"
