@@ -49,10 +49,11 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
         "--tokenizer",
         default=None,
         metavar="DIR",
-        help="single files: tokenizer folder (default: CLIP's / SD 2's from the Hugging Face cache)",
+        help="single files: tokenizer folder, or an SDXL folder with tokenizer/ and tokenizer_2/ (default: CLIP's, "
+        "SD 2's or SDXL's from the Hugging Face cache)",
     )
     p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                   help="single files: override the detected prediction type (SD 2.x)")  # fmt: skip
+                   help="single files: override the detected prediction type (SD 2.x, SDXL)")  # fmt: skip
 
 
 def checkpoint_options(args: argparse.Namespace) -> dict:
