@@ -87,7 +87,11 @@ class SdxlUNet(nn.Module):
 
 class TextEncoder2(nn.Module):
     """SDXL's second text encoder (CLIPTextModelWithProjection) on token ids -> (all hidden states stacked, before
-    the final norm; the pooled, projected text_embeds of the end token's row)."""
+    the final norm; the pooled, projected text_embeds of the end token's row).
+
+    Textual inversion: where `input_ids` holds -1 the token embedding is that row of `token_overrides` [B, 77, D]
+    (an embedding's vectors) instead of a looked-up id; the pooled row is found among the other ids as usual.
+    """
 
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
@@ -97,8 +101,12 @@ class TextEncoder2(nn.Module):
     def token_embedding(self) -> nn.Embedding:  # an SDXL refiner's text tables come from here (no text encoder 1)
         return self.text_encoder.get_input_embeddings()
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        output = self.text_encoder(input_ids.long(), output_hidden_states=True, return_dict=True)
+    def forward(self, input_ids: torch.Tensor, token_overrides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = input_ids.long()
+        looked_up = self.token_embedding(ids.clamp(min=0))  # [B, 77, D]
+        embeds = torch.where((ids < 0).unsqueeze(-1), token_overrides.to(looked_up.dtype), looked_up)
+        with replaced_output(self.token_embedding, embeds):
+            output = self.text_encoder(ids.clamp(min=0), output_hidden_states=True, return_dict=True)
         return torch.stack(output.hidden_states), output.text_embeds  # [L + 1, B, 77, D], [B, P]
 
 

@@ -152,11 +152,15 @@ def component_specs(model: dict) -> dict[str, ComponentSpec]:
     }
     if sdxl and not sdxl.get("two_encoders", True):  # an SDXL refiner: the second text encoder only
         del specs["text_encoder"]
-    if sdxl:  # the second text encoder: ids in (its token lookup and the pooled row need them), no host tables
+    if sdxl:  # the second text encoder: ids in (its token lookup and the pooled row need them), no host tables;
+        # the rows of token_overrides replace the lookup where an id is -1 (textual-inversion vectors)
         hidden_2 = sdxl["text_hidden_size_2"]
         specs["text_encoder_2"] = ComponentSpec(
             name="text_encoder_2",
-            inputs=(TensorSpec("input_ids", "int32", ("batch", tokens)),),
+            inputs=(
+                TensorSpec("input_ids", "int32", ("batch", tokens)),
+                TensorSpec("token_overrides", f32, ("batch", tokens, hidden_2)),
+            ),
             outputs=(
                 TensorSpec("hidden_states", f32, (sdxl["text_num_layers_2"] + 1, "batch", tokens, hidden_2)),
                 TensorSpec("text_embeds", f32, ("batch", sdxl["text_projection_dim"])),  # pooled, projected

@@ -25,7 +25,7 @@ from .infotext import generation_parameters, image_infotexts, mask_blur, model_p
 from .lora.requests import with_loras
 from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
 from .pipelines.img2img import img2img
-from .pipelines.sdxl import check_sdxl_backend, check_sdxl_mode, refuse_sdxl, tokenizer_folder
+from .pipelines.sdxl import check_sdxl_backend, check_sdxl_mode, tokenizer_folder
 from .pipelines.txt2img import txt2img
 from .prompts import EmbeddingDatabase, load_embeddings
 from .request import (
@@ -101,8 +101,12 @@ class StableDiffusion:
 
     def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:
         """Load the textual-inversion embeddings of `folder` (usable by name in prompts); return their names."""
-        refuse_sdxl(self.info, "textual-inversion embeddings")
-        self.embeddings = load_embeddings(Path(folder), self.info["text_hidden_size"], allow_pickle=allow_pickle)
+        sdxl = self.info.get("sdxl")
+        if sdxl:  # vectors for both text encoders (clip_l, clip_g); a refiner has text encoder 2 only
+            hidden = self.info["text_hidden_size"] if sdxl.get("two_encoders", True) else None
+            self.embeddings = load_embeddings(Path(folder), hidden, allow_pickle, sdxl["text_hidden_size_2"])
+        else:
+            self.embeddings = load_embeddings(Path(folder), self.info["text_hidden_size"], allow_pickle=allow_pickle)
         self.embedding_lookup = self.embeddings.lookup(self.tokenizer)
         return sorted(self.embeddings.embeddings)
 

@@ -130,6 +130,15 @@ class OnnxRuntimeTextEncoder(OnnxRuntimeSession):
         return super().run(feeds, outputs)
 
 
+TEXT_ENCODER_2_INPUTS = ["input_ids", "token_overrides"]  # SDXL's; token_overrides: textual-inversion rows
+
+
+def check_text_encoder_2(path: Path, input_names: list[str]) -> None:
+    """ArtifactError for an SDXL text encoder 2 exported before it took token_overrides."""
+    if input_names != TEXT_ENCODER_2_INPUTS:
+        raise ArtifactError(f"{path} takes {input_names}, not {TEXT_ENCODER_2_INPUTS} (an old export){REEXPORT_HINT}")
+
+
 def read_text_tables(folder: Path, hidden_size: int) -> TextTables:
     """The text tables of an artifact folder; the token embedding table is memory-mapped, not read."""
     try:
@@ -244,7 +253,10 @@ class OnnxRuntimeBackend(OnnxFileBackend):
     def _open(self, path: Path, component: str, overrides: dict[str, np.ndarray] | None) -> OnnxRuntimeSession:
         if component == "text_encoder":
             return OnnxRuntimeTextEncoder(path, self.providers, self.text_tables(), overrides)
-        return OnnxRuntimeSession(path, component, self.providers, overrides)
+        session = OnnxRuntimeSession(path, component, self.providers, overrides)
+        if component == "text_encoder_2":
+            check_text_encoder_2(path, session.input_names)
+        return session
 
     def _derived_session(self, component: str, kind: str, overrides) -> OnnxRuntimeSession:
         """The session of a derived graph, made (again) when missing, unloadable or stale. Where the CPU graph cannot

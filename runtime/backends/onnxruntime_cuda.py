@@ -183,11 +183,15 @@ class OnnxRuntimeCudaBackend:
         return self._sessions[component]
 
     def _open(self, ort, component: str, keep_vae: bool):
-        from .onnxruntime import OnnxRuntimeSession, OnnxRuntimeTextEncoder
+        from .onnxruntime import OnnxRuntimeSession, OnnxRuntimeTextEncoder, check_text_encoder_2
 
         path = fused_fp16_model(self.folder, component, keep_vae)
         if component == "text_encoder":
             return OnnxRuntimeTextEncoder(path, self._providers(False), self._tables)
+        if component == "text_encoder_2":
+            session = OnnxRuntimeSession(path, component, self._providers(False))
+            check_text_encoder_2(path, session.input_names)
+            return session
         if self.cuda_graph and component == "unet":
             return self._graphed_session(ort, path, component)
         return OnnxRuntimeSession(path, component, self._providers(False))

@@ -21,7 +21,7 @@ import openvino as ov
 from ..errors import AllocationError, ArtifactError, BackendUnavailableError, InvalidRequestError, ModelError
 from ..manifest import REEXPORT_HINT, read_manifest
 from . import TextTables, cpu_threads
-from .onnxruntime import OnnxFileBackend, OnnxWeights
+from .onnxruntime import TEXT_ENCODER_2_INPUTS, OnnxFileBackend, OnnxWeights, check_text_encoder_2
 
 logger = logging.getLogger(__name__)
 
@@ -186,5 +186,9 @@ class OpenVinoBackend(OnnxFileBackend):
                 session = OpenVinoTextEncoder(path, self.core, self.config, self.text_tables(), overrides)
             else:
                 session = OpenVinoSession(path, component, self.core, self.config, overrides)
+                if component == "text_encoder_2":  # a port's "any" name can be an inner one (a Cast's output)
+                    ports = session._request.model_inputs
+                    check_text_encoder_2(path, [next((n for n in TEXT_ENCODER_2_INPUTS if n in port.get_names()),
+                                                     port.get_any_name()) for port in ports])  # fmt: skip
             self._sessions[component] = session
         return self._sessions[component]

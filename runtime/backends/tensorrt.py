@@ -35,7 +35,7 @@ from .gpu import NanGuard, fp32_fallback_session
 logger = logging.getLogger(__name__)
 
 GRAPHED_COMPONENTS = ("unet",)
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SDXL's second: token ids in, hidden states and pooled text out
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # SDXL's second: ids and override rows in, states and pooled out
 
 
 class SharedActivations:
@@ -233,10 +233,12 @@ class TensorRTSession:
     def _run_in_slices(self, feeds: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
         """A text encoder over more rows than its profile takes (many texts x chunks): slices of at most the
         largest row count an engine takes, joined again (rows are independent; hidden_states has rows on axis 1).
-        Its one input: inputs_embeds [n, 77, D] (text encoder 1) or input_ids [n, 77] (SDXL's text encoder 2)."""
-        (name, rows), *_ = feeds.items()
+        Its inputs: inputs_embeds [n, 77, D] (text encoder 1), or input_ids [n, 77] and token_overrides [n, 77, D]
+        (SDXL's text encoder 2), all sliced alike."""
+        name, rows = next(iter(feeds.items()))
         step = max(e.profile["shapes"][name][2][0] for e in self.engines)
-        parts = [self.run({name: rows[i : i + step]}, outputs) for i in range(0, len(rows), step)]
+        parts = [self.run({key: value[i : i + step] for key, value in feeds.items()}, outputs)
+                 for i in range(0, len(rows), step)]  # fmt: skip
         return {name: np.concatenate([part[name] for part in parts], axis=1 if name == "hidden_states" else 0)
                 for name in parts[0]}  # fmt: skip
 

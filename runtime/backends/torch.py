@@ -83,7 +83,7 @@ class TorchSession:
             last_hidden_state, hidden_states = self.text_encoder(t["inputs_embeds"])
             result = {"last_hidden_state": last_hidden_state, "hidden_states": hidden_states}
         elif self.component == "text_encoder_2":
-            hidden_states, text_embeds = self.text_encoder(t["input_ids"])
+            hidden_states, text_embeds = self.text_encoder(t["input_ids"], t["token_overrides"])
             result = {"hidden_states": hidden_states, "text_embeds": text_embeds}
         elif self.component == "unet":
             added = {"text_embeds": t["text_embeds"], "time_ids": t["time_ids"]} if "time_ids" in t else None

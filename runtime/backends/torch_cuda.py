@@ -146,8 +146,8 @@ class TorchCudaSession:
         if self.component == "text_encoder":
             last, hidden = self.text_encoder(t["inputs_embeds"])
             result = {"last_hidden_state": last, "hidden_states": hidden}
-        elif self.component == "text_encoder_2":  # SDXL's: ids [n, 77] -> states [L + 1, n, 77, D2], pooled [n, P]
-            hidden, pooled = self.text_encoder(t["input_ids"])
+        elif self.component == "text_encoder_2":  # SDXL's: ids [n, 77] (-1: an override row) -> states, pooled [n, P]
+            hidden, pooled = self.text_encoder(t["input_ids"], t["token_overrides"])
             result = {"hidden_states": hidden, "text_embeds": pooled}
         elif self.component == "unet":
             noise = self.graphed(t) if self.graphed is not None else unet_forward(self.module, **t)

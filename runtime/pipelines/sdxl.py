@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import InvalidRequestError
 from ..prompts import apply_fixes
+from ..prompts.embeddings import overridden_ids
 from .conditioning import CHUNK_TOKENS, Conditioning, encode_chunks, tokenize_groups
 
 if TYPE_CHECKING:
@@ -131,9 +132,12 @@ def encode_sdxl_groups(
     tokenizers = [model.tokenizer_2]
     if model.info["sdxl"].get("two_encoders", True):
         tokenizers.insert(0, model.tokenizer)
-    per_encoder = [tokenize_groups(texts, tokenizer, emphasis) for tokenizer in tokenizers]
+    # textual inversion: each tokenizer finds the embeddings' names; both put their vectors in the same slots
+    lookups = [model.embedding_lookup if tokenizer is model.tokenizer else model.embeddings.lookup(tokenizer)
+               for tokenizer in tokenizers]  # fmt: skip
+    per_encoder = [tokenize_groups(texts, t, emphasis, embedding_at=lookup) for t, lookup in zip(tokenizers, lookups)]
     counts = [max(len(encoder[g][0].chunks) for encoder in per_encoder) for g in range(len(texts))]
-    per_encoder = [tokenize_groups(texts, tokenizer, emphasis, counts) for tokenizer in tokenizers]
+    per_encoder = [tokenize_groups(texts, t, emphasis, counts, lookup) for t, lookup in zip(tokenizers, lookups)]
     states = []
     if len(tokenizers) == 2:
         tables = model.backend.text_tables()
@@ -147,9 +151,13 @@ def encode_sdxl_groups(
     session_2 = model.backend.session("text_encoder_2")
     first_pooled: list[np.ndarray] = []
 
+    width_2 = model.info["sdxl"]["text_hidden_size_2"]
+
     def run_2(prompts: list, i: int) -> np.ndarray:
-        ids = np.array([p.chunks[i] for p in prompts], dtype=np.int32)  # [n, 77]
-        out = session_2.run({"input_ids": ids}, ["hidden_states", "text_embeds"])
+        # ids [n, 77], -1 in textual-inversion slots, whose token embeddings are those rows of overrides [n, 77, D2]
+        ids, overrides = (np.stack(parts) for parts in zip(*(overridden_ids(p.chunks[i], p.fixes[i], width_2)
+                                                              for p in prompts)))  # fmt: skip
+        out = session_2.run({"input_ids": ids, "token_overrides": overrides}, ["hidden_states", "text_embeds"])
         if i == 0:  # every group has a first chunk: this call holds all texts, in group order
             first_pooled.append(out["text_embeds"].astype(np.float32))
         return out["hidden_states"][PENULTIMATE]

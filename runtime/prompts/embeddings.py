@@ -6,6 +6,9 @@ sd_hijack.py (EmbeddingsWithFixes). An embedding's name is its file's stem; a di
 placeholder slot per vector (chunks.py), and `apply_fixes` writes the vectors into those slots of the token
 embeddings, which the text encoder then takes instead of looked-up ids.
 
+SDXL embeddings (A1111's {"clip_l": [n, D1], "clip_g": [n, D2]}) hold vectors for both text encoders: clip_l's go
+into text encoder 1's slots as above, clip_g's into the same slots of text encoder 2 (`overridden_ids`).
+
 Formats: .safetensors (A1111/kohya {"emb_params": [n, D]}, diffusers learned_embeds), and torch pickles .pt/.bin
 (A1111 {"string_to_param": {"*": [n, D]}, ...}, the original textual-inversion repo's ParameterDict form, diffusers
 {"<token>": [D] or [n, D]}), read without torch and only when allowed (runtime/torch_pickle.py).
@@ -37,6 +40,7 @@ class TextualInversion:
     name: str
     vec: np.ndarray  # float32 [vectors, D]
     path: Path  # the file it came from
+    vec_2: np.ndarray | None = None  # SDXL: text encoder 2's vectors (clip_g), float32 [vectors, D2]
 
     @property
     def vectors(self) -> int:
@@ -92,8 +96,29 @@ def apply_fixes(token_embeds: np.ndarray, fixes: Iterable[tuple[int, TextualInve
     return out
 
 
-def load_embeddings(folder: Path, hidden_size: int, allow_pickle: bool = False) -> EmbeddingDatabase:
-    """Every embedding file under `folder` whose width is `hidden_size` (others are skipped with a warning).
+def overridden_ids(
+    ids: list[int], fixes: Iterable[tuple[int, TextualInversion]], width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """SDXL text encoder 2's inputs for one chunk: its ids (int32 [77]) with -1 in each embedding's slots, and the
+    rows that replace their token embeddings there (float32 [77, D2], the embeddings' clip_g vectors; zeros
+    elsewhere). Slots are those apply_fixes writes, cut at the chunk's end the same way."""
+    out_ids = np.array(ids, dtype=np.int32)  # [77]
+    rows = np.zeros((len(out_ids), width), dtype=np.float32)  # [77, D2]
+    for offset, embedding in fixes:
+        if embedding.vec_2 is None or embedding.vec_2.shape[1] != width:
+            raise ValueError(f"embedding {embedding.name!r} has no text encoder 2 vectors of width {width}")
+        count = min(len(out_ids) - offset - 1, embedding.vectors)
+        out_ids[offset + 1 : offset + 1 + count] = -1
+        rows[offset + 1 : offset + 1 + count] = embedding.vec_2[:count]
+    return out_ids, rows
+
+
+def load_embeddings(
+    folder: Path, hidden_size: int | None, allow_pickle: bool = False, hidden_size_2: int | None = None
+) -> EmbeddingDatabase:
+    """Every embedding file under `folder` that fits the model (others are skipped with a warning): of width
+    `hidden_size`; for an SDXL model (`hidden_size_2`: text encoder 2's width) SDXL files whose clip_g is that wide
+    and whose clip_l is `hidden_size` wide (None: a refiner, text encoder 2 only).
 
     Pickle files (.pt, .bin) are refused unless `allow_pickle`; even then only tensors are read from them.
     Files of other types are ignored, as are empty files; an unreadable embedding file is a ModelError.
@@ -112,15 +137,22 @@ def load_embeddings(folder: Path, hidden_size: int, allow_pickle: bool = False) 
                 f"refusing {path}: a pickle can run code when loaded; convert it to .safetensors, "
                 "or pass allow_pickle=True if you trust it"
             )
-        names, vec, width = _vectors(path, _read(path))
-        if vec is None or width != hidden_size:
-            logger.warning("skipping embedding %s: width %d, this model's text encoder %d", path, width, hidden_size)
+        names, vec, vec_2, width = _vectors(path, _read(path))
+        if hidden_size_2 is None:
+            fits = vec_2 is None and width == hidden_size
+        else:  # SDXL: both parts, each as wide as its text encoder
+            fits = vec_2 is not None and vec_2.shape[1] == hidden_size_2 and hidden_size in (None, vec.shape[1])
+        if not fits:
+            wanted = hidden_size if hidden_size_2 is None else (hidden_size or 0) + hidden_size_2
+            logger.warning("skipping embedding %s: width %d, this model's text encoders %d", path, width, wanted)
             skipped[names[0]] = width
             continue
+        if hidden_size is None:  # a refiner: its one text encoder takes clip_g's vectors
+            vec = vec_2
         for name in names:
             if name in embeddings:
                 logger.warning("embedding name %r of %s replaces the one of %s", name, path, embeddings[name].path)
-            embeddings[name] = TextualInversion(name, vec, path)
+            embeddings[name] = TextualInversion(name, vec, path, vec_2)
     logger.info("loaded %d textual-inversion embeddings from %s", len(embeddings), folder)
     return EmbeddingDatabase(embeddings, skipped)
 
@@ -141,10 +173,10 @@ def _read(path: Path) -> Mapping:
     return data
 
 
-def _vectors(path: Path, data: Mapping) -> tuple[list[str], np.ndarray | None, int]:
-    """(names, float32 [n, D], D) of an embedding file's contents, in A1111's order of formats.
+def _vectors(path: Path, data: Mapping) -> tuple[list[str], np.ndarray, np.ndarray | None, int]:
+    """(names, float32 [n, D], None, D) of an embedding file's contents, in A1111's order of formats.
 
-    SDXL embeddings (vectors for two text encoders) give no vectors and the sum of both widths, as A1111 counts it.
+    SDXL embeddings give (names, clip_l [n, D1], clip_g [n, D2], D1 + D2): the sum of both widths, as A1111 counts it.
     """
     names = [path.stem]
     if "string_to_param" in data:  # A1111, and the original repo's ParameterDict
@@ -154,10 +186,14 @@ def _vectors(path: Path, data: Mapping) -> tuple[list[str], np.ndarray | None, i
             raise ModelError(f"{path}: string_to_param must hold exactly one embedding")
         emb = next(iter(params.values()))
     elif "clip_g" in data and "clip_l" in data:  # SDXL
-        parts = [data[key] for key in ("clip_g", "clip_l")]
-        if not all(isinstance(part, np.ndarray) and part.ndim == 2 for part in parts):
-            raise ModelError(f"{path}: clip_g and clip_l must be [n, D] tensors")
-        return names, None, sum(part.shape[1] for part in parts)
+        parts = [data[key] for key in ("clip_l", "clip_g")]
+        if not all(isinstance(part, np.ndarray) and part.ndim == 2 and np.issubdtype(part.dtype, np.floating)
+                   for part in parts):  # fmt: skip
+            raise ModelError(f"{path}: clip_g and clip_l must be [n, D] float tensors")
+        if parts[0].shape[0] != parts[1].shape[0] or len(parts[0]) == 0:
+            raise ModelError(f"{path}: clip_l and clip_g must hold the same number of vectors, at least one")
+        vec, vec_2 = (np.array(part, dtype=np.float32) for part in parts)
+        return names, vec, vec_2, vec.shape[1] + vec_2.shape[1]
     elif len(data) == 1 and isinstance(next(iter(data.values())), np.ndarray):  # diffusers, kohya's emb_params
         key, emb = next(iter(data.items()))
         if key not in NOT_TOKEN_NAMES and key != path.stem:
@@ -169,4 +205,4 @@ def _vectors(path: Path, data: Mapping) -> tuple[list[str], np.ndarray | None, i
     vec = np.array(emb.reshape(1, -1) if emb.ndim == 1 else emb, dtype=np.float32)  # [n, D], a copy
     if len(vec) == 0:
         raise ModelError(f"{path} holds an embedding of no vectors")
-    return names, vec, vec.shape[1]
+    return names, vec, None, vec.shape[1]

@@ -97,6 +97,7 @@ def test_sdxl_specs_name_both_text_encoders_and_the_unets_added_conditioning():
     assert unet.dynamic_axes()["text_embeds"] == {0: "batch"} and unet.dynamic_axes()["time_ids"] == {0: "batch"}
     assert specs["text_encoder_2"].shapes(3, 1024, 1024) == {
         "input_ids": (3, 77),
+        "token_overrides": (3, 77, 1280),  # the token embeddings where an id is -1 (textual inversion)
         "hidden_states": (33, 3, 77, 1280),  # the embeddings and 32 layers
         "text_embeds": (3, 1280),
     }
@@ -138,7 +139,10 @@ def test_sdxl_engines_static_1024_profile_carries_the_added_conditioning():
         "time_ids": [[1, 6], [2, 6], [2, 6]],
     }
     assert engines["text_encoder_2"].profile == "b1-16"
-    assert engines["text_encoder_2"].shapes == {"input_ids": [[1, 77], [2, 77], [16, 77]]}
+    assert engines["text_encoder_2"].shapes == {
+        "input_ids": [[1, 77], [2, 77], [16, 77]],
+        "token_overrides": [[1, 77, 1280], [2, 77, 1280], [16, 77, 1280]],
+    }
     assert engines["vae_decoder"].precision == "fp32" and engines["vae_decoder"].profile == "b1-h128-w128"
     assert engines["vae_decoder"].shapes == {"latent": [[1, 4, 128, 128]] * 3}
     assert all(_ordered(e.shapes) for e in engines.values())

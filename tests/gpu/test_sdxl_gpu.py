@@ -32,10 +32,13 @@ def _unet_feeds(seed: int, rows: int = 2, side: int = 16, context: int = 64, poo
     }
 
 
-def _text_ids(rows: int = 2) -> dict[str, np.ndarray]:
+def _text_ids(rows: int = 2, width: int = 32) -> dict[str, np.ndarray]:
     ids = np.zeros((rows, 77), np.int32)  # "!" padding (id 0) after start, words, end
     ids[:, 0], ids[:, 1:5], ids[:, 5] = 1, np.arange(10, 14), 2
-    return {"input_ids": ids}
+    ids[:, 3] = -1  # a textual-inversion slot: its token embedding is that row of token_overrides
+    overrides = np.zeros((rows, 77, width), np.float32)
+    overrides[:, 3] = 0.5 * np.random.default_rng(5).standard_normal((rows, width))
+    return {"input_ids": ids, "token_overrides": overrides}
 
 
 def _rel(got: np.ndarray, ref: np.ndarray) -> float:
@@ -86,7 +89,10 @@ def test_sdxl_engines_cover_both_text_encoders_and_the_unets_added_inputs(sdxl_f
     assert unet["time_ids"] == [[1, 6], [2, 6], [2, 6]]
     assert unet["encoder_hidden_states"] == [[1, 77, 64], [2, 77, 64], [2, 77, 64]]  # 32 + 32 features
     text_2 = json.loads(plans["text_encoder_2"].with_suffix(".json").read_text())["shapes"]
-    assert text_2 == {"input_ids": [[1, 77], [2, 77], [16, 77]]}
+    assert text_2 == {
+        "input_ids": [[1, 77], [2, 77], [16, 77]],
+        "token_overrides": [[1, 77, 32], [2, 77, 32], [16, 77, 32]],
+    }
     backend = TensorRTBackend.__new__(TensorRTBackend)  # the profile check reads only the manifest and sidecars
     backend.folder, backend.manifest = sdxl_fp32, read_manifest(sdxl_fp32)
     backend.key_suffix = ".trt10.99.0.sm90.plan"
@@ -97,13 +103,14 @@ def test_sdxl_engines_cover_both_text_encoders_and_the_unets_added_inputs(sdxl_f
 
 class _TextEngine2:
     """A stand-in engine of text encoder 2, rows 1..4: hidden_states = [ids, 2 ids] as floats, text_embeds = 3 ids
-    of the first column."""
+    of the first column plus the first override value of each row."""
 
     outputs = ["hidden_states", "text_embeds"]
     static = False
 
     def __init__(self):
-        self.profile = {"profile": "b1-4", "shapes": {"input_ids": [[1, 77], [2, 77], [4, 77]]}}
+        shapes = {"input_ids": [[1, 77], [2, 77], [4, 77]], "token_overrides": [[1, 77, 3], [2, 77, 3], [4, 77, 3]]}
+        self.profile = {"profile": "b1-4", "shapes": shapes}
         self.rows: list[int] = []
 
     def covers(self, shapes):
@@ -114,7 +121,9 @@ class _TextEngine2:
     def run(self, feeds, stream):
         ids = feeds["input_ids"].astype(np.float32)
         self.rows.append(len(ids))
-        return {"hidden_states": np.stack([ids, 2 * ids])[..., None], "text_embeds": 3 * ids[:, :1]}
+        assert len(feeds["token_overrides"]) == len(ids)
+        text_embeds = 3 * ids[:, :1] + feeds["token_overrides"][:, 0, :1]
+        return {"hidden_states": np.stack([ids, 2 * ids])[..., None], "text_embeds": text_embeds}
 
 
 def test_tensorrt_text_encoder_2_calls_over_the_profile_run_in_slices():
@@ -123,11 +132,12 @@ def test_tensorrt_text_encoder_2_calls_over_the_profile_run_in_slices():
     engine = _TextEngine2()
     session = TensorRTSession("text_encoder_2", [engine], stream=None)
     ids = np.random.default_rng(0).integers(0, 100, size=(9, 77)).astype(np.int32)  # e.g. 3 texts x 3 chunks
-    out = session.run({"input_ids": ids}, ["hidden_states", "text_embeds"])
+    overrides = np.random.default_rng(1).standard_normal((9, 77, 3)).astype(np.float32)
+    out = session.run({"input_ids": ids, "token_overrides": overrides}, ["hidden_states", "text_embeds"])
     assert engine.rows == [4, 4, 1]
     x = ids.astype(np.float32)
     np.testing.assert_array_equal(out["hidden_states"], np.stack([x, 2 * x])[..., None])  # rows on axis 1
-    np.testing.assert_array_equal(out["text_embeds"], 3 * x[:, :1])
+    np.testing.assert_array_equal(out["text_embeds"], 3 * x[:, :1] + overrides[:, 0, :1])  # both sliced alike
 
 
 # ---------------------------------------------------------------------------------------- ONNX Runtime CUDA

@@ -153,14 +153,13 @@ def test_emphasis_matches_formula_on_diffusers_embeddings(sdxl, pipe):
     assert np.abs(plain.batches[0] - conditioning.batches[0]).max() > 1e-2  # the weight changed the embeddings
 
 
-def test_unsupported_modes_are_refused(sdxl, tmp_path):
+def test_unsupported_modes_are_refused(sdxl):
     from PIL import Image
 
     image = Image.new("RGB", (64, 64))
     for mode, call in {
         "depth2img": lambda: sdxl.depth2img("a cat", image),
         "upscale": lambda: sdxl.upscale("a cat", image),
-        "textual-inversion embeddings": lambda: sdxl.load_embeddings(tmp_path),
     }.items():
         with pytest.raises(InvalidRequestError, match=f"^{mode} on SDXL models is not supported yet"):
             call()
