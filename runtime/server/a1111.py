@@ -373,9 +373,15 @@ def loras(model) -> list[dict]:
     return [{"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}} for p in files]
 
 
+def _width(embedding) -> int:
+    """A1111's shape of an embedding: its vector width, both encoders' together for an SDXL one (768 + 1280)."""
+    second = embedding.vec_2 if embedding.vec_2 is not None and embedding.vec_2 is not embedding.vec else None
+    return int(embedding.vec.shape[1] + (0 if second is None else second.shape[1]))
+
+
 def embeddings(model) -> dict:
     """GET /sdapi/v1/embeddings: loaded textual inversions ({name: {shape, vectors, ...}}) and skipped ones."""
-    loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": int(e.vec.shape[1]),
+    loaded = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": _width(e),
                      "vectors": e.vectors} for name, e in model.embeddings.embeddings.items()}  # fmt: skip
     skipped = {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": width, "vectors": 0}
                for name, width in model.embeddings.skipped.items()}  # fmt: skip

@@ -142,6 +142,14 @@ def test_files_that_do_not_fit_are_skipped(tmp_path, widths):
     assert sorted(sd1.embeddings) == ["sd1"]
     assert sd1.skipped["fits"] == width_l + width_g
 
+    from types import SimpleNamespace
+
+    from runtime.server.a1111 import embeddings
+
+    listed = embeddings(SimpleNamespace(embeddings=database))  # /sdapi/v1/embeddings: A1111's shape is D1 + D2
+    assert listed["loaded"]["fits"]["shape"] == width_l + width_g and listed["loaded"]["fits"]["vectors"] == 2
+    assert embeddings(SimpleNamespace(embeddings=refiner))["loaded"]["fits"]["shape"] == width_g
+
 
 def test_parts_of_unequal_length_are_refused(tmp_path, widths):
     parts = sdxl_vectors(*widths)
