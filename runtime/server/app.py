@@ -24,7 +24,10 @@ from starlette.routing import Match
 from .. import __version__
 from ..errors import (
     AllocationError,
+    BackendUnavailableError,
     InvalidRequestError,
+    ModelError,
+    NumericalError,
     QueueFull,
     RequestCancelled,
     RequestTimeout,
@@ -63,8 +66,12 @@ from .startup_routes import add_startup_routes
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.1  # how often a waiting request checks its client and deadline
+# first match wins: AllocationError first. A file the request names that is corrupt (ModelError: an upscaler file of
+# the folder, say), an output that came out NaN, or a part this server cannot run: 422 with the reason, as for any
+# request that cannot be processed as asked (never a bare 500).
 STATUS_OF = {InvalidRequestError: 422, QueueFull: 429, RequestTimeout: 408, RequestCancelled: 409, ServiceClosed: 503,
-             AllocationError: 507, ResourceError: 413}  # first match wins: AllocationError first  # fmt: skip
+             AllocationError: 507, ResourceError: 413, ModelError: 422, NumericalError: 422,
+             BackendUnavailableError: 422}  # fmt: skip
 ROUTES = {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/samplers", "/sdapi/v1/schedulers",
           "/sdapi/v1/sd-models", "/sdapi/v1/progress", "/sdapi/v1/interrupt", "/sdapi/v1/png-info", "/health",
           "/metrics", "/openapi.json", "/docs", "/sdapi/v1/options", "/sdapi/v1/loras", "/sdapi/v1/embeddings",

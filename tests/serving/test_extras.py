@@ -169,6 +169,14 @@ def test_model_upscaler_listed_and_used(client, upscaler_folder):
     assert out.size == (72, 48) and np.array_equal(np.asarray(out.convert("RGB")), np.asarray(expected))
 
 
+def test_a_corrupt_upscaler_file_is_a_422(client, upscaler_folder):
+    (upscaler_folder / "broken.safetensors").write_bytes(b"not a safetensors file")
+    body = {"image": b64_png(random_image(16, 16)), "upscaler_1": "broken"}
+    response = client.post("/sdapi/v1/extra-single-image", json=body)
+    assert response.status_code == 422 and "broken.safetensors" in detail_text(response), response.text
+    assert client.post("/sdapi/v1/extra-single-image", json=dict(body, upscaler_1="Lanczos")).status_code == 200
+
+
 def test_hires_fix_with_a_model_upscaler_as_by_hand(client, tiny_model, upscaler_folder):
     """hr_upscaler naming an upscaler file: A1111's second pass input is the first pass's image (truncated to uint8)
     through images.resize_image with that upscaler (model passes, then Lanczos), then img2img from a fresh stream."""
