@@ -76,6 +76,7 @@ class StableDiffusion:
         self.precision = precision  # what the backend computes in (runtime.backends.PRECISIONS)
         self.show_progress = progress
         self.embeddings = EmbeddingDatabase()  # textual inversion, by name (load_embeddings)
+        self.embeddings_source: tuple[Path, bool] | None = None  # (folder, allow_pickle) they were loaded from
         self.embedding_lookup = self.embeddings.lookup(tokenizer)
         self.lora_dir: Path | None = None  # where <lora:name> prompt tags are looked up (set_lora_dir)
         self.lora_allow_pickle = False
@@ -108,6 +109,7 @@ class StableDiffusion:
         else:
             self.embeddings = load_embeddings(Path(folder), self.info["text_hidden_size"], allow_pickle=allow_pickle)
         self.embedding_lookup = self.embeddings.lookup(self.tokenizer)
+        self.embeddings_source = (Path(folder), allow_pickle)
         return sorted(self.embeddings.embeddings)
 
     def set_lora_dir(self, folder: str | Path | None, allow_pickle: bool = False) -> None:

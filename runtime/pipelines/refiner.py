@@ -77,7 +77,15 @@ def refined_txt2img(
         held = _base_latents(base, request, generators, switch)  # [B, 4, h, w] as diffusers holds them
         if base.interrupt_hook is not None and base.interrupt_hook():  # interrupted: no refiner pass
             return decode_latents(base, held)
+    share_embeddings(base, refiner)
     return decode_latents(refiner, _refine(refiner, request, held, generators, switch_at))
+
+
+def share_embeddings(base: StableDiffusion, refiner: StableDiffusion) -> None:
+    """A1111 keeps one set of textual inversions for every model it runs: the refiner reads the base's embedding
+    folder (an SDXL embedding's clip_g part goes into its one text encoder) unless it loaded that folder already."""
+    if base.embeddings_source is not None and refiner.embeddings_source != base.embeddings_source:
+        refiner.load_embeddings(*base.embeddings_source)
 
 
 def _base_latents(base: StableDiffusion, request: Txt2ImgRequest, generators: list, switch: int) -> np.ndarray:

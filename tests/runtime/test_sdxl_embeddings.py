@@ -157,3 +157,34 @@ def test_parts_of_unequal_length_are_refused(tmp_path, widths):
     save_file(parts, str(tmp_path / "broken.safetensors"))
     with pytest.raises(ModelError, match="same number of vectors"):
         load_embeddings(tmp_path, widths[0], hidden_size_2=widths[1])
+
+
+def test_refiner_reads_the_base_embeddings(tiny_sdxl, tiny_sdxl_refiner, shared_engines, embedding):
+    """A1111 keeps one set of embeddings: handed over to a refiner that loaded none, the prompt's embedding reaches
+    the refiner's text encoder too (its clip_g part), as diffusers' base + refiner with the vectors loaded in each."""
+    import torch
+
+    import runtime
+    from tests.runtime.test_sdxl_img2img import diffusers_pipe, generators
+
+    folder, parts = embedding
+    base = runtime.load(tiny_sdxl, engines_dir=shared_engines)
+    refiner = runtime.load(tiny_sdxl_refiner, engines_dir=shared_engines)
+    base.load_embeddings(folder)
+    options = dict(negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, batch_size=2, width=WIDTH)
+    result = base.txt2img(PROMPT, **options, height=HEIGHT, sampler="Euler a", refiner=refiner, refiner_switch_at=0.5)
+    assert NAME in refiner.embeddings.embeddings
+
+    pipe = diffusers_pipe("StableDiffusionXLPipeline", tiny_sdxl, "Euler a", "default", add_watermarker=False)
+    second = diffusers_pipe("StableDiffusionXLImg2ImgPipeline", tiny_sdxl_refiner, "Euler a", "default",
+                            add_watermarker=False)  # fmt: skip
+    clip_l, clip_g = torch.from_numpy(parts["clip_l"]), torch.from_numpy(parts["clip_g"])
+    pipe.load_textual_inversion(clip_l, token=NAME, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(clip_g, token=NAME, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+    second.load_textual_inversion(clip_g, token=NAME, text_encoder=second.text_encoder_2,
+                                  tokenizer=second.tokenizer_2)  # fmt: skip
+    common = {"negative_prompt": NEGATIVE, "num_inference_steps": STEPS, "guidance_scale": CFG,
+              "num_images_per_prompt": 2, "generator": generators(2)}  # fmt: skip
+    latents = pipe(PROMPT, **common, width=WIDTH, height=HEIGHT, denoising_end=0.5, output_type="latent").images
+    expected = second(PROMPT, image=latents, **common, denoising_start=0.5, output_type="np").images
+    assert_parity(result.images, expected)
