@@ -163,12 +163,11 @@ class StableDiffusion:
             from .pipelines.refiner import check_refiner
 
             check_refiner(self, refiner, refiner_switch_at)
-            if hires:
-                raise InvalidRequestError("hires fix with a refiner is not supported yet")
         request = validate_txt2img(Txt2ImgRequest(prompt, **options), self.info)
         passes = txt2img_passes(request, hires_scale, hires_width, hires_height)
         admit(self, request, "txt2img", passes, hires_prompts=(hires_prompt, hires_negative_prompt))
-        if refiner is not None and refiner_switch_at < 1:  # 1: the refiner never takes over (A1111)
+        refining = refiner is not None and refiner_switch_at < 1  # 1: the refiner never takes over (A1111)
+        if refining and not hires:
             from .pipelines.refiner import refined_txt2img, refiner_parameters
 
             images = refined_txt2img(self, refiner, request, refiner_switch_at)
@@ -181,8 +180,13 @@ class StableDiffusion:
         second_pass = (hires_prompt, hires_negative_prompt, hires_sampler, hires_schedule)
         second, second_params = hires_overrides(request, *second_pass)
         width, height = hires_target(request.width, request.height, hires_scale, hires_width, hires_height)
-        images = hires_fix(self, request, width, height, *hires, second)
+        refined = {"refiner": refiner, "switch_at": refiner_switch_at} if refining else {}
+        images = hires_fix(self, request, width, height, *hires, second, **refined)
         extra = hires_parameters(*hires, hires_scale, hires_width, hires_height)
+        if refining:  # A1111's "Refiner" entries, written when the second pass hands over (its default)
+            from .pipelines.refiner import refiner_parameters
+
+            extra.update(refiner_parameters(refiner, refiner_switch_at))
         return self._result(request, images, {**extra, **second_params}, watermark)
 
     @allocation_errors

@@ -60,12 +60,15 @@ def hires_fix(
     hires_steps: int,
     hires_strength: float,
     second_pass: dict | None = None,
+    refiner: StableDiffusion | None = None,
+    switch_at: float = 0.8,
 ) -> np.ndarray:
     """Images float32 [B, target_height, target_width, 3] in [0, 1]; base_request: a validated txt2img request at
     the base (first pass) size. hires_steps 0: as many as the base request's steps. Interrupted during the first
     pass (model.interrupt_hook): its images at the base size, without the second pass. `second_pass`: request
     fields the second pass changes (A1111's hr_prompt, hr_negative_prompt, hr_sampler_name, hr_scheduler as prompt,
-    negative_prompt, sampler, schedule; see hires_overrides)."""
+    negative_prompt, sampler, schedule; see hires_overrides). `refiner`: an SDXL refiner taking the second pass over at
+    `switch_at` (runtime.pipelines.refiner.refined_second_pass; the first pass runs on the base alone)."""
     check_hires(model.info, base_request, target_width, target_height, upscaler, hires_steps, hires_strength)
     image_upscaler = None if upscaler in LATENT_MODES else _image_upscaler(model, upscaler)  # before any work
     scale = model.info["vae_scale_factor"]
@@ -85,6 +88,10 @@ def hires_fix(
     request = dataclasses.replace(request, **(second_pass or {}))
     total, start = hires_schedule(request.steps, hires_strength)
     size = (cover_h, cover_w)  # SDXL's original and target size: A1111's hr_upscale_to_y/x (before the crop)
+    if refiner is not None:  # A1111's hires_fix_refiner_pass "second pass"
+        from .refiner import refined_second_pass
+
+        return refined_second_pass(model, refiner, switch_at, request, init_latents, generators, total, start, size)
     latents = denoise_latents(model, request, init_latents, generators, total, start, "hires fix", size=size)
     return decode_latents(model, latents)
 

@@ -11,6 +11,11 @@ denoising_start=f):
   sampler restarts its warm-up); each image's noise stream continues from where the base left it;
 * the refiner's VAE decodes.
 
+With the hires fix (refined_second_pass), as A1111's default hires_fix_refiner_pass "second pass": the first pass runs
+on the base alone; the second pass (its own schedule, started at the hires strength) runs on the base until the same
+switch, then on the refiner as above (diffusers: the base's StableDiffusionXLImg2ImgPipeline with strength and
+denoising_end, then the refiner's with denoising_start), time ids of the hires size.
+
 (A1111 itself switches after the fraction f of the steps and keeps one sampler running; the two agree on the steps
 whenever the timesteps are evenly spaced and the sampler keeps no history, e.g. Euler and Euler a.)
 """
@@ -34,7 +39,7 @@ from .variation import initial_noise
 
 if TYPE_CHECKING:
     from ..api import StableDiffusion
-    from ..request import Txt2ImgRequest
+    from ..request import Img2ImgRequest, Txt2ImgRequest
 
 
 def check_refiner(base: StableDiffusion, refiner, switch_at) -> None:
@@ -107,20 +112,86 @@ def _base_latents(base: StableDiffusion, request: Txt2ImgRequest, generators: li
     return sample_latents(base, request, conditioning, generators, stop_at_switch, interrupted=hook)
 
 
-def _refine(
-    refiner: StableDiffusion, request: Txt2ImgRequest, held: np.ndarray, generators: list, switch_at: float
+def refined_second_pass(
+    base: StableDiffusion,
+    refiner: StableDiffusion,
+    switch_at: float,
+    request: Img2ImgRequest,
+    init_latents: np.ndarray,
+    generators: list,
+    steps: int,
+    start: int,
+    size: tuple[int, int],
 ) -> np.ndarray:
-    """The refiner's steps from diffusers' denoising_start on `held` (the base's latents): the latents to decode."""
+    """Images float32 [B, H, W, 3]: a hires fix's second pass (steps start.. of a `steps`-step schedule from the
+    upscaled init_latents, time ids of `size`) with a refiner, as A1111's hires_fix_refiner_pass "second pass": the
+    base until the switch, the refiner after it. A switch before the pass's first step: the refiner runs all of it
+    (noise added from the streams as for the base); after its last step: the base alone, its VAE decoding."""
+    spec, schedule_type = sampler_of(request)
+    config = base.info["scheduler_config"]
+    schedule = make_schedule(spec, schedule_type, config, steps, family="sdxl")
+    switch = switch_step(schedule.timesteps, switch_at, _train_steps(config))
+    if switch >= steps or start >= steps:  # the refiner never takes over: the plain hires fix
+        latents = denoise_latents(base, request, init_latents, generators, steps, start, "hires fix", size=size)
+        return decode_latents(base, latents)
+    share_embeddings(base, refiner)
+    if switch <= start:  # the refiner runs the whole second pass
+        latents = denoise_latents(refiner, request, init_latents, generators, steps, start, "refiner", size=size)
+        return decode_latents(refiner, latents)
+    held = _base_second_pass(base, request, init_latents, generators, steps, start, switch - start, size)
+    if base.interrupt_hook is not None and base.interrupt_hook():  # interrupted: no refiner steps
+        return decode_latents(base, held)
+    return decode_latents(refiner, _refine(refiner, request, held, generators, switch_at, steps, size))
+
+
+def _base_second_pass(
+    base: StableDiffusion,
+    request: Img2ImgRequest,
+    init_latents: np.ndarray,
+    generators: list,
+    steps: int,
+    start: int,
+    runs: int,
+    size: tuple[int, int],
+) -> np.ndarray:
+    """The base's first `runs` steps of the second pass (diffusers' img2img with denoising_end): its scheduler's
+    latents after them, ended through the model's interrupt hook (asked after each step), which is then restored."""
+    hook, asked = base.interrupt_hook, 0
+
+    def stop_at_switch() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked == runs or (hook is not None and hook())
+
+    base.interrupt_hook = stop_at_switch
+    try:
+        return denoise_latents(base, request, init_latents, generators, steps, start, "hires fix", size=size)
+    finally:
+        base.interrupt_hook = hook
+
+
+def _refine(
+    refiner: StableDiffusion,
+    request: Txt2ImgRequest | Img2ImgRequest,
+    held: np.ndarray,
+    generators: list,
+    switch_at: float,
+    steps: int | None = None,
+    size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The refiner's steps from diffusers' denoising_start on `held` (the base's latents): the latents to decode.
+    steps: the schedule's length (None: the request's); size: SDXL's (height, width) ids (None: the request's)."""
+    steps = steps or request.steps
     spec, schedule_type = sampler_of(request)
     config = refiner.info["scheduler_config"]
-    schedule = make_schedule(spec, schedule_type, config, request.steps, family="sdxl")
+    schedule = make_schedule(spec, schedule_type, config, steps, family="sdxl")
     start = switch_step(schedule.timesteps, switch_at, _train_steps(config))  # diffusers' t_start
     if start >= schedule.steps:  # nothing left for the refiner
         return held
     sigma = schedule.sigmas[start]
     x = held * np.float32(math.sqrt(1 + sigma * sigma)) if schedule.vp_samples else held  # VE x at sigmas[start]
-    size = (request.height, request.width)
-    return denoise_latents(refiner, request, x, generators, request.steps, start, "refiner", size=size, noised=True)
+    size = size or (request.height, request.width)
+    return denoise_latents(refiner, request, x, generators, steps, start, "refiner", size=size, noised=True)
 
 
 def _train_steps(config: dict) -> int:

@@ -118,8 +118,6 @@ def refiner_of(body, model) -> tuple[object, float] | None:
         return None
     if not hasattr(body, "enable_hr"):
         _refuse("refiner_checkpoint", "the refiner runs with txt2img only on this server")
-    if body.enable_hr:
-        _refuse("refiner_checkpoint", "the refiner with the hires fix is not supported; set enable_hr false")
     return refiner, float(switch)
 
 

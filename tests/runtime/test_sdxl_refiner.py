@@ -119,7 +119,6 @@ def test_bad_refiner_requests_are_refused(models, tiny_sdxl, shared_engines, tmp
     for call, message in [
         (lambda: base.txt2img("a cat", refiner=str(tiny_sdxl), **options), "the refiner must be a loaded model"),
         (lambda: base.txt2img("a cat", refiner=refiner, refiner_switch_at=0, **options), r"in \(0, 1\], not 0"),
-        (lambda: base.txt2img("a cat", refiner=refiner, hires_scale=2.0, **options), "hires fix with a refiner"),
         (lambda: refiner.txt2img("a cat", **options), "txt2img on an SDXL refiner is not supported"),
         (lambda: refiner.txt2img("a cat", refiner=refiner, **options), "txt2img on an SDXL refiner"),
         (lambda: refiner.inpaint("a cat", init_image(), init_image()), "inpaint on an SDXL refiner"),

@@ -116,8 +116,6 @@ def test_refiner_fields_refused_by_name(client, models, refiner_title):
     _refused(client, dict(BODY, refiner_checkpoint=refiner_title), "refiner_switch_at")  # null: A1111's switch at 0
     for switch in (0, -0.5):
         _refused(client, dict(BODY, refiner_checkpoint=refiner_title, refiner_switch_at=switch), "refiner_switch_at")
-    hires = dict(BODY, refiner_checkpoint=refiner_title, refiner_switch_at=0.8, enable_hr=True, hr_scale=2)
-    assert "hires" in _refused(client, hires, "refiner_checkpoint")
     init = client.post("/sdapi/v1/txt2img", json=dict(BODY, batch_size=1, steps=1)).json()["images"][0]
     img2img = {"prompt": "a cat", "init_images": [init], "steps": 2, "width": WIDTH, "height": HEIGHT,
                "refiner_checkpoint": refiner_title, "refiner_switch_at": 0.8}  # fmt: skip
