@@ -97,7 +97,7 @@ class StableDiffusion:
         self.prompt_limits = PromptLimits()
         self.admission = None
         # VAE tiling (runtime.vae_tiling): None tiles only images over one tile whose untiled decode would need over
-        # 4 GiB per image; True tiles as diffusers' vae.enable_tiling() does; False never tiles
+        # 4.6 GiB per image (AUTO_TILING_BYTES); True tiles as diffusers' vae.enable_tiling() does; False never tiles
         self.vae_tiling: bool | None = None
 
     def load_embeddings(self, folder: str | Path, allow_pickle: bool = False) -> list[str]:

@@ -38,7 +38,8 @@ from .errors import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 OVERLAP_FACTOR = 0.25  # diffusers' tile_overlap_factor: tiles overlap by this fraction of a tile
-AUTO_TILING_BYTES = 4 * 2**30  # auto mode tiles above this estimated untiled working memory per image
+AUTO_TILING_BYTES = int(4.6 * 2**30)  # auto mode tiles above this estimated untiled working memory per image
+# (SD 1.5: 784 px decodes untiled, 792 px and larger tiled)
 
 
 @dataclass(frozen=True)
