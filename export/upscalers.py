@@ -384,14 +384,15 @@ def _building(target: Path) -> Iterator[Path]:
 class TorchUpscalerSession:
     """The torch backend's upscaler: spandrel's module itself behind the ONNX model's contract (`image` float32 in,
     `upscaled` float32 out, before the clamp), so the host-side padding, tiling and rounding are the same code.
-    torch-cuda: `device` "cuda" and `dtype` torch.float16 (where the architecture supports half precision); the
-    module is moved and cast in place, the input cast to `dtype` on the device, the output returned as float32."""
+    torch-cuda: `device` "cuda" and `dtype` "float16" (where the architecture supports half precision; a name, so
+    that the runtime asks for it without importing torch); the module is moved and cast in place, the input cast to
+    `dtype` on the device, the output returned as float32."""
 
-    def __init__(self, descriptor, device: str = "cpu", dtype=None):
+    def __init__(self, descriptor, device: str = "cpu", dtype: str = "float32"):
         import torch
 
         self.descriptor = descriptor
-        self.device, self.dtype = torch.device(device), dtype or torch.float32
+        self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         self.component = f"upscaler ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
         descriptor.model.to(device=self.device, dtype=self.dtype)
 

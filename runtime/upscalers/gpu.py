@@ -108,8 +108,6 @@ def onnxruntime_session(folder: Path, meta: dict, providers: list):
 def torch_session(path: Path, allow_pickle: bool, meta: dict, device: str):
     """spandrel's module on `device`, fp16 where the architecture supports it with a second fp32 module as its
     fallback; fp32 alone otherwise."""
-    import torch
-
     from export.upscalers import TorchUpscalerSession, load_descriptor
 
     if device == "cuda":
@@ -122,5 +120,5 @@ def torch_session(path: Path, allow_pickle: bool, meta: dict, device: str):
 
     if not meta.get("supports_half"):
         return fp32()
-    half = TorchUpscalerSession(load_descriptor(path, allow_pickle), device, torch.float16)
+    half = TorchUpscalerSession(load_descriptor(path, allow_pickle), device, "float16")
     return HalfWithFallback(half, fp32, meta["source"]["name"])
