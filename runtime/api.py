@@ -18,12 +18,12 @@ import numpy as np
 
 from .admission import PromptLimits, admit, allocation_errors, txt2img_passes
 from .backends import Backend, check_backend, check_precision, open_backend
-from .cache import engines_dir_or_default
+from .cache import engines_dir_or_default, ensure_exported
 from .checkpoint import describe_checkpoint, fingerprint, model_key, resolve_checkpoint
-from .errors import ArtifactError, InvalidRequestError, ModelError
+from .errors import ArtifactError, InvalidRequestError
 from .infotext import generation_parameters, image_infotexts, mask_blur, model_parameters, noise_factor
 from .lora.requests import with_loras
-from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
+from .manifest import MANIFEST_NAME, REEXPORT_HINT, read_manifest
 from .pipelines.img2img import img2img
 from .pipelines.sdxl import check_sdxl_backend, check_sdxl_mode, tokenizer_folder
 from .pipelines.txt2img import txt2img
@@ -395,40 +395,6 @@ def load_tokenizer(model: str | Path) -> ClipTokenizer:
         return ClipTokenizer.from_folder(path / tokenizer_folder(read_manifest(path).model))
     folder = resolve_checkpoint(model)
     return ClipTokenizer.from_folder(folder / ("tokenizer" if (folder / "tokenizer").is_dir() else "tokenizer_2"))
-
-
-def ensure_exported(
-    checkpoint: Path, engines_dir: Path, key: str, progress: bool, allow_pickle: bool = False, force: bool = False
-) -> Path:
-    """The artifact folder of `checkpoint`, exporting it first when it is missing, broken or `force`; a broken
-    one (a file missing or of another size than its manifest says) is reported in one warning line."""
-    folder = engines_dir / key
-    if not force:
-        problem = _artifact_problem(folder)
-        if problem is None:
-            return folder
-        if folder.exists():
-            logger.warning("%s; exporting %s again", problem, checkpoint)
-        else:
-            logger.info("exporting %s to %s (first use)", checkpoint, folder)
-    try:
-        from export import export_model
-    except ImportError as exc:
-        raise ModelError(
-            f"{checkpoint} has not been exported yet and exporting needs the export extras "
-            f"(pip install -e .[export]): {exc}"
-        ) from exc
-    return export_model(checkpoint, engines_dir, force=force, progress=progress, allow_pickle=allow_pickle)
-
-
-def _artifact_problem(folder: Path) -> str | None:
-    """What is wrong with an artifact folder (runtime.manifest.artifact_problem), or None when it is complete."""
-    try:
-        return artifact_problem(folder, read_manifest(folder))
-    except ArtifactError as exc:
-        if not (folder / MANIFEST_NAME).exists():
-            return f"{folder} has no {MANIFEST_NAME} (an unfinished export)"
-        return str(exc).removesuffix(REEXPORT_HINT)
 
 
 def _open(

@@ -3,18 +3,22 @@
 `$SDRT_HOME` names the cache's root, as `HF_HOME` does for huggingface-hub; without it the root is
 `$XDG_CACHE_HOME/sdrt`, else `~/.cache/sdrt`. Artifacts go to `<root>/engines/`, so a model loaded from any
 folder finds its earlier export. An explicit engines folder (`--engines DIR`, `engines_dir=`) takes precedence.
+`ensure_exported` gives a checkpoint's complete artifact folder, exporting it first when missing or broken.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InvalidRequestError
-from .manifest import MANIFEST_NAME
+from .errors import ArtifactError, InvalidRequestError, ModelError
+from .manifest import MANIFEST_NAME, REEXPORT_HINT, artifact_problem, read_manifest
+
+logger = logging.getLogger(__name__)
 
 HOME_VARIABLE = "SDRT_HOME"
 ENGINES_FOLDER = "engines"
@@ -90,3 +94,37 @@ def clear_cache(engines_dir: Path, names: list[str] | None = None) -> list[Cache
 
 def _folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def ensure_exported(
+    checkpoint: Path, engines_dir: Path, key: str, progress: bool, allow_pickle: bool = False, force: bool = False
+) -> Path:
+    """The artifact folder of `checkpoint`, exporting it first when it is missing, broken or `force`; a broken
+    one (a file missing or of another size than its manifest says) is reported in one warning line."""
+    folder = engines_dir / key
+    if not force:
+        problem = _artifact_problem(folder)
+        if problem is None:
+            return folder
+        if folder.exists():
+            logger.warning("%s; exporting %s again", problem, checkpoint)
+        else:
+            logger.info("exporting %s to %s (first use)", checkpoint, folder)
+    try:
+        from export import export_model
+    except ImportError as exc:
+        raise ModelError(
+            f"{checkpoint} has not been exported yet and exporting needs the export extras "
+            f"(pip install -e .[export]): {exc}"
+        ) from exc
+    return export_model(checkpoint, engines_dir, force=force, progress=progress, allow_pickle=allow_pickle)
+
+
+def _artifact_problem(folder: Path) -> str | None:
+    """What is wrong with an artifact folder (runtime.manifest.artifact_problem), or None when it is complete."""
+    try:
+        return artifact_problem(folder, read_manifest(folder))
+    except ArtifactError as exc:
+        if not (folder / MANIFEST_NAME).exists():
+            return f"{folder} has no {MANIFEST_NAME} (an unfinished export)"
+        return str(exc).removesuffix(REEXPORT_HINT)

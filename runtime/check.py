@@ -151,7 +151,7 @@ def run_check(
 def artifact_folders(model: str | Path, engines_dir: Path, precision: str, progress: bool) -> tuple[Path, Path]:
     """(fp32 reference folder, folder of the precision to check) for a checkpoint or an artifact folder; the
     export and the fp16 conversion run first where they are missing (they need the export extras)."""
-    from .api import ensure_exported
+    from .cache import ensure_exported
     from .checkpoint import fingerprint, model_key, resolve_checkpoint
     from .manifest import MANIFEST_NAME
 

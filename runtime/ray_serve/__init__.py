@@ -45,7 +45,7 @@ def artifact_path(model: str, backend: str, engines: str | None = None, allow_pi
     path = Path(model).expanduser()
     if (path / MANIFEST_NAME).is_file() or backend in TORCH_BACKENDS:
         return str(path)
-    from ..api import ensure_exported
+    from ..cache import ensure_exported
     from ..checkpoint import fingerprint, model_key
     from ..single_file import prepare_checkpoint
 

@@ -97,7 +97,7 @@ def test_broken_artifact_is_exported_again_with_one_warning(
     import runtime
 
     corrupt(engines_copy / sd1_artifact.name / "onnx" / "unet.onnx", kind)
-    with caplog.at_level(logging.INFO, logger="runtime.api"):
+    with caplog.at_level(logging.INFO, logger="runtime.cache"):
         sd = runtime.load(tiny_sd1, engines_dir=engines_copy)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
@@ -140,7 +140,7 @@ def test_only_an_artifact_error_exports_again(tiny_sd1, engines_copy, fake_expor
 def test_missing_artifact_folder_is_exported_without_a_warning(tiny_sd1, tmp_path, fake_export, caplog):
     import runtime
 
-    with caplog.at_level(logging.INFO, logger="runtime.api"):
+    with caplog.at_level(logging.INFO, logger="runtime.cache"):
         runtime.load(tiny_sd1, engines_dir=tmp_path / "engines")
     assert fake_export == [False]
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
