@@ -84,6 +84,7 @@ class StableDiffusion:
         # where upscaler model files are found by name (hires fix, extras; None: runtime.upscalers' default folder)
         self.upscaler_dir: Path | None = None
         self.allow_pickle = False  # upscaler .pth/.pt files (read by the restricted unpickler)
+        self.upscalers: dict = {}  # the upscalers loaded so far, by name (runtime.pipelines.extras.model_upscaler)
         # Called after every UNet evaluation with the pass's step total (runtime.serving: progress, cancel by
         # raising); None: no hook. Not thread-safe: one caller at a time, as the serving worker guarantees.
         self.step_hook: Callable[[int], None] | None = None

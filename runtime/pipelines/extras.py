@@ -98,19 +98,17 @@ def text_chunks(image: Image.Image) -> dict[str, str]:
 
 
 def model_upscaler(model, name: str):
-    """The runtime.upscalers upscaler `name` for `model` (a StableDiffusion): its upscaler folder, backend, artifact
-    folder, pickle permission and memory budget; loaded once per model and name."""
+    """The runtime.upscalers upscaler `name` for `model` (a StableDiffusion): its upscaler folder, backend, pickle
+    permission and memory budget (exports in the default artifact folder); loaded once per model and name."""
     from ..upscalers import MODEL_BACKENDS, load_upscaler
 
-    cache = model.__dict__.setdefault("_upscalers", {})
-    if name not in cache:
+    if name not in model.upscalers:
         backend = model.backend.name if model.backend.name in MODEL_BACKENDS else "onnxruntime"
-        cache[name] = load_upscaler(name, getattr(model, "upscaler_dir", None), backend=backend,
-                                    engines_dir=getattr(model, "engines_root", None),
-                                    allow_pickle=getattr(model, "allow_pickle", False),
-                                    memory_budget=getattr(model, "memory_budget", None))  # fmt: skip
-    upscaler = cache[name]
-    upscaler.interrupt_hook = getattr(model, "interrupt_hook", None)
+        model.upscalers[name] = load_upscaler(name, model.upscaler_dir, backend=backend,
+                                              allow_pickle=model.allow_pickle,
+                                              memory_budget=model.memory_budget)  # fmt: skip
+    upscaler = model.upscalers[name]
+    upscaler.interrupt_hook = model.interrupt_hook
     return upscaler
 
 

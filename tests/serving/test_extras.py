@@ -151,7 +151,7 @@ def upscaler_folder(tmp_path, tiny_model):
     tiny_model.upscaler_dir = tmp_path
     yield tmp_path
     tiny_model.upscaler_dir = before
-    tiny_model.__dict__.pop("_upscalers", None)
+    tiny_model.upscalers.clear()
 
 
 def test_model_upscaler_listed_and_used(client, upscaler_folder):
