@@ -97,13 +97,14 @@ def hires_fix(
 
 
 def _image_upscaler(model: StableDiffusion, name: str):
-    """The runtime.upscalers upscaler `name` of the model's upscaler folder; unknown: the hires choices named."""
-    folder = getattr(model, "upscaler_dir", None)
-    try:
-        find_upscaler(name, folder)
-    except InvalidRequestError:
-        names = [*LATENT_MODES, *(entry.name for entry in list_upscalers(folder))]
-        raise InvalidRequestError(f"unknown hires upscaler {name!r}; choose one of: {', '.join(names)}") from None
+    """The runtime.upscalers upscaler `name` of the model's upscaler folder; unknown: the hires choices named. The
+    folder is read only until the upscaler is loaded (then model_upscaler has it)."""
+    if name not in model.upscalers:
+        try:
+            find_upscaler(name, model.upscaler_dir)
+        except InvalidRequestError:
+            names = [*LATENT_MODES, *(entry.name for entry in list_upscalers(model.upscaler_dir))]
+            raise InvalidRequestError(f"unknown hires upscaler {name!r}; choose one of: {', '.join(names)}") from None
     return model_upscaler(model, name)
 
 
